@@ -233,10 +233,10 @@ def route(logits, cfg):
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I).
 
-    `adapter` (set by lora.py, None here) adds low-rank updates inside the expert computation. It is
-    called on the tokens of each expert: `adapter.gate_up(x, groups)` -> (rows, 2I) and
-    `adapter.down(h, groups)` -> (rows, D), where `groups` says which expert each row belongs to
-    (an `ExpertGroups` for the fast path, or a single expert id for the loop).
+    `adapter` (set by lora.py, None here) adds low-rank updates inside the expert computation:
+    `adapter.gate_up(x, at)` -> (rows, 2I) and `adapter.down(h, at)` -> (rows, D), where `at` is the
+    expert id in the loop path, and in the fast path what `adapter.prepare(groups)` made of the layer's
+    sorted rows once (so the adapter can work on the rows of its own experts only).
     """
 
     def __init__(self, E, D, I):
@@ -272,15 +272,16 @@ class Experts(nn.Module):
     def forward_fast(self, x, idx, w):
         N, K = idx.shape
         groups = ExpertGroups.sort(idx, self.E)
+        at = self.adapter.prepare(groups) if self.adapter is not None else None
         xs = x[groups.token]  # (P, D) token rows in expert order
         gu = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=groups.offs)  # (P, 2I)
         if self.adapter is not None:
-            gu = gu + self.adapter.gate_up(xs, groups)
+            gu = gu + self.adapter.gate_up(xs, at)
         g, u = gu.chunk(2, dim=-1)
         h = F.silu(g) * u  # (P, I)
         ys = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=groups.offs)  # (P, D)
         if self.adapter is not None:
-            ys = ys + self.adapter.down(h, groups)
+            ys = ys + self.adapter.down(h, at)
         ys = (ys * w.reshape(-1)[groups.order, None]).to(x.dtype)
         y = torch.empty_like(ys).index_copy_(0, groups.order, ys)  # back to (token, slot) order, no atomics
         return y.view(N, K, -1).sum(dim=1)  # (N, D)
