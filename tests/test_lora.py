@@ -1,0 +1,169 @@
+"""LoRA invariants on tiny random models built with our own code (fp32, CPU)."""
+import pytest
+import torch
+
+import lora
+import moe
+from tiny import tiny_model
+
+TYPES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"]
+PLAN = {0: [1, 5, 6]}  # layer 0: three of eight experts; layer 1 (dense in the Qwen2 tiny model) none
+
+
+def ids(seed=0, B=3, T=24):
+    return torch.randint(3, 96, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_adapters(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.adapter_state(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("method", ["attn", "lora", "sieve"])
+def test_zero_B_gives_exactly_the_base_logits(model_type, method):
+    """With B = 0 (the initialisation) every method's logits equal the base model's bit for bit."""
+    m = tiny_model(model_type)
+    x = ids()
+    base = m(x)
+    lora.attach(m, method, r=4, alpha=8, plan=PLAN)
+    assert torch.equal(m(x), base)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_fast_path_equals_loop_path_with_expert_lora(model_type):
+    """Expert LoRA on a subset of experts: grouped fast path equals the per-expert loop, logits and gradients."""
+    m = tiny_model(model_type)
+    lora.attach(m, "sieve", r=4, alpha=8, plan={0: [1, 5, 6], 1: [0, 7]})
+    randomize_adapters(m)
+    x = ids()
+    out = {}
+    for path in ("fast", "loop"):
+        m.set_expert_path(path)
+        m.zero_grad()
+        logits = m(x)
+        logits.square().mean().backward()
+        out[path] = logits.detach(), {n: p.grad.clone() for n, p in lora.adapter_state(m).items()}
+    torch.testing.assert_close(out["fast"][0], out["loop"][0], atol=1e-5, rtol=1e-5)
+    for n in out["fast"][1]:
+        torch.testing.assert_close(out["fast"][1][n], out["loop"][1][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("r", [3, 8])
+def test_unaligned_rank_is_exact_in_the_grouped_path(r):
+    """A rank that is not a multiple of 8 (padded with zeros for grouped_mm) gives the loop's result."""
+    m = tiny_model("olmoe")
+    lora.attach(m, "lora", r=r, alpha=2 * r)
+    randomize_adapters(m)
+    x = ids()
+    fast = m(x)
+    m.set_expert_path("loop")
+    torch.testing.assert_close(fast, m(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_merged_equals_unmerged(model_type):
+    """Folding every adapter into the base weights gives the adapted logits; unmerging restores the base."""
+    m = tiny_model(model_type)
+    x = ids()
+    base = m(x)
+    lora.attach(m, "lora", r=4, alpha=8, rslora=True)
+    randomize_adapters(m)
+    adapted = m(x)
+    assert (adapted - base).abs().max() > 1e-2  # the adapters really change the output
+    lora.merge(m)
+    torch.testing.assert_close(m(x), adapted, atol=2e-5, rtol=1e-5)
+    lora.merge(m, -1)
+    for mod in lora.adapter_modules(m):  # switch the adapters off: the weights must be the base ones again
+        mod.merged = True
+    torch.testing.assert_close(m(x), base, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_gradients_reach_every_adapter_and_no_frozen_tensor(model_type):
+    """After one backward, every LoRA tensor (attention, router, shared, each adapted expert) has a
+    non-zero gradient, and no base tensor has a gradient at all."""
+    m = tiny_model(model_type).train()
+    lora.attach(m, "sieve", r=4, alpha=8, plan={0: [1, 5, 6], 1: [2]})
+    randomize_adapters(m)
+    m(ids(B=4, T=32)).logsumexp(-1).mean().backward()
+    state = lora.adapter_state(m)
+    names = set(state)
+    assert any(".mlp.gate." in n for n in names) and any(".experts.adapter." in n for n in names)
+    for n, p in state.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+        if ".experts.adapter." in n:  # every adapted expert, not just the tensor as a whole
+            assert (p.grad.flatten(1).abs().sum(1) > 0).all(), n
+    for n, p in m.named_parameters():
+        if n not in names:
+            assert p.grad is None and not p.requires_grad, n
+
+
+def test_tokens_routed_to_frozen_experts_cost_no_lora_work(monkeypatch):
+    """The expert-LoRA grouped products run on exactly the (token, slot) pairs routed to adapted experts."""
+    m = tiny_model("olmoe")
+    plan = {0: [1, 5, 6], 1: [3]}
+    lora.attach(m, "sieve", r=8, alpha=16, plan=plan)
+    calls = []
+    real = moe._grouped_mm
+
+    def spy(a, b, offs):
+        calls.append((b.shape[0], int(offs[-1])))  # (groups, rows actually multiplied)
+        return real(a, b, offs=offs)
+
+    monkeypatch.setattr(moe, "_grouped_mm", spy)
+    _, routing = m(ids(), return_routing=True)
+    for r in routing:
+        routed = int(torch.isin(r.topk_idx, torch.tensor(plan[r.layer])).sum())
+        lora_calls = [rows for groups, rows in calls if groups == len(plan[r.layer])]
+        assert lora_calls and all(rows == routed for rows in lora_calls), (r.layer, routed, lora_calls)
+        calls[:] = [c for c in calls if c[0] != len(plan[r.layer])]
+    assert all(groups == 8 and rows == 3 * 24 * 2 for groups, rows in calls)  # the base products: all pairs
+
+
+def test_loop_path_skips_frozen_experts(monkeypatch):
+    """In the loop path the adapter computes only for adapted experts."""
+    m = tiny_model("olmoe")
+    lora.attach(m, "sieve", r=4, alpha=8, plan={0: [2], 1: [4]})
+    m.set_expert_path("loop")
+    seen = []
+    real = lora.ExpertLoRA._one
+    monkeypatch.setattr(lora.ExpertLoRA, "_one", lambda self, x, j, A, B: seen.append(self.ids[j]) or real(self, x, j, A, B))
+    m(ids())
+    assert set(seen) == {2, 4}
+
+
+def test_save_load_round_trip(tmp_path):
+    """A saved adapter loaded onto a fresh copy of the base reproduces the adapted logits exactly."""
+    m = tiny_model("qwen2_moe")
+    config = lora.attach(m, "sieve", r=4, alpha=8, plan={0: [0, 3]})
+    randomize_adapters(m)
+    x = ids()
+    want = m(x)
+    lora.save_adapter(m, tmp_path / "a", config)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    fresh = tiny_model("qwen2_moe")
+    got = lora.load_adapter(fresh, tmp_path / "a")
+    assert got["plan"] == {"0": [0, 3]}
+    assert torch.equal(fresh(x), want)
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    """Loading an adapter onto a base with a different config fails with a message naming both."""
+    m = tiny_model("olmoe")
+    lora.save_adapter(m, tmp_path / "a", lora.attach(m, "attn", r=4, alpha=8))
+    other = tiny_model("olmoe", hidden_size=64)
+    with pytest.raises(lora.AdapterError, match="fingerprint"):
+        lora.load_adapter(other, tmp_path / "a")
+    with pytest.raises(lora.AdapterError, match="mixtral"):
+        lora.load_adapter(tiny_model("mixtral"), tmp_path / "a")
+
+
+def test_bad_rank_and_method_are_refused():
+    """Rank 0 and an unknown method raise errors naming the flag."""
+    with pytest.raises(lora.AdapterError, match="--rank"):
+        lora.attach(tiny_model(), "lora", r=0, alpha=8)
+    with pytest.raises(lora.AdapterError, match="--method"):
+        lora.attach(tiny_model(), "dora", r=4, alpha=8)
