@@ -5,7 +5,7 @@ import torch
 import moe
 
 
-def tiny_config(model_type="olmoe", **overrides):
+def _config_dict(model_type="olmoe", **overrides):
     c = dict(model_type=model_type, vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, intermediate_size=16, num_experts=8, num_experts_per_tok=2,
              max_position_embeddings=128, rope_theta=10000.0, pad_token_id=1, eos_token_id=2, torch_dtype="float32")
@@ -16,7 +16,11 @@ def tiny_config(model_type="olmoe", **overrides):
     if model_type == "mixtral":
         c["num_local_experts"] = c.pop("num_experts")
     c.update(overrides)
-    return moe.Config.from_json(c)
+    return c
+
+
+def tiny_config(model_type="olmoe", **overrides):
+    return moe.Config.from_json(_config_dict(model_type, **overrides))
 
 
 def randomize(model, seed=0, std=0.2):
@@ -31,3 +35,48 @@ def randomize(model, seed=0, std=0.2):
 
 def tiny_model(model_type="olmoe", seed=0, **overrides):
     return randomize(moe.Transformer(tiny_config(model_type, **overrides)), seed).eval()
+
+
+SENTENCES = [  # a tiny corpus for tokenizers and training tests (public-domain style prose, written here)
+    "The quick brown fox jumps over the lazy dog.", "A journey of a thousand miles begins with one step.",
+    "Question: What colour is the sky on a clear day?\nAnswer: blue", "It was the best of times, it was the worst of times.",
+    "Numbers like 12, 345 and 6789 are split into digits.", "She sells sea shells by the sea shore.",
+    "def add(a, b):\n    return a + b", "All happy families are alike; each unhappy family is unhappy in its own way.",
+    "Question: How many legs does a spider have?\nAnswer: eight", "The rain in Spain stays mainly in the plain.",
+]
+
+
+def train_sentencepiece(directory, vocab_size=384):
+    """A small Llama-style sentencepiece tokenizer (BOS 1, EOS 2, byte fallback) written as tokenizer.model."""
+    import io
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 20), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    (directory / "tokenizer.model").write_bytes(buf.getvalue())
+
+
+def save_checkpoint(model, config_dict, directory):
+    """Write `model` as a hub-style checkpoint (config.json + model.safetensors under the hub's names)."""
+    import json
+    from safetensors.torch import save_file
+    directory.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters())
+    tensors = {disk: (params[name] if index is None else params[name][index]).detach().clone().contiguous()
+               for disk, (name, index) in moe.checkpoint_names(model.config).items()}
+    save_file(tensors, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps(config_dict))
+
+
+def tiny_checkpoint(directory, model_type="olmoe", seed=0, **overrides):
+    """A tiny random checkpoint directory with a sentencepiece tokenizer; returns its path as a string."""
+    c = dict(vocab_size=384, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    c.update(overrides)
+    cfg = tiny_config(model_type, **c)
+    model = randomize(moe.Transformer(cfg), seed)
+    d = dict(_config_dict(model_type, **c))
+    save_checkpoint(model, d, directory)
+    train_sentencepiece(directory)
+    return str(directory)

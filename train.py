@@ -1,0 +1,330 @@
+"""train.py: the single training script. LoRA, MoE-Sieve and its ablations on an OLMoE / Mixtral / Qwen-MoE
+checkpoint, on one device. Flat on purpose: args -> model -> method -> data -> optimizer -> loop -> save.
+
+    python train.py --model DIR --data train.jsonl --method sieve --out runs/sieve
+    python train.py --model DIR --method lora --rank 32 --dry-run        # parameter count, no weights read
+
+Methods (DESIGN.md §1): attn (q/k/v/o only); lora (+ router, shared experts, dense MLPs, every routed
+expert); sieve (the same, routed experts = the top-k most-routed per layer on a calibration profile);
+random (same budget, random experts); coverage (fewest experts reaching a share p of each layer's
+routing); budget (k*L experts in all, handed out greedily by marginal coverage).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import lora
+import moe
+import router_profile
+import sieve
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description="Fine-tune an MoE checkpoint with LoRA / MoE-Sieve.")
+    # inputs and outputs
+    ap.add_argument("--model", help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    ap.add_argument("--data", help="training .jsonl: {text} | {prompt, completion} | {query, choices, gold}")
+    ap.add_argument("--out", default="runs/train", help="output directory (adapter, logs, summary, checkpoints)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
+    # method
+    ap.add_argument("--method", default="sieve", choices=lora.METHODS, help="where LoRA goes (DESIGN.md §1)")
+    ap.add_argument("--rank", type=int, default=32, help="LoRA rank r")
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * rank); scale = alpha / r")
+    ap.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(r) (rank-stabilised LoRA)")
+    ap.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    ap.add_argument("--sieve-frac", type=float, default=0.25, help="sieve/random/budget: experts per layer, fraction of E")
+    ap.add_argument("--sieve-k", type=int, default=None, help="sieve/random/budget: experts per layer as a count")
+    ap.add_argument("--coverage-p", type=float, default=0.6, help="coverage: share of each layer's routing to reach")
+    ap.add_argument("--budget-kmin", type=int, default=1, help="budget: experts every layer gets before the greedy rest")
+    ap.add_argument("--calib", default=None, help="calibration .jsonl for the routing profile (default: --data)")
+    ap.add_argument("--calib-samples", type=int, default=512, help="records of --calib to profile")
+    ap.add_argument("--profile", default=None, help="use this profile JSON (router_profile.py) instead of profiling")
+    # optimisation
+    ap.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (AdamW)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    ap.add_argument("--warmup", type=float, default=0.03, help="linear warm-up, fraction of the steps; then cosine to 0")
+    ap.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    ap.add_argument("--epochs", type=float, default=1.0, help="passes over the data (ignored with --steps)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    ap.add_argument("--seq-len", type=int, default=512, help="maximum tokens per sequence")
+    ap.add_argument("--pack", action="store_true", help="pack examples into full rows (attention crosses examples)")
+    ap.add_argument("--aux-coef", type=float, default=0.0, help="load-balancing loss coefficient (0: off)")
+    ap.add_argument("--aux-per-layer", action="store_true", help="balance each layer on its own instead of pooled")
+    ap.add_argument("--z-coef", type=float, default=0.0, help="router z-loss coefficient (0: off)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for data order, adapter init, dropout, random plan")
+    # system
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="frozen base dtype (auto: bfloat16 on CUDA, float32 on CPU); adapters stay fp32")
+    ap.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward (less memory)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    ap.add_argument("--save-every", type=int, default=0, help="write OUT/checkpoint.pt every N steps (0: only at the end)")
+    ap.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
+    # no training
+    ap.add_argument("--dry-run", action="store_true", help="build on the meta device, print trainable params, exit")
+    ap.add_argument("--adapter", default=None, help="with --export-*: export this saved adapter, no training")
+    ap.add_argument("--export-peft", action="store_true", help="also write OUT/peft in PEFT's layout")
+    ap.add_argument("--export-merged", action="store_true", help="also write OUT/merged, a full merged checkpoint")
+    args = ap.parse_args(argv)
+    args.alpha = 2.0 * args.rank if args.alpha is None else args.alpha
+    for flag, ok in (("rank", args.rank >= 1), ("lr", args.lr > 0), ("batch-size", args.batch_size >= 1),
+                     ("grad-accum", args.grad_accum >= 1), ("seq-len", args.seq_len >= 2),
+                     ("epochs", args.epochs > 0), ("steps", args.steps is None or args.steps >= 1),
+                     ("dropout", 0 <= args.dropout < 1), ("calib-samples", args.calib_samples >= 1)):
+        if not ok:
+            ap.error(f"--{flag} has an invalid value: {getattr(args, flag.replace('-', '_'))}")
+    if args.model is None:
+        ap.error("--model is required")
+    if args.data is None and not (args.dry_run or args.adapter):
+        ap.error("--data is required (except with --dry-run or --adapter)")
+    return args
+
+
+def plan_for(args, model, tok):
+    """The per-layer expert plan of sieve / random / coverage / budget (None for lora / attn)."""
+    if args.method in ("lora", "attn"):
+        return None, None
+    k = args.sieve_k if args.sieve_k is not None else args.sieve_frac
+    if args.profile:
+        prof = router_profile.load_profile(args.profile)
+    elif args.dry_run:  # no weights: the parameter count of a same-size plan does not depend on which experts
+        if args.method in ("coverage", "budget"):
+            raise ValueError(f"--dry-run --method {args.method} needs --profile (its sizes depend on the routing)")
+        cfg = model.config
+        layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+        prof = dict(layers=layers, num_experts=cfg.num_experts, counts=[[1] * cfg.num_experts for _ in layers])
+    else:
+        path = args.calib or args.data
+        recs = data.read_jsonl(path)[: args.calib_samples]
+        data.check_records(recs, path)
+        seqs = sorted((data.encode_example(tok, r, args.seq_len)[0] for r in recs), key=len)
+        B = args.batch_size
+        batches = (data.pad_batch(seqs[i:i + B], [[1] * len(s) for s in seqs[i:i + B]], tok.pad_id)
+                   for i in range(0, len(seqs), B))
+        prof = router_profile.profile(model, batches)
+        print(router_profile.format_stats(prof["stats"]))
+    make = {"sieve": lambda: sieve.topk_plan(prof, k), "random": lambda: sieve.random_plan(prof, k, args.seed),
+            "coverage": lambda: sieve.coverage_plan(prof, args.coverage_p),
+            "budget": lambda: sieve.budget_plan(prof, k, args.budget_kmin)}
+    plan = make[args.method]()
+    if not args.dry_run:
+        print(sieve.describe(prof, plan))
+    return plan, prof
+
+
+def step_schedule(n_examples, args):
+    """Micro-batches of every step, as lists of example indices: epochs reshuffled with seed + epoch."""
+    per_step = args.batch_size * args.grad_accum
+    steps = args.steps or max(1, math.ceil(args.epochs * n_examples / per_step))
+    micro, epoch = [], 0
+    while len(micro) < steps * args.grad_accum:
+        micro += list(data.batches(list(range(n_examples)), args.batch_size, args.seed + epoch))
+        epoch += 1
+    return [micro[s * args.grad_accum:(s + 1) * args.grad_accum] for s in range(steps)]
+
+
+def lr_at(step, total, args):
+    warm = int(args.warmup * total)
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def chunked_cross_entropy(model, h, labels, chunk=4096):
+    """Sum of token losses without keeping (N, V) fp32 logits: each chunk's logits are recomputed in backward."""
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    ce = lambda hc, lc: F.cross_entropy(model.head(hc).float(), lc, ignore_index=data.IGNORE, reduction="sum")
+    total = 0.0
+    for i in range(0, h.shape[0], chunk):
+        hc, lc = h[i:i + chunk], labels[i:i + chunk]
+        total = total + (torch.utils.checkpoint.checkpoint(ce, hc, lc, use_reentrant=False) if h.requires_grad else ce(hc, lc))
+    return total
+
+
+def write_json(path, obj):
+    lora._atomic(path, lambda t: open(t, "w").write(json.dumps(obj, indent=1)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError, RuntimeError) as e:  # DataError, ConfigError, CheckpointError, AdapterError
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(args):
+    # ------------------------------------------------------------------ device, dtype, model
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    if not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model}: model directory not found")
+    if args.dry_run:
+        with torch.device("meta"):
+            model = moe.Transformer(moe.Config.from_json(args.model))
+        tok = None
+    else:
+        model = moe.load_model(args.model, dtype=dtype, device=device)
+        tok = data.load_tokenizer(args.model)
+    cfg = model.config
+    print(f"train.py: {cfg.model_type} {cfg.num_hidden_layers} layers x {cfg.num_experts} experts top-{cfg.num_experts_per_tok}"
+          f" | base {dtype} on {device} | method {args.method} r={args.rank} alpha={args.alpha:g}")
+
+    # ------------------------------------------------------------------ export a saved adapter (no training)
+    if args.adapter:
+        adapter_config = lora.load_adapter(model, args.adapter)
+        export(args, model, adapter_config)
+        return 0
+
+    # ------------------------------------------------------------------ method
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = None
+    if args.resume:
+        if not os.path.isfile(ckpt_path):
+            raise ValueError(f"--resume: {ckpt_path} not found")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        adapter_config, plan, prof = ckpt["adapter_config"], None, None
+        lora.attach(model, adapter_config["method"], adapter_config["r"], adapter_config["alpha"],
+                    adapter_config["dropout"], adapter_config["rslora"], plan=adapter_config["plan"])
+    else:
+        plan, prof = plan_for(args, model, tok)
+        adapter_config = lora.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan)
+    n_train = lora.count_trainable(model)
+    print(f"trainable parameters: {n_train:,} ({n_train / 1e6:.1f}M), adapter file ~{4 * n_train / 2**20:.1f} MiB (fp32)")
+    if args.dry_run:
+        return 0
+
+    # ------------------------------------------------------------------ data
+    records = data.read_jsonl(args.data)
+    data.check_records(records, args.data)
+    examples = [data.encode_example(tok, r, args.seq_len) for r in records]
+    if args.pack:
+        examples = data.pack_examples(examples, args.seq_len)
+    top = max(max(ids) for ids, _ in examples)
+    if top >= cfg.vocab_size:
+        raise ValueError(f"{args.model}: the tokenizer gives id {top} >= vocab_size {cfg.vocab_size}")
+    schedule = step_schedule(len(examples), args)
+    total = len(schedule)
+    print(f"data: {len(records)} records -> {len(examples)} sequences; {total} steps of "
+          f"{args.grad_accum} x {args.batch_size} sequences")
+
+    # ------------------------------------------------------------------ optimizer
+    params = list(lora.adapter_state(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    model.grad_checkpoint = args.grad_checkpoint
+    if args.compile:
+        for block in model.model.layers:
+            block.compile()
+    start, log = 0, []
+    if ckpt is not None:
+        lora.load_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"))
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        start, log = ckpt["step"], ckpt["log"]
+        print(f"resumed at step {start}/{total}")
+    os.makedirs(args.out, exist_ok=True)
+    if plan is not None:
+        write_json(os.path.join(args.out, "plan.json"), {str(k): v for k, v in plan.items()})
+        if "tokens" in prof:
+            router_profile.save_profile(prof, os.path.join(args.out, "profile.json"))
+
+    def save_checkpoint(step):
+        lora.save_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"))
+        state = dict(step=step, optimizer=opt.state_dict(), rng=torch.get_rng_state(), log=log,
+                     cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                     adapter_config=adapter_config)
+        lora._atomic(ckpt_path, lambda t: torch.save(state, t))
+
+    # ------------------------------------------------------------------ loop
+    model.train()
+    t_start, tokens_seen = time.time(), 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(start, total):
+        t0 = time.time()
+        lr = lr_at(step, total, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        micro = [[examples[i] for i in mb] for mb in schedule[step]]
+        batches = [data.pad_batch([e[0] for e in mb], [e[1] for e in mb], tok.pad_id) for mb in micro]
+        n_targets = sum(int((b[2] != data.IGNORE).sum()) for b in batches)  # the step's loss is a mean over these
+        step_loss, step_aux, n_tokens = 0.0, 0.0, 0
+        for ids, mask, labels in batches:
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            h, routing = model.body(ids)  # right padding: causal attention alone keeps real tokens off the pads
+            loss = chunked_cross_entropy(model, h, labels) / max(1, n_targets)
+            step_loss += float(loss.detach())
+            logits = [r.logits for r in routing]
+            if args.aux_coef > 0 and logits:
+                lb = moe.load_balancing_loss_per_layer if args.aux_per_layer else moe.load_balancing_loss
+                aux = lb(logits, cfg.num_experts, cfg.num_experts_per_tok, mask) / len(batches)
+                loss = loss + args.aux_coef * aux
+                step_aux += float(aux)
+            if args.z_coef > 0 and logits:
+                loss = loss + args.z_coef * moe.router_z_loss(logits, mask) / len(batches)
+            loss.backward()
+            n_tokens += int(mask.sum())
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        tokens_seen += n_tokens
+        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+        eta = (time.time() - t_start) / (step + 1 - start) * (total - step - 1)
+        entry = dict(step=step + 1, loss=round(step_loss, 6), lr=lr, tok_s=round(n_tokens / dt, 1), mem_gib=round(mem, 2))
+        if args.aux_coef > 0:
+            entry["aux"] = round(step_aux, 6)
+        log.append(entry)
+        if (step + 1) % args.log_every == 0 or step + 1 == total:
+            print(f"step {step + 1}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | {n_tokens / dt:,.0f} tok/s | "
+                  f"mem {mem:.1f} GiB | eta {eta:.0f}s", flush=True)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
+            save_checkpoint(step + 1)
+
+    # ------------------------------------------------------------------ save
+    wall = time.time() - t_start
+    save_checkpoint(total)
+    lora.save_adapter(model, args.out, adapter_config)
+    with open(os.path.join(args.out, "log.jsonl.tmp"), "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in log)
+    os.replace(os.path.join(args.out, "log.jsonl.tmp"), os.path.join(args.out, "log.jsonl"))
+    size = os.path.getsize(os.path.join(args.out, "adapter.safetensors"))
+    summary = dict(method=args.method, trainable_params=n_train, adapter_bytes=size, steps=total,
+                   wall_s=round(wall, 2), tok_s=round(tokens_seen / max(wall, 1e-9), 1),
+                   final_loss=log[-1]["loss"] if log else None, device=str(device), dtype=str(dtype))
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    print(f"done: {n_train:,} trainable params | adapter {size / 2**20:.2f} MiB | {wall:.1f}s | "
+          f"{summary['tok_s']:,.0f} tok/s | final loss {summary['final_loss']}")
+    export(args, model, adapter_config)
+    return 0
+
+
+def export(args, model, adapter_config):
+    if args.export_peft:
+        lora.export_peft(model, adapter_config, os.path.join(args.out, "peft"))
+        print(f"wrote {os.path.join(args.out, 'peft')}")
+    if args.export_merged:
+        lora.export_merged(model, args.model, os.path.join(args.out, "merged"))
+        print(f"wrote {os.path.join(args.out, 'merged')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
