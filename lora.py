@@ -198,6 +198,7 @@ def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None):
         else:  # a dense layer (Qwen's mlp_only_layers): LoRA on its MLP like any other linear
             for name in ("gate_proj", "up_proj", "down_proj"):
                 _wrap(mlp, name, **kw)
+    model.train(model.training)  # the new modules (dropout) follow the model's train/eval mode
     return dict(format=1, method=method, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
                 targets=list(ATTN) if method == "attn" else list(ATTN) + ["router", "shared_expert", "dense_mlp", "experts"],
                 plan={str(i): ids for i, ids in sorted(plan.items())} if method != "attn" else {},

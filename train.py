@@ -68,6 +68,7 @@ def parse_args(argv):
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward (less memory)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     ap.add_argument("--save-every", type=int, default=0, help="write OUT/checkpoint.pt every N steps (0: only at the end)")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop after this step (checkpointed); go on with --resume")
     ap.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
     # no training
     ap.add_argument("--dry-run", action="store_true", help="build on the meta device, print trainable params, exit")
@@ -257,7 +258,8 @@ def run(args):
     t_start, tokens_seen = time.time(), 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(start, total):
+    end = min(total, args.stop_after) if args.stop_after else total
+    for step in range(start, end):
         t0 = time.time()
         lr = lr_at(step, total, args)
         for group in opt.param_groups:
@@ -288,7 +290,7 @@ def run(args):
         dt = time.time() - t0
         tokens_seen += n_tokens
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        eta = (time.time() - t_start) / (step + 1 - start) * (total - step - 1)
+        eta = (time.time() - t_start) / (step + 1 - start) * (end - step - 1)
         entry = dict(step=step + 1, loss=round(step_loss, 6), lr=lr, tok_s=round(n_tokens / dt, 1), mem_gib=round(mem, 2))
         if args.aux_coef > 0:
             entry["aux"] = round(step_aux, 6)
@@ -301,7 +303,10 @@ def run(args):
 
     # ------------------------------------------------------------------ save
     wall = time.time() - t_start
-    save_checkpoint(total)
+    save_checkpoint(end)
+    if end < total:
+        print(f"stopped after step {end}/{total}; continue with --resume")
+        return 0
     lora.save_adapter(model, args.out, adapter_config)
     with open(os.path.join(args.out, "log.jsonl.tmp"), "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in log)
