@@ -16,7 +16,6 @@ Shape letters: D hidden, I expert width, E experts, m adapted experts of a layer
 import json
 import math
 import os
-import shutil
 
 import torch
 import torch.nn as nn
@@ -298,73 +297,3 @@ def load_adapter_tensors(model, file):
 def save_adapter_tensors(model, file):
     tensors = {n: p.detach().float().contiguous().cpu() for n, p in adapter_state(model).items()}
     _atomic(file, lambda t: save_file(tensors, t))
-
-
-# ----------------------------------------------------------------------------- export
-
-def _base_param(params, name):  # "…q_proj.weight" lives at "…q_proj.base.weight" once wrapped
-    if name in params:
-        return params[name]
-    head, leaf = name.rsplit(".", 1)
-    return params[f"{head}.base.{leaf}"]
-
-
-def _write_dir(out_dir, fill):
-    """Build a directory under a temporary name, then swap it in: no half-written output."""
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        fill(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def export_merged(model, src_dir, out_dir, shard_bytes=4 << 30):
-    """A complete checkpoint of base + adapter under the hub's tensor names (sharded, with an index),
-    config.json and tokenizer files copied, loadable by transformers. Merges, writes, unmerges."""
-    cfg = model.config
-    merge(model)
-    try:
-        params = dict(model.named_parameters())
-        tensors = {}
-        for disk, (name, index) in moe.checkpoint_names(cfg).items():
-            t = _base_param(params, name)
-            tensors[disk] = (t if index is None else t[index]).detach().to("cpu", copy=True).contiguous()
-    finally:
-        merge(model, -1)
-
-    def fill(tmp):
-        shards, size = [[]], 0
-        for name in tensors:
-            n = tensors[name].numel() * tensors[name].element_size()
-            if shards[-1] and size + n > shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += n
-        weight_map = {}
-        for i, names in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in names})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-        with open(os.path.join(src_dir, "config.json")) as f:
-            config = json.load(f)
-        dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-        config.update({k: dtype for k in ("torch_dtype", "dtype") if k in config} or {"torch_dtype": dtype})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(src_dir, name)):
-                shutil.copy(os.path.join(src_dir, name), tmp)
-
-    _write_dir(out_dir, fill)
-
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")

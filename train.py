@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import export
 import lora
 import moe
 import router_profile
@@ -187,7 +188,7 @@ def run(args):
     # ------------------------------------------------------------------ export a saved adapter (no training)
     if args.adapter:
         adapter_config = lora.load_adapter(model, args.adapter)
-        export(args, model, adapter_config)
+        write_exports(args, model, adapter_config)
         return 0
 
     # ------------------------------------------------------------------ method
@@ -318,16 +319,16 @@ def run(args):
     write_json(os.path.join(args.out, "summary.json"), summary)
     print(f"done: {n_train:,} trainable params | adapter {size / 2**20:.2f} MiB | {wall:.1f}s | "
           f"{summary['tok_s']:,.0f} tok/s | final loss {summary['final_loss']}")
-    export(args, model, adapter_config)
+    write_exports(args, model, adapter_config)
     return 0
 
 
-def export(args, model, adapter_config):
+def write_exports(args, model, adapter_config):
     if args.export_peft:
-        lora.export_peft(model, adapter_config, os.path.join(args.out, "peft"))
+        export.export_peft(model, adapter_config, os.path.join(args.out, "peft"))
         print(f"wrote {os.path.join(args.out, 'peft')}")
     if args.export_merged:
-        lora.export_merged(model, args.model, os.path.join(args.out, "merged"))
+        export.export_merged(model, args.model, os.path.join(args.out, "merged"))
         print(f"wrote {os.path.join(args.out, 'merged')}")
 
 

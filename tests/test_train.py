@@ -157,3 +157,13 @@ def test_bad_hyperparameters_are_refused(ckpt, train_file, tmp_path, capsys, fla
     with pytest.raises(SystemExit) as e:
         run("--model", ckpt, "--data", train_file, flag, value, "--out", out)
     assert e.value.code == 2 and flag in capsys.readouterr().err and not out.exists()
+
+
+def test_exports_from_a_saved_adapter_without_training(ckpt, train_file, tmp_path):
+    """--adapter DIR --export-peft --export-merged writes both exports from a saved adapter, no training."""
+    a = tmp_path / "a"
+    assert run("--model", ckpt, "--data", train_file, "--method", "lora", "--rank", 4, "--steps", 1, "--out", a) == 0
+    out = tmp_path / "exports"
+    assert run("--model", ckpt, "--adapter", a, "--export-peft", "--export-merged", "--out", out) == 0
+    assert (out / "peft" / "adapter_model.safetensors").exists() and (out / "peft" / "adapter_config.json").exists()
+    assert (out / "merged" / "config.json").exists() and not (out / "summary.json").exists()

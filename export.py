@@ -1,0 +1,144 @@
+"""Exports of a trained adapter for the Hugging Face stack (the oracle users check us against):
+
+- `export_merged`: base + adapter folded into a complete checkpoint directory under the hub's tensor
+  names (sharded safetensors with an index, config.json, tokenizer files), loadable by transformers.
+- `export_peft`: the adapter alone in PEFT's on-disk layout (adapter_config.json + adapter_model.safetensors).
+Only plain LoRA methods export; input-dependent adapters (PERFT, DMEP) cannot become plain weights.
+"""
+import json
+import math
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+import lora
+import moe
+
+
+def _base_param(params, name):  # "…q_proj.weight" lives at "…q_proj.base.weight" once wrapped
+    if name in params:
+        return params[name]
+    head, leaf = name.rsplit(".", 1)
+    return params[f"{head}.base.{leaf}"]
+
+
+def _write_dir(out_dir, fill):
+    """Build a directory under a temporary name, then swap it in: no half-written output."""
+    tmp = f"{out_dir}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        fill(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_merged(model, src_dir, out_dir, shard_bytes=4 << 30):
+    """A complete checkpoint of base + adapter under the hub's tensor names (sharded, with an index),
+    config.json and tokenizer files copied, loadable by transformers. Merges, writes, unmerges."""
+    cfg = model.config
+    lora.merge(model)
+    try:
+        params = dict(model.named_parameters())
+        tensors = {}
+        for disk, (name, index) in moe.checkpoint_names(cfg).items():
+            t = _base_param(params, name)
+            tensors[disk] = (t if index is None else t[index]).detach().to("cpu", copy=True).contiguous()
+    finally:
+        lora.merge(model, -1)
+
+    def fill(tmp):
+        shards, size = [[]], 0
+        for name in tensors:
+            n = tensors[name].numel() * tensors[name].element_size()
+            if shards[-1] and size + n > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += n
+        weight_map = {}
+        for i, names in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in names})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        with open(os.path.join(src_dir, "config.json")) as f:
+            config = json.load(f)
+        dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        config.update({k: dtype for k in ("torch_dtype", "dtype") if k in config} or {"torch_dtype": dtype})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(src_dir, name)):
+                shutil.copy(os.path.join(src_dir, name), tmp)
+
+    _write_dir(out_dir, fill)
+
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def export_peft(model, adapter_config, out_dir):
+    """The adapter in PEFT's layout for transformers 5 (peft 0.21), where experts are fused 3D parameters.
+
+    Attention LoRA goes under `target_modules` as usual. The router, shared experts, dense MLPs and routed
+    experts go under `target_parameters` (PEFT's ParamWrapper): for a 3D expert tensor (E, out, in) PEFT
+    keeps one LoRA per expert packed as lora_A (E*R, in), row e*R + j, and lora_B (out, R*E), column j*E + e.
+    gate and up share the fused gate_up_proj, so they export as one rank-2r LoRA per expert (A stacked, B
+    block-diagonal, alpha doubled to keep alpha/r). Experts without an adapter get zeros: exactly no change.
+    Per-expert hub names (experts.3.gate_proj.lora_A) are not used: peft 0.21 loads those only when every
+    expert of every layer has an adapter, and then mis-scales rsLoRA (see README)."""
+    if adapter_config["method"] not in lora.METHODS:
+        raise lora.AdapterError(f"--export-peft: method {adapter_config['method']!r} has input-dependent adapters "
+                                "(routers of its own) that PEFT's LoRA cannot express")
+    cfg, r, alpha, rs = model.config, adapter_config["r"], adapter_config["alpha"], adapter_config["rslora"]
+    E, P, sd = cfg.num_experts, "base_model.model.model.layers.", {}
+    targets = set()
+    for i, block in enumerate(model.model.layers):
+        for name in lora.ATTN:
+            m = getattr(block.self_attn, name)
+            sd[f"{P}{i}.self_attn.{name}.lora_A.weight"], sd[f"{P}{i}.self_attn.{name}.lora_B.weight"] = m.lora_A, m.lora_B
+        mlp = block.mlp
+        linears = {"mlp.gate": getattr(mlp, "gate", None)}  # the router
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            linears[f"mlp.shared_expert.{name}"] = getattr(getattr(mlp, "shared_expert", None), name, None)
+            linears[f"mlp.{name}"] = getattr(mlp, name, None)  # a dense layer
+        for key, m in linears.items():
+            if isinstance(m, lora.LoRALinear):
+                sd[f"{P}{i}.{key}.lora_A.weight"], sd[f"{P}{i}.{key}.lora_B.weight"] = m.lora_A, m.lora_B
+                targets.add(key.removeprefix("mlp.") + ".weight" if "shared" in key else key + ".weight")
+        ad = getattr(getattr(mlp, "experts", None), "adapter", None)
+        if isinstance(ad, lora.ExpertLoRA):
+            targets |= {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+            D, I = ad.gate_A.shape[-1], ad.gate_B.shape[1]
+            A_gu, B_gu = torch.zeros(E, 2 * r, D), torch.zeros(2 * I, 2 * r, E)
+            A_dn, B_dn = torch.zeros(E, r, I), torch.zeros(D, r, E)
+            for j, e in enumerate(ad.ids):
+                A_gu[e] = torch.cat([ad.gate_A[j], ad.up_A[j]]).detach()
+                B_gu[:, :, e] = torch.block_diag(ad.gate_B[j], ad.up_B[j]).detach()
+                A_dn[e], B_dn[:, :, e] = ad.down_A[j].detach(), ad.down_B[j].detach()
+            sd[f"{P}{i}.mlp.experts.base_layer.lora_A.weight"] = A_gu.reshape(E * 2 * r, D)  # gate_up: inner wrapper
+            sd[f"{P}{i}.mlp.experts.base_layer.lora_B.weight"] = B_gu.reshape(2 * I, 2 * r * E)
+            sd[f"{P}{i}.mlp.experts.lora_A.weight"] = A_dn.reshape(E * r, I)  # down_proj: outer wrapper
+            sd[f"{P}{i}.mlp.experts.lora_B.weight"] = B_dn.reshape(D, r * E)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, use_rslora=rs, lora_dropout=0.0,
+                  bias="none", fan_in_fan_out=False, inference_mode=True, target_modules=list(lora.ATTN),
+                  target_parameters=sorted(targets))
+    if "mlp.experts.gate_up_proj" in targets:  # the fused rank-2r gate+up LoRA keeps the per-expert scale
+        config.update(rank_pattern={r".*\.gate_up_proj": 2 * r},
+                      alpha_pattern={r".*\.gate_up_proj": alpha * (math.sqrt(2) if rs else 2)})
+
+    def fill(tmp):
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+
+    _write_dir(out_dir, fill)

@@ -1,0 +1,55 @@
+"""Exports checked by loading them in the real libraries: PEFT onto transformers, and a merged checkpoint."""
+import pytest
+import torch
+from conftest import load_hf, make_ids
+
+import export
+import lora
+import moe
+
+CASES = [("olmoe", False), ("mixtral", True), ("qwen2_moe", False), ("qwen3_moe", False)]
+
+
+def adapted(path, rslora, seed=0):
+    """Our model with a sieve-style adapter on a different subset of experts per layer, B non-zero."""
+    model = moe.load_model(path)
+    cfg = model.config
+    layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    plan = {i: [(3 * n + 1) % cfg.num_experts, (5 * n + 6) % cfg.num_experts] for n, i in enumerate(layers)}
+    config = lora.attach(model, "sieve", r=4, alpha=8, rslora=rslora, plan=plan)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.adapter_state(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model, config
+
+
+@pytest.mark.parametrize("name,rslora", CASES)
+def test_peft_loads_our_export_and_gives_our_logits(checkpoints, tmp_path, name, rslora):
+    """PeftModel.from_pretrained(transformers model, OUT/peft) gives the logits of our model with the adapter."""
+    from peft import PeftModel
+    ck = checkpoints(name)
+    model, config = adapted(ck.path, rslora)
+    x = make_ids(2, 12)
+    ours = model(x)
+    export.export_peft(model, config, tmp_path / "peft")
+    ref = PeftModel.from_pretrained(load_hf(ck.path), tmp_path / "peft").eval()
+    with torch.no_grad():
+        theirs = ref(x).logits
+    assert (ours - ck.hf(x).logits).abs().max() > 1e-2  # the adapter matters
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["olmoe", "qwen2_moe", "qwen3_moe"])
+def test_merged_checkpoint_loads_in_transformers(checkpoints, tmp_path, name):
+    """OUT/merged (sharded safetensors + index + config) loads in transformers and gives base + adapter logits."""
+    ck = checkpoints(name)
+    model, _ = adapted(ck.path, rslora=False)
+    x = make_ids(2, 12)
+    ours = model(x)
+    export.export_merged(model, ck.path, tmp_path / "merged", shard_bytes=64 << 10)
+    assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) > 1
+    with torch.no_grad():
+        theirs = load_hf(tmp_path / "merged")(x).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model(x), ours)  # the model is left unmerged and unchanged
