@@ -95,7 +95,7 @@ def export_peft(model, adapter_config, out_dir):
     block-diagonal, alpha doubled to keep alpha/r). Experts without an adapter get zeros: exactly no change.
     Per-expert hub names (experts.3.gate_proj.lora_A) are not used: peft 0.21 loads those only when every
     expert of every layer has an adapter, and then mis-scales rsLoRA (see README)."""
-    if adapter_config["method"] not in lora.METHODS:
+    if adapter_config["method"] not in lora.LORA_METHODS:
         raise lora.AdapterError(f"--export-peft: method {adapter_config['method']!r} has input-dependent adapters "
                                 "(routers of its own) that PEFT's LoRA cannot express")
     cfg, r, alpha, rs = model.config, adapter_config["r"], adapter_config["alpha"], adapter_config["rslora"]

@@ -25,8 +25,11 @@ from safetensors.torch import save_file
 
 import moe
 
-METHODS = ("lora", "attn", "sieve", "random", "coverage", "budget")
-EXPERT_METHODS = ("lora", "sieve", "random", "coverage", "budget")
+LORA_METHODS = ("lora", "attn", "sieve", "random", "coverage", "budget")  # plain LoRA: mergeable, exportable
+EXPERT_METHODS = ("lora", "sieve", "random", "coverage", "budget")  # LoRA on routed experts
+METHODS = LORA_METHODS + ("perft-s", "perft-d", "perft-r", "perft-e", "dmep")
+OPTIONS = dict(act="identity", perft_experts=4, perft_topk=2, perft_shared=2, perft_renorm=False,  # PERFT (§3)
+               dmep_experts=8, dmep_topk=2, dmep_targets="q_proj,k_proj,v_proj,o_proj,dense", dmep_counts=None)  # DMEP (§4)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -138,6 +141,9 @@ class ExpertLoRA(nn.Module):
                        moe._grouped_mm(h[:, rp:], uB.transpose(1, 2), offs=offs)], dim=-1)  # (P, 2I)
         return self._back(y * self.scale, at)
 
+    def out(self, x, at):  # LoRA adds nothing to the expert's output directly
+        return 0.0
+
     def down(self, h, at):  # h (rows, I) -> (rows, D)
         if self.merged or (isinstance(at, int) and at not in self.slot):
             return 0.0
@@ -159,22 +165,141 @@ class ExpertLoRA(nn.Module):
         self.merged = sign > 0
 
 
+# ----------------------------------------------------------------------------- PERFT and DMEP (DESIGN.md §3, §4)
+
+ACTS = {"identity": nn.Identity, "silu": nn.SiLU, "relu": nn.ReLU}
+
+
+def _gated(x, A, B, act, gate, scale):
+    """sum_j gate_j * B_j act(A_j x) over n small adapter experts, computed densely (n*r is tiny next to
+    the base) with unchosen experts gated by exactly 0. x (T, in), A (n, r, in), B (n, out, r), gate (T, n) or None."""
+    n, r, _ = A.shape
+    z = act(F.linear(x, A.reshape(n * r, -1).to(x.dtype)))  # (T, n*r)
+    if gate is not None:
+        z = (z.view(-1, n, r) * gate.to(z.dtype)[..., None]).reshape(-1, n * r)
+    return F.linear(z, B.permute(1, 0, 2).reshape(B.shape[1], n * r).to(x.dtype)) * scale  # (T, out)
+
+
+def _route(logits, k, renorm):
+    """Softmax in fp32, top-k, optional renormalisation -> the (T, n) gate, 0 for unchosen experts."""
+    probs = F.softmax(logits.float(), dim=-1)
+    g, idx = torch.topk(probs, k, dim=-1)  # (T, k)
+    if renorm:
+        g = g / g.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(-1, idx, g)
+
+
+class ParallelAdapter(nn.Module):
+    """PERFT-S/D/R: n adapter experts B_j act(A_j h) beside the MoE block, reading its input h (T, D).
+    No router (top_k None): all n on and summed (S: n=1, D: n=M). With a router (R): a new trainable
+    router D -> n picks the top-k per token, each chosen expert weighted by that router's own weight."""
+
+    def __init__(self, D, n, r, alpha, act="identity", top_k=None, renorm=False, dropout=0.0, rslora=False, device=None):
+        super().__init__()
+        self.A, self.B = _kaiming((n, r, D), device), nn.Parameter(torch.zeros(n, D, r, device=device))
+        self.router = _kaiming((n, D), device) if top_k else None  # as nn.Linear(D, n, bias=False)
+        self.top_k, self.renorm, self.act = top_k, renorm, ACTS[act]()
+        self.scale = lora_scale(r, alpha, rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.router_logits = None  # the last forward's (T, n) router logits, for the adapter router's aux loss
+
+    def forward(self, h):
+        gate = None
+        if self.router is not None:
+            self.router_logits = F.linear(h, self.router.to(h.dtype))  # (T, n)
+            gate = _route(self.router_logits, self.top_k, self.renorm)
+        return _gated(self.dropout(h), self.A, self.B, self.act, gate, self.scale)
+
+
+class ExpertAdapter(nn.Module):
+    """PERFT-E: an adapter B_e act(A_e x) inside every routed expert e, added to the expert's output, so the
+    frozen base router weights it: y = sum_i w_i (E_i(h) + adapter_i(h)). Runs in moe.Experts on the
+    (token, expert) pairs the router chose only, as grouped products over the layer's sorted rows."""
+
+    def __init__(self, experts, r, alpha, act="identity", dropout=0.0, rslora=False):
+        super().__init__()
+        E, D, dev = experts.E, experts.gate_up_proj.shape[-1], experts.gate_up_proj.device
+        self.A, self.B = _kaiming((E, r, D), dev), nn.Parameter(torch.zeros(E, D, r, device=dev))
+        self.act, self.scale = ACTS[act](), lora_scale(r, alpha, rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def prepare(self, g):
+        return g.offs
+
+    def gate_up(self, x, at):
+        return 0.0
+
+    def down(self, h, at):
+        return 0.0
+
+    def out(self, x, at):  # x (rows, D) -> (rows, D); act(0) = 0, so padding the rank stays exact
+        x = self.dropout(x)
+        if isinstance(at, int):
+            return F.linear(self.act(F.linear(x, self.A[at].to(x.dtype))), self.B[at].to(x.dtype)) * self.scale
+        A, B = _pad_rank(self.A.to(x.dtype), self.B.to(x.dtype))
+        return moe._grouped_mm(self.act(moe._grouped_mm(x, A.transpose(1, 2), offs=at)), B.transpose(1, 2), offs=at) * self.scale
+
+
+class LoRAMoELinear(nn.Module):
+    """DMEP's LoRA-MoE on a frozen linear: y = W x + scale * sum_{j in topK(R x)} g_j B_j A_j x, g the
+    renormalised softmax weights of its router R (in -> n). `util` is the EMA of each expert's share of
+    the module's top-K assignments (updated by sieve.dmep_track); `prune` removes experts physically."""
+
+    def __init__(self, base, n, top_k, r, alpha, dropout=0.0, rslora=False):
+        super().__init__()
+        dev = base.weight.device
+        self.base = base
+        self.A, self.B = _kaiming((n, r, base.in_features), dev), nn.Parameter(torch.zeros(n, base.out_features, r, device=dev))
+        self.router = _kaiming((n, base.in_features), dev)
+        self.top_k, self.scale = top_k, lora_scale(r, alpha, rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("util", torch.full((n,), float("nan"), device=dev))  # NaN: nothing tracked yet
+        self.router_logits = None
+
+    def forward(self, x):
+        xf = x.reshape(-1, x.shape[-1])  # (T, in)
+        self.router_logits = F.linear(xf, self.router.to(x.dtype))  # (T, n)
+        gate = _route(self.router_logits, self.top_k, renorm=True)
+        return self.base(x) + _gated(self.dropout(xf), self.A, self.B, nn.Identity(), gate, self.scale).view(*x.shape[:-1], -1)
+
+    @torch.no_grad()
+    def prune(self, keep):
+        """Keep experts `keep` (sorted ids): new, smaller parameters. Returns {old parameter: new parameter}."""
+        idx = torch.tensor(keep, device=self.A.device)
+        swap = {}
+        for name in ("A", "B", "router"):
+            old = getattr(self, name)
+            new = nn.Parameter(old[idx].clone(), requires_grad=old.requires_grad)
+            setattr(self, name, new)
+            swap[old] = new
+        self.util = self.util[idx]
+        return swap
+
+
 # ----------------------------------------------------------------------------- attach
 
 def _wrap(parent, name, **kw):
     setattr(parent, name, LoRALinear(getattr(parent, name), **kw))
 
 
-def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None):
-    """Freeze the whole network, then put LoRA where `method` says. `plan` {layer: [expert ids]} chooses the
+def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None, **options):
+    """Freeze the whole network, then add the adapters of `method`. `plan` {layer: [expert ids]} chooses the
     routed experts of sieve/random/coverage/budget (sieve.py makes it); `lora` adapts every expert.
-    Returns the adapter config (what save_adapter writes and load_adapter rebuilds from)."""
+    `options` (see OPTIONS) set PERFT's and DMEP's shapes. Returns the adapter config (what save_adapter
+    writes and load_adapter rebuilds from)."""
     if method not in METHODS:
         raise AdapterError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     if r < 1:
         raise AdapterError(f"--rank must be at least 1, got {r}")
+    if set(options) - set(OPTIONS):
+        raise AdapterError(f"unknown adapter options {sorted(set(options) - set(OPTIONS))}")
+    o = {**OPTIONS, **options}
+    if method == "perft-r" and not 1 <= o["perft_topk"] <= o["perft_experts"]:
+        raise AdapterError(f"--perft-topk {o['perft_topk']} must be between 1 and --perft-experts {o['perft_experts']}")
+    if method == "dmep" and not 1 <= o["dmep_topk"] <= o["dmep_experts"]:
+        raise AdapterError(f"--dmep-topk {o['dmep_topk']} must be between 1 and --dmep-experts {o['dmep_experts']}")
     cfg = model.config
-    if method in EXPERT_METHODS and method != "lora" and plan is None:
+    if method in ("sieve", "random", "coverage", "budget") and plan is None:
         raise AdapterError(f"method {method!r} needs an expert plan (sieve.py)")
     if method == "lora":
         plan = {i: list(range(cfg.num_experts)) for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)}
@@ -182,12 +307,30 @@ def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None):
     model.requires_grad_(False)  # freeze once, for the whole network
     kw = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora)
     for i, block in enumerate(model.model.layers):
+        mlp = block.mlp
+        moe_layer = isinstance(mlp, moe.MoE)
+        if method == "dmep":  # LoRA-MoE on the chosen linears: attention, and "dense" = shared experts / dense MLPs
+            names = o["dmep_targets"].split(",")
+            sites = [(block.self_attn, n) for n in ATTN if n in names]
+            if "dense" in names:
+                dense = mlp.shared_expert if moe_layer and cfg.shared_expert_intermediate_size else None if moe_layer else mlp
+                sites += [(dense, n) for n in ("gate_proj", "up_proj", "down_proj") if dense is not None]
+            for parent, name in sites:
+                setattr(parent, name, LoRAMoELinear(getattr(parent, name), o["dmep_experts"], o["dmep_topk"], **kw))
+            continue
+        if method.startswith("perft"):  # beside (S/D/R) or inside (E) the MoE block; attention untouched
+            if moe_layer and method == "perft-e":
+                mlp.experts.adapter = ExpertAdapter(mlp.experts, r, alpha, o["act"], dropout, rslora)
+            elif moe_layer:
+                n = {"perft-s": 1, "perft-d": o["perft_shared"], "perft-r": o["perft_experts"]}[method]
+                mlp.adapter = ParallelAdapter(cfg.hidden_size, n, r, alpha, o["act"], o["perft_topk"] if method == "perft-r" else None,
+                                              o["perft_renorm"], dropout, rslora, mlp.gate.weight.device)
+            continue
         for name in ATTN:
             _wrap(block.self_attn, name, **kw)
         if method == "attn":
             continue
-        mlp = block.mlp
-        if isinstance(mlp, moe.MoE):
+        if moe_layer:
             _wrap(mlp, "gate", **kw)  # the router linear
             if cfg.shared_expert_intermediate_size:
                 for name in ("gate_proj", "up_proj", "down_proj"):
@@ -197,15 +340,30 @@ def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None):
         else:  # a dense layer (Qwen's mlp_only_layers): LoRA on its MLP like any other linear
             for name in ("gate_proj", "up_proj", "down_proj"):
                 _wrap(mlp, name, **kw)
+    for name, m in model.named_modules():  # a pruned DMEP adapter being loaded: rebuild its smaller shapes
+        if isinstance(m, LoRAMoELinear) and name in (o["dmep_counts"] or {}):
+            m.prune(list(range(o["dmep_counts"][name])))
     model.train(model.training)  # the new modules (dropout) follow the model's train/eval mode
     return dict(format=1, method=method, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
-                targets=list(ATTN) if method == "attn" else list(ATTN) + ["router", "shared_expert", "dense_mlp", "experts"],
-                plan={str(i): ids for i, ids in sorted(plan.items())} if method != "attn" else {},
+                plan={str(i): ids for i, ids in sorted(plan.items())} if method in EXPERT_METHODS else {},
+                options={k: v for k, v in o.items() if k.startswith(method.split("-")[0]) or k == "act"},
                 base=dict(model_type=cfg.model_type, fingerprint=cfg.fingerprint()))
 
 
+ADAPTERS = (LoRALinear, ExpertLoRA, ParallelAdapter, ExpertAdapter, LoRAMoELinear)
+
+
 def adapter_modules(model):
-    return [m for m in model.modules() if isinstance(m, (LoRALinear, ExpertLoRA))]
+    return [m for m in model.modules() if isinstance(m, ADAPTERS)]
+
+
+def current_config(model, config):
+    """The adapter config as the model now is: DMEP records each module's expert count after pruning,
+    so that loading rebuilds the pruned shapes."""
+    if config["method"] != "dmep":
+        return config
+    counts = {n: m.A.shape[0] for n, m in model.named_modules() if isinstance(m, LoRAMoELinear)}
+    return {**config, "options": {**config["options"], "dmep_counts": counts}}
 
 
 def adapter_state(model):
@@ -221,6 +379,9 @@ def count_trainable(model):
 def merge(model, sign=1):
     """Fold every adapter into the base weights (fp32 math, cast back); sign=-1 unmerges. In bf16 the
     round trip is exact only up to rounding of the base weights."""
+    if any(isinstance(m, (ParallelAdapter, ExpertAdapter, LoRAMoELinear)) for m in model.modules()):
+        raise AdapterError("PERFT and DMEP adapters depend on the input (routers of their own, or per-expert "
+                           "outputs): they cannot be merged into plain weights")
     for m in model.modules():
         if isinstance(m, LoRALinear) and m.merged != (sign > 0):
             m.merge(sign)
@@ -242,6 +403,7 @@ def _atomic(path, write):
 
 def save_adapter(model, out_dir, config):
     """adapter.safetensors, then adapter_config.json (written last: its presence means the pair is complete)."""
+    config = current_config(model, config)
     os.makedirs(out_dir, exist_ok=True)
     tensors = {n: p.detach().float().contiguous().cpu() for n, p in adapter_state(model).items()}
     _atomic(os.path.join(out_dir, "adapter.safetensors"), lambda t: save_file(tensors, t))
@@ -268,7 +430,7 @@ def load_adapter(model, path):
         raise AdapterError(f"{path}: adapter was made for a {base.get('model_type')} base with config fingerprint "
                            f"{base.get('fingerprint')}, but this model is {cfg.model_type} {cfg.fingerprint()}")
     attach(model, config["method"], config["r"], config["alpha"], config.get("dropout", 0.0),
-           config.get("rslora", False), plan=config.get("plan"))
+           config.get("rslora", False), plan=config.get("plan"), **config.get("options", {}))
     load_adapter_tensors(model, os.path.join(path, "adapter.safetensors"))
     return config
 

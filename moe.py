@@ -233,10 +233,11 @@ def route(logits, cfg):
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I).
 
-    `adapter` (set by lora.py, None here) adds low-rank updates inside the expert computation:
-    `adapter.gate_up(x, at)` -> (rows, 2I) and `adapter.down(h, at)` -> (rows, D), where `at` is the
-    expert id in the loop path, and in the fast path what `adapter.prepare(groups)` made of the layer's
-    sorted rows once (so the adapter can work on the rows of its own experts only).
+    `adapter` (set by lora.py, None here) adds updates inside the expert computation, each 0 or
+    (rows, width): `gate_up(x, at)` to gate_up_proj's output, `down(h, at)` to down_proj's output and
+    `out(x, at)` to the expert's output from its input (PERFT-E). `at` is the expert id in the loop path;
+    in the fast path, what `adapter.prepare(groups)` made of the layer's sorted rows once (so the adapter
+    can work on the rows of its own experts only).
     """
 
     def __init__(self, E, D, I):
@@ -265,7 +266,7 @@ class Experts(nn.Module):
             h = F.silu(g) * u  # (n, I)
             y = F.linear(h, self.down_proj[e])  # (n, D)
             if self.adapter is not None:
-                y = y + self.adapter.down(h, e)
+                y = y + self.adapter.down(h, e) + self.adapter.out(xe, e)
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))
         return out
 
@@ -281,7 +282,7 @@ class Experts(nn.Module):
         h = F.silu(g) * u  # (P, I)
         ys = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=groups.offs)  # (P, D)
         if self.adapter is not None:
-            ys = ys + self.adapter.down(h, at)
+            ys = ys + self.adapter.down(h, at) + self.adapter.out(xs, at)
         ys = (ys * w.reshape(-1)[groups.order, None]).to(x.dtype)
         y = torch.empty_like(ys).index_copy_(0, groups.order, ys)  # back to (token, slot) order, no atomics
         return y.view(N, K, -1).sum(dim=1)  # (N, D)
@@ -304,7 +305,8 @@ class ExpertGroups(NamedTuple):
 
 
 class MoE(nn.Module):
-    """Router + routed experts (+ Qwen2-MoE's sigmoid-gated shared expert), reading h (N, D)."""
+    """Router + routed experts (+ Qwen2-MoE's sigmoid-gated shared expert), reading h (N, D).
+    `adapter` (lora.py's PERFT adapters, None here) runs beside the whole block: y += adapter(h)."""
 
     def __init__(self, cfg, layer):
         super().__init__()
@@ -315,6 +317,7 @@ class MoE(nn.Module):
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(D, cfg.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(D, 1, bias=False)
+        self.adapter = None
 
     def forward(self, x):  # x (B, T, D)
         h = x.reshape(-1, x.shape[-1])  # (N, D)
@@ -323,6 +326,8 @@ class MoE(nn.Module):
         y = self.experts(h, idx, w)
         if self.cfg.shared_expert_intermediate_size:
             y = y + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
+        if self.adapter is not None:
+            y = y + self.adapter(h)
         return y.view_as(x), Routing(self.layer, logits, idx, w)
 
 

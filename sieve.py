@@ -8,12 +8,18 @@ count from router_profile.py (how often it is in a token's top-k), as in MoE-Sie
     random_plan    k experts per layer drawn at random, seeded (MoE-Sieve's ablation)
     coverage_plan  per layer the fewest experts whose counts reach a share p of the layer (ESFT; p=0.6 "cov60")
     budget_plan    k*L experts in all, k_min per layer, the rest greedily to the largest marginal coverage
+DMEP's module-wise pruning of LoRA-MoE experts by utilization lives here too (dmep_track, dmep_prune).
 
 Ties in the counts are broken by the lower expert id, so every plan is deterministic.
 """
 import heapq
 import math
+import os
 import random
+
+import torch
+
+import lora
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -136,3 +142,74 @@ def describe(profile, plan):
     return (f"{n}/{total} routed experts ({100 * n / total:.1f}%), {per}\n"
             f"coverage of routed assignments: mean {100 * mean:.1f}%, "
             f"min {100 * cov[lo]:.1f}% (layer {lo}), max {100 * cov[hi]:.1f}% (layer {hi})")
+
+
+# ----------------------------------------------------------------------------- DMEP pruning (DESIGN.md §4)
+
+@torch.no_grad()
+def dmep_track(model, attention_mask=None, beta=0.9):
+    """After a forward: each LoRA-MoE module's utilization EMA u_j <- beta u_j + (1 - beta) share_j, where
+    share_j is the fraction of the module's top-K assignments (real tokens only) that went to expert j."""
+    real = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    for m in model.modules():
+        if isinstance(m, lora.LoRAMoELinear) and m.router_logits is not None:
+            idx = torch.topk(m.router_logits, m.top_k, dim=-1).indices  # (T, K); softmax keeps the order
+            idx = idx if real is None else idx[real]
+            share = torch.bincount(idx.reshape(-1), minlength=m.A.shape[0]).float() / max(1, idx.numel())
+            m.util.copy_(torch.where(torch.isnan(m.util), share, beta * m.util + (1 - beta) * share))
+
+
+def dmep_keep(util, tau, k):
+    """The experts a module keeps: utilization at least tau / n, and at least its top-k (the most used)."""
+    n = len(util)
+    keep = [j for j in range(n) if util[j] >= tau / n]
+    return keep if len(keep) >= k else sorted(sorted(range(n), key=lambda j: (-util[j], j))[:k])
+
+
+def dmep_prune(model, optimizer=None, tau=0.5):
+    """Prune every LoRA-MoE module physically (smaller tensors, router rows removed) and slice the
+    optimizer's state to match: nothing dead is carried on. Returns {module: {before, after, util}}."""
+    report = {}
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, lora.LoRAMoELinear):
+            continue
+        util = m.util.nan_to_num(0.0).tolist()
+        keep = dmep_keep(util, tau, m.top_k)
+        report[name] = dict(before=len(util), after=len(keep), util=[round(u, 4) for u in util])
+        if len(keep) < len(util):
+            swap = m.prune(keep)
+            if optimizer is not None:
+                _swap_in_optimizer(optimizer, swap, keep)
+    return report
+
+
+def _swap_in_optimizer(opt, swap, keep):
+    for group in opt.param_groups:
+        group["params"] = [swap.get(p, p) for p in group["params"]]
+    for old, new in swap.items():
+        state = opt.state.pop(old, None)
+        if state:  # AdamW: exp_avg, exp_avg_sq shaped like the parameter (experts first); step a scalar
+            idx = torch.tensor(keep, device=new.device)
+            opt.state[new] = {k: v[idx].clone() if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()}
+
+
+def plot_dmep(report, path):
+    """Heatmap of utilization (modules x LoRA experts) before pruning, when matplotlib is installed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("sieve: matplotlib not installed, no DMEP heatmap")
+        return False
+    names, rows = list(report), [r["util"] for r in report.values()]
+    fig = Figure(figsize=(2 + 0.4 * len(rows[0]), 1 + 0.22 * len(rows)))
+    ax = fig.add_subplot()
+    im = ax.imshow(rows, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(names)), [n.removeprefix("model.layers.") for n in names], fontsize=6)
+    ax.set_xlabel("LoRA expert")
+    ax.set_title("DMEP utilization at pruning")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    return True

@@ -44,6 +44,22 @@ def parse_args(argv):
     ap.add_argument("--sieve-k", type=int, default=None, help="sieve/random/budget: experts per layer as a count")
     ap.add_argument("--coverage-p", type=float, default=0.6, help="coverage: share of each layer's routing to reach")
     ap.add_argument("--budget-kmin", type=int, default=1, help="budget: experts every layer gets before the greedy rest")
+    # PERFT (routed adapters beside / inside the MoE block) and DMEP (LoRA-MoE with expert pruning)
+    ap.add_argument("--adapter-act", default="identity", choices=["identity", "silu", "relu"],
+                    help="PERFT expert B(act(A h)): identity = LoRA-style, silu/relu = bottleneck adapter")
+    ap.add_argument("--perft-experts", type=int, default=4, help="perft-r: adapter experts N")
+    ap.add_argument("--perft-topk", type=int, default=2, help="perft-r: adapter experts per token K")
+    ap.add_argument("--perft-shared", type=int, default=2, help="perft-d: always-on adapters M")
+    ap.add_argument("--perft-renorm", action="store_true", help="perft-r: renormalise the top-K weights")
+    ap.add_argument("--perft-aux-coef", type=float, default=0.01, help="perft-r: load-balancing loss on its router")
+    ap.add_argument("--dmep-experts", type=int, default=8, help="dmep: LoRA experts N per module")
+    ap.add_argument("--dmep-topk", type=int, default=2, help="dmep: LoRA experts per token K")
+    ap.add_argument("--dmep-targets", default="q_proj,k_proj,v_proj,o_proj,dense",
+                    help="dmep: linears to wrap (attention names; 'dense' = shared experts and dense MLPs)")
+    ap.add_argument("--dmep-warmup", type=float, default=0.2, help="dmep: fraction of steps before pruning")
+    ap.add_argument("--dmep-tau", type=float, default=0.5, help="dmep: prune experts with utilization < tau / N")
+    ap.add_argument("--dmep-aux-coef", type=float, default=0.01, help="dmep: load-balancing coefficient in warm-up")
+    ap.add_argument("--dmep-ema", type=float, default=0.9, help="dmep: EMA decay of the utilization")
     ap.add_argument("--calib", default=None, help="calibration .jsonl for the routing profile (default: --data)")
     ap.add_argument("--calib-samples", type=int, default=512, help="records of --calib to profile")
     ap.add_argument("--profile", default=None, help="use this profile JSON (router_profile.py) instead of profiling")
@@ -84,6 +100,9 @@ def parse_args(argv):
                      ("dropout", 0 <= args.dropout < 1), ("calib-samples", args.calib_samples >= 1)):
         if not ok:
             ap.error(f"--{flag} has an invalid value: {getattr(args, flag.replace('-', '_'))}")
+    if (args.export_peft or args.export_merged) and args.method not in lora.LORA_METHODS and not args.adapter:
+        ap.error(f"--export-peft / --export-merged: {args.method} adapters depend on the input (their own routers "
+                 "or per-expert outputs), so they cannot become PEFT LoRA or merged weights; use the adapter format")
     if args.model is None:
         ap.error("--model is required")
     if args.data is None and not (args.dry_run or args.adapter):
@@ -93,7 +112,7 @@ def parse_args(argv):
 
 def plan_for(args, model, tok):
     """The per-layer expert plan of sieve / random / coverage / budget (None for lora / attn)."""
-    if args.method in ("lora", "attn"):
+    if args.method not in ("sieve", "random", "coverage", "budget"):
         return None, None
     k = args.sieve_k if args.sieve_k is not None else args.sieve_frac
     if args.profile:
@@ -152,6 +171,22 @@ def chunked_cross_entropy(model, h, labels, chunk=4096):
     return total
 
 
+def dmep_prune(model, opt, args, n_before, log):
+    """Prune, report counts / parameters / throughput before and after, return the optimizer's new params."""
+    report = sieve.dmep_prune(model, opt, args.dmep_tau)
+    n_after = lora.count_trainable(model)
+    before, after = sum(r["before"] for r in report.values()), sum(r["after"] for r in report.values())
+    print(f"dmep: pruned {before - after} of {before} LoRA experts; trainable {n_before:,} -> {n_after:,} "
+          f"(-{100 * (1 - n_after / n_before):.1f}%); load balancing off from here")
+    for name, r in report.items():
+        print(f"  {name}: {r['before']} -> {r['after']}  util {r['util']}")
+    os.makedirs(args.out, exist_ok=True)
+    write_json(os.path.join(args.out, "dmep.json"), dict(step=len(log), trainable_before=n_before,
+                                                         trainable_after=n_after, modules=report))
+    sieve.plot_dmep(report, os.path.join(args.out, "dmep_utilization.png"))
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
 def write_json(path, obj):
     lora._atomic(path, lambda t: open(t, "w").write(json.dumps(obj, indent=1)))
 
@@ -200,10 +235,13 @@ def run(args):
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         adapter_config, plan, prof = ckpt["adapter_config"], None, None
         lora.attach(model, adapter_config["method"], adapter_config["r"], adapter_config["alpha"],
-                    adapter_config["dropout"], adapter_config["rslora"], plan=adapter_config["plan"])
+                    adapter_config["dropout"], adapter_config["rslora"], adapter_config["plan"], **adapter_config["options"])
     else:
         plan, prof = plan_for(args, model, tok)
-        adapter_config = lora.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan)
+        options = dict(act=args.adapter_act, perft_experts=args.perft_experts, perft_topk=args.perft_topk,
+                       perft_shared=args.perft_shared, perft_renorm=args.perft_renorm, dmep_experts=args.dmep_experts,
+                       dmep_topk=args.dmep_topk, dmep_targets=args.dmep_targets)
+        adapter_config = lora.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options)
     n_train = lora.count_trainable(model)
     print(f"trainable parameters: {n_train:,} ({n_train / 1e6:.1f}M), adapter file ~{4 * n_train / 2**20:.1f} MiB (fp32)")
     if args.dry_run:
@@ -239,6 +277,9 @@ def run(args):
         torch.set_rng_state(ckpt["rng"])
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        for n, m in model.named_modules():
+            if isinstance(m, lora.LoRAMoELinear):
+                m.util.copy_(ckpt["dmep_util"][n])
         start, log = ckpt["step"], ckpt["log"]
         print(f"resumed at step {start}/{total}")
     os.makedirs(args.out, exist_ok=True)
@@ -251,7 +292,8 @@ def run(args):
         lora.save_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"))
         state = dict(step=step, optimizer=opt.state_dict(), rng=torch.get_rng_state(), log=log,
                      cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                     adapter_config=adapter_config)
+                     adapter_config=lora.current_config(model, adapter_config),
+                     dmep_util={n: m.util for n, m in model.named_modules() if isinstance(m, lora.LoRAMoELinear)})
         lora._atomic(ckpt_path, lambda t: torch.save(state, t))
 
     # ------------------------------------------------------------------ loop
@@ -260,7 +302,13 @@ def run(args):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     end = min(total, args.stop_after) if args.stop_after else total
+    dmep = adapter_config["method"] == "dmep"
+    prune_at = max(1, int(args.dmep_warmup * total)) if dmep else None
     for step in range(start, end):
+        if step == prune_at:  # DMEP: prune under-used LoRA experts per module, then go on without balancing
+            params = dmep_prune(model, opt, args, n_train, log)
+        aux_coef = args.perft_aux_coef if adapter_config["method"] == "perft-r" else (
+            args.dmep_aux_coef if dmep and step < prune_at else 0.0)
         t0 = time.time()
         lr = lr_at(step, total, args)
         for group in opt.param_groups:
@@ -280,6 +328,12 @@ def run(args):
                 aux = lb(logits, cfg.num_experts, cfg.num_experts_per_tok, mask) / len(batches)
                 loss = loss + args.aux_coef * aux
                 step_aux += float(aux)
+            if aux_coef > 0:  # the adapters' own routers (PERFT-R; DMEP in warm-up), each balanced on its own
+                mods = [m for m in model.modules() if getattr(m, "router_logits", None) is not None]
+                loss = loss + aux_coef * sum(moe.load_balancing_loss([m.router_logits], m.router.shape[0], m.top_k, mask)
+                                             for m in mods) / (len(mods) * len(batches))
+            if dmep and step < prune_at:
+                sieve.dmep_track(model, mask, args.dmep_ema)
             if args.z_coef > 0 and logits:
                 loss = loss + args.z_coef * moe.router_z_loss(logits, mask) / len(batches)
             loss.backward()
@@ -313,11 +367,15 @@ def run(args):
         f.writelines(json.dumps(e) + "\n" for e in log)
     os.replace(os.path.join(args.out, "log.jsonl.tmp"), os.path.join(args.out, "log.jsonl"))
     size = os.path.getsize(os.path.join(args.out, "adapter.safetensors"))
-    summary = dict(method=args.method, trainable_params=n_train, adapter_bytes=size, steps=total,
+    if dmep and prune_at is not None:  # throughput before and after pruning (DMEP reports ~10% more)
+        speed = lambda rows: sum(e["tok_s"] for e in rows) / max(1, len(rows))
+        print(f"dmep: {speed(log[1:prune_at]):,.0f} tok/s before pruning, {speed(log[prune_at + 1:]):,.0f} after "
+              f"(first step of each phase left out); trainable now {lora.count_trainable(model):,}")
+    summary = dict(method=adapter_config["method"], trainable_params=lora.count_trainable(model), adapter_bytes=size, steps=total,
                    wall_s=round(wall, 2), tok_s=round(tokens_seen / max(wall, 1e-9), 1),
                    final_loss=log[-1]["loss"] if log else None, device=str(device), dtype=str(dtype))
     write_json(os.path.join(args.out, "summary.json"), summary)
-    print(f"done: {n_train:,} trainable params | adapter {size / 2**20:.2f} MiB | {wall:.1f}s | "
+    print(f"done: {summary['trainable_params']:,} trainable params | adapter {size / 2**20:.2f} MiB | {wall:.1f}s | "
           f"{summary['tok_s']:,.0f} tok/s | final loss {summary['final_loss']}")
     write_exports(args, model, adapter_config)
     return 0

@@ -1,0 +1,301 @@
+"""Tokenizers and the JSON-lines data formats shared by train.py, eval.py and router_profile.py.
+
+Tokenizers (DESIGN.md §2): Mixtral/Llama ship `tokenizer.model` (SentencePiece, BOS `<s>` prepended),
+read here with `sentencepiece`; OLMoE ships only `tokenizer.json` (GPT-NeoX byte-level BPE, no BOS,
+EOS 50279, pad 1), read with the `tokenizers` library. Ids match transformers' AutoTokenizer, except
+for two known cases, both with tokenizer.model, where we follow sentencepiece (the models' own tokenizer):
+transformers 5's LlamaTokenizer encodes " hello" like "hello" (its Metaspace pre-tokenizer skips the
+dummy "▁" prefix when the text already starts with a space; huggingface/transformers#47487), and it
+turns "<s>" / "</s>" written in the text into special tokens, where sentencepiece keeps them as text.
+
+Records, one JSON object per line (`.jsonl` or `.jsonl.gz`), told apart by their keys:
+    text    {"text"}                          plain text, loss on every token
+    prompt  {"prompt", "completion"}          loss on the completion only
+    mc      {"query", "choices", "gold"}      multiple choice; train text is query + " " + choices[gold]
+    qa      {"question", "answer"}            generation eval (GSM8K); trains like mc: question + " " + answer
+Extra keys (e.g. "id") are allowed and ignored.
+
+Loss-mask convention: `loss_mask[i] = 1` means token i is a prediction target, i.e. the model predicts
+ids[i] from ids[:i]. So loss_mask[0] is always 0 (nothing comes before it), and `pad_batch` turns the
+masks into next-token `labels` for `cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100)`.
+"""
+
+import gzip
+import json
+import os
+import random
+
+import torch
+
+IGNORE = -100  # label value that cross_entropy ignores
+
+# ----------------------------------------------------------------------------------------------------
+# tokenizers
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (and line) at fault."""
+
+
+class Tokenizer:
+    """One of two backends: a sentencepiece model (`sp`) or a `tokenizers.Tokenizer` (`tk`).
+
+    bos_id is None when the model has no BOS (OLMoE). pad_id falls back to eos_id when the model defines
+    no pad token (Mixtral): padded positions are masked out anyway. vocab_size is the tokenizer's, which
+    may be smaller than the model's embedding (OLMoE: 50,280 tokens, 50,304 embedding rows).
+    """
+
+    def __init__(self, sp, tk, bos_id, eos_id, pad_id, add_bos, files):
+        self.sp, self.tk = sp, tk
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.add_bos = add_bos  # sentencepiece only: prepend BOS when encode(bos=None)
+        self.vocab_size = sp.vocab_size() if sp is not None else tk.get_vocab_size(with_added_tokens=True)
+        self.files = files  # tokenizer file names to copy next to an exported checkpoint
+
+    def encode(self, text, bos=None):
+        """Token ids of `text`. bos=None: the tokenizer's default (sentencepiece prepends BOS; a
+        tokenizer.json does what its post-processor does, which for OLMoE is nothing)."""
+        if self.sp is not None:
+            # special-token strings written in the text ("</s>") stay plain text, as in sentencepiece
+            ids = self.sp.encode(text)
+            add = self.add_bos if bos is None else bos
+        else:
+            # added tokens written in the text ("<|endoftext|>") are matched, as in transformers
+            ids = self.tk.encode(text, add_special_tokens=bos is None).ids
+            add = bool(bos)
+        if add:
+            if self.bos_id is None:
+                raise ValueError("this tokenizer has no BOS token")
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids):
+        """Text of `ids`; special tokens (BOS, EOS, padding) are dropped."""
+        ids = [int(i) for i in ids]
+        if self.sp is not None:
+            return self.sp.decode(ids)  # sentencepiece drops control tokens itself
+        return self.tk.decode(ids, skip_special_tokens=True)
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) else x  # config.json may list several eos ids (Llama 3)
+
+
+def load_tokenizer(model_dir):
+    """The tokenizer of a model directory: `tokenizer.model` if present, else `tokenizer.json`."""
+    config = _read_json(os.path.join(model_dir, "config.json"))
+    tok_config = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
+    special_map = _read_json(os.path.join(model_dir, "special_tokens_map.json"))
+    names = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    files = [f for f in names if os.path.exists(os.path.join(model_dir, f))]
+
+    if "tokenizer.model" in files:
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(model_dir, "tokenizer.model"))
+        bos_id = sp.bos_id() if sp.bos_id() >= 0 else None  # sentencepiece says -1 for "none"
+        eos_id = sp.eos_id()
+        pad_id = _first(config.get("pad_token_id"))
+        if pad_id is None and sp.pad_id() >= 0:
+            pad_id = sp.pad_id()
+        add_bos = tok_config.get("add_bos_token", True) and bos_id is not None
+        return Tokenizer(sp, None, bos_id, eos_id, eos_id if pad_id is None else pad_id, add_bos, files)
+
+    if "tokenizer.json" in files:
+        import tokenizers
+
+        tk = tokenizers.Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+
+        def token_id(key):
+            # config.json's id when it has the key (null: the model has none), else the token string
+            # named by tokenizer_config.json or special_tokens_map.json
+            if f"{key}_id" in config:
+                return _first(config[f"{key}_id"])
+            for source in (tok_config, special_map):
+                tok = source.get(key)
+                if isinstance(tok, dict):  # {"content": "<|endoftext|>", ...}
+                    tok = tok.get("content")
+                if tok is not None and tk.token_to_id(tok) is not None:
+                    return tk.token_to_id(tok)
+            return None
+
+        bos_id, eos_id, pad_id = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+        if eos_id is None:
+            raise ValueError(f"{model_dir}: no eos_token_id in config.json and no eos_token in tokenizer_config.json")
+        return Tokenizer(None, tk, bos_id, eos_id, eos_id if pad_id is None else pad_id, False, files)
+
+    raise FileNotFoundError(f"{model_dir}: no tokenizer.model or tokenizer.json in this directory")
+
+
+# ----------------------------------------------------------------------------------------------------
+# JSON-lines records
+
+KINDS = {  # checked in this order; a record's kind is the first whose keys it has
+    "mc": ("query", "choices", "gold"),
+    "prompt": ("prompt", "completion"),
+    "qa": ("question", "answer"),
+    "text": ("text",),
+}
+
+
+def read_jsonl(path):
+    """All records of a `.jsonl` or `.jsonl.gz` file, blank lines skipped."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    records = []
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append(rec)
+    if not records:
+        raise DataError(f"{path}: no records (empty file)")
+    return records
+
+
+def record_kind(rec):
+    """The kind of a record, "text", "prompt", "mc" or "qa"; ValueError naming its keys if none fits."""
+    for kind, keys in KINDS.items():
+        if all(k in rec for k in keys):
+            if kind == "mc":  # a bad gold would silently train on (or score) the wrong answer
+                gold, n = rec["gold"], len(rec["choices"])
+                if not (isinstance(gold, int) and 0 <= gold < n):
+                    raise ValueError(f"mc record: gold={gold!r} is not an index into its {n} choices")
+            return kind
+    expected = " or ".join("{" + ", ".join(keys) + "}" for keys in KINDS.values())
+    raise ValueError(f"record with keys {sorted(rec)}: expected {expected}")
+
+
+def check_records(records, path=None):
+    """Raise DataError naming the file and line of the first record whose kind is unknown."""
+    for i, rec in enumerate(records):
+        try:
+            record_kind(rec)
+        except ValueError as e:
+            where = f"{path}:{_line_number(path, i)}" if path else f"record {i + 1}"
+            raise DataError(f"{where}: {e}") from None
+
+
+def _line_number(path, index):
+    # read_jsonl skips blank lines, so re-read the file to turn a record index into a line number
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = [n for n, line in enumerate(f, 1) if line.strip()]
+    return lines[index]
+
+
+# ----------------------------------------------------------------------------------------------------
+# encoding, padding, packing, batching
+
+
+def encode_pair(tok, prompt, completion):
+    """(prompt_ids, completion_ids) whose concatenation is exactly encode(prompt + completion).
+
+    Encoding the completion on its own would be wrong with sentencepiece, which puts a dummy "▁" in front
+    of every text (" Paris" alone becomes "▁▁Paris", not the "▁Paris" the model sees after "Answer:").
+    So we encode the whole text and the prompt, and split at their common prefix (as lm-eval-harness
+    does). BOS is only at the start. A token straddling the boundary counts as completion.
+    """
+    full, head = tok.encode(prompt + completion), tok.encode(prompt)
+    n = 0
+    while n < min(len(full), len(head)) and full[n] == head[n]:
+        n += 1
+    return full[:n], full[n:]
+
+
+def encode_example(tok, rec, max_len):
+    """(ids, loss_mask) of one record, EOS appended, at most max_len tokens.
+
+    text: loss on every token but the first; truncated from the right (the EOS may be cut).
+    prompt / mc / qa: loss on the answer tokens and the EOS only. Too long: the prompt is cut from the left
+    (keeping BOS) so the answer survives; an answer longer than max_len is itself cut from the right.
+    """
+    kind = record_kind(rec)
+    if kind == "text":
+        ids = tok.encode(rec["text"]) + [tok.eos_id]
+        ids = ids[:max_len]
+        return ids, [0] + [1] * (len(ids) - 1)
+    if kind == "prompt":
+        prompt, answer = rec["prompt"], rec["completion"]
+    elif kind == "mc":
+        prompt, answer = rec["query"], " " + rec["choices"][rec["gold"]]
+    else:  # qa
+        prompt, answer = rec["question"], " " + str(rec["answer"])
+    head, tail = encode_pair(tok, prompt, answer)
+    tail = tail + [tok.eos_id]
+    bos = head[:1] if head[:1] == [tok.bos_id] else []
+    if len(head) + len(tail) > max_len:
+        tail = tail[: max_len - len(bos)]
+        keep = max_len - len(bos) - len(tail)  # prompt tokens (after BOS) that still fit
+        head = bos + (head[len(bos) :][-keep:] if keep > 0 else [])
+    mask = [0] * len(head) + [1] * len(tail)
+    mask[0] = 0  # nothing precedes the first token (an empty prompt without BOS)
+    return head + tail, mask
+
+
+def pad_batch(seqs, masks, pad_id, side="right"):
+    """(input_ids, attention_mask, labels), each a LongTensor [B, T], T the longest sequence.
+
+    labels[b, t] is the target of position t: the next token ids[t+1] if loss_mask[t+1] else -100;
+    padding gets -100 and attention_mask 0. side="left" puts the padding first (for generation).
+    """
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', not {side!r}")
+    B, T = len(seqs), max(len(s) for s in seqs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    for b, (ids, mask) in enumerate(zip(seqs, masks)):
+        n = len(ids)
+        if n == 0 or len(mask) != n:
+            raise ValueError(f"sequence {b}: {n} ids and {len(mask)} mask entries (need as many, at least one)")
+        o = 0 if side == "right" else T - n  # offset of the first real token
+        input_ids[b, o : o + n] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, o : o + n] = 1
+        nxt = torch.tensor(ids[1:], dtype=torch.long)
+        keep = torch.tensor(mask[1:], dtype=torch.bool)
+        labels[b, o : o + n - 1] = torch.where(keep, nxt, IGNORE)
+    return input_ids, attention_mask, labels
+
+
+def pack_examples(examples, seq_len):
+    """Concatenate (ids, loss_mask) examples and cut the stream into rows of seq_len tokens.
+
+    Greedy and simple: an example may be split across two rows, and the last row may be shorter.
+    The first token of every row gets mask 0 (nothing precedes it in that row). Attention crosses
+    example boundaries inside a row (one causal mask per row): when that matters, pad single examples
+    with pad_batch instead of packing (the choice is a train.py flag).
+    """
+    stream_ids, stream_mask = [], []
+    for ids, mask in examples:
+        stream_ids += ids
+        stream_mask += mask
+    rows = []
+    for i in range(0, len(stream_ids), seq_len):
+        ids, mask = stream_ids[i : i + seq_len], stream_mask[i : i + seq_len]
+        rows.append((ids, [0] + mask[1:]))
+    return rows
+
+
+def batches(examples, batch_size, seed, shuffle=True):
+    """Yield lists of batch_size examples (the last may be smaller), shuffled by random.Random(seed)."""
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield [examples[j] for j in order[i : i + batch_size]]
