@@ -1,0 +1,339 @@
+"""Evaluation of a (LoRA-adapted) MoE model: perplexity, multiple-choice accuracy, generation exact match.
+
+Each task is a library function (train.py and study scripts call them in-process) and a CLI task; records
+are data.py's formats, and `evaluate` checks they are the kind the task reads.
+  ppl  {"text"}: token-level. A text is encoded as data.encode_example does (BOS as the tokenizer adds it,
+       EOS appended); every token after its first is predicted exactly once (texts longer than --seq-len
+       are cut into windows overlapping by one token; the context restarts at each). ppl = exp(mean NLL).
+  mc   {"query", "choices", "gold"}: log-likelihood multiple choice as lm-evaluation-harness does it: each
+       choice scores the summed log-probability of the continuation " " + choice after the query (split at
+       the exact token boundary by data.encode_pair). acc: argmax of the sum; acc_norm: argmax of sum /
+       len(choice) in characters. Exactly which length: lm-eval's `completion_len = [len(i) for i in
+       choices]` over doc_to_choice, i.e. WITHOUT the continuation's leading space (old MultipleChoiceTask
+       and v0.4 ConfigurableTask alike). Ties go to the first choice, as np.argmax.
+  gen  {"question", "answer"} (GSM8K style): greedy generation (moe.generate, left padding) until EOS, then
+       exact match of the final number: the one after the last "####", else the last in the text; commas
+       dropped, "3.50" == "3.5". The gold answer is read alike. No stop strings: the model ends with EOS.
+
+    python eval.py --model DIR [--adapter DIR] --task mc --data hellaswag.jsonl --out results.json
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from decimal import Decimal
+
+import torch
+
+import data
+import lora
+import moe
+
+TASKS = {"ppl": "text", "mc": "mc", "gen": "qa"}  # task -> the data.py record kind it reads
+
+# ----------------------------------------------------------------------------- helpers
+
+def _device(model):  # any callable model(input_ids, attention_mask) -> logits works; no parameters: CPU
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _inference(model):
+    """No gradient, and eval mode (no dropout) for the duration; the model's train/eval mode is restored."""
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if isinstance(model, torch.nn.Module):
+            model.train(was_training)
+
+
+def _label_logprobs(model, ids, mask, labels):
+    """(B, T) fp32 log p(labels[b, t] | ids[b, :t+1]), 0 where the label is data.IGNORE. Right padding only.
+    The fp32 log-softmax is taken one row at a time: one (T, V) fp32 copy at a time, not (B, T, V)."""
+    dev = _device(model)
+    ids, mask, labels = ids.to(dev), mask.to(dev), labels.to(dev)
+    logits = model(ids, None if bool(mask.all()) else mask)  # (B, T, V); no mask: plain causal attention
+    keep = labels != data.IGNORE
+    out = torch.zeros(labels.shape, dtype=torch.float32, device=dev)  # (B, T)
+    for b in range(ids.shape[0]):
+        lp = torch.log_softmax(logits[b].float(), dim=-1)  # (T, V)
+        out[b] = lp.gather(-1, labels[b].clamp(min=0)[:, None])[:, 0] * keep[b]
+    return out
+
+
+def _argmax(xs):  # the first index of the largest value, as np.argmax
+    return max(range(len(xs)), key=xs.__getitem__)
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+def perplexity(model, tok, records, batch_size=8, seq_len=2048, progress=None):
+    """{"text"} records -> dict(ppl, nll, tokens): mean token NLL over every token after the first of each
+    text (EOS included), ppl = exp(nll). Texts longer than seq_len are windowed (module docstring)."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    seqs = []
+    for rec in records:
+        ids, _ = data.encode_example(tok, rec, max_len=sys.maxsize)  # [BOS] text EOS
+        for i in range(0, max(len(ids) - 1, 1), seq_len - 1):  # window i predicts ids[i+1 : i+seq_len]
+            seqs.append(ids[i:i + seq_len])
+    seqs.sort(key=len, reverse=True)  # less padding; the sum does not depend on the order
+    nll, tokens = 0.0, 0
+    with _inference(model):
+        for i in range(0, len(seqs), batch_size):
+            batch = seqs[i:i + batch_size]
+            ids, mask, labels = data.pad_batch(batch, [[0] + [1] * (len(s) - 1) for s in batch], tok.pad_id)
+            nll -= _label_logprobs(model, ids, mask, labels).double().sum().item()
+            tokens += int((labels != data.IGNORE).sum())
+            if progress:
+                progress(i + len(batch), len(seqs))
+    if tokens == 0:
+        raise ValueError("perplexity: the records have no token to predict")
+    return dict(ppl=math.exp(nll / tokens), nll=nll / tokens, tokens=tokens)
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+def choice_logliks(model, tok, records, batch_size=8, seq_len=2048, progress=None):
+    """The summed log-likelihood of " " + choice after the query, for every choice of every mc record
+    (a list per record). All (query, choice) pairs are batched together, right-padded, one forward a batch."""
+    pairs = []  # (record index, ids, loss mask)
+    for r, rec in enumerate(records):
+        for choice in rec["choices"]:
+            head, tail = data.encode_pair(tok, rec["query"], " " + choice)
+            if not head:  # an empty query without BOS: nothing to predict the first token from (lm-eval: EOT)
+                head = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+            if len(tail) >= seq_len:
+                raise ValueError(f"mc record {r + 1}: choice {choice[:40]!r} alone is longer than seq_len {seq_len}")
+            ids = (head + tail)[-seq_len:]  # too long: drop the start of the query, as lm-eval does
+            pairs.append((r, ids, [0] * (len(ids) - len(tail)) + [1] * len(tail)))
+    order = sorted(range(len(pairs)), key=lambda j: -len(pairs[j][1]))
+    ll = [0.0] * len(pairs)
+    with _inference(model):
+        for i in range(0, len(order), batch_size):
+            js = order[i:i + batch_size]
+            ids, mask, labels = data.pad_batch([pairs[j][1] for j in js], [pairs[j][2] for j in js], tok.pad_id)
+            lp = _label_logprobs(model, ids, mask, labels).double().sum(-1)  # (B,)
+            for b, j in enumerate(js):
+                ll[j] = lp[b].item()
+            if progress:
+                progress(i + len(js), len(pairs))
+    out = [[] for _ in records]
+    for (r, _, _), x in zip(pairs, ll):
+        out[r].append(x)
+    return out
+
+
+def multiple_choice(model, tok, records, batch_size=8, seq_len=2048, progress=None):
+    """{"query", "choices", "gold"} records -> dict(acc, acc_norm, n), as lm-evaluation-harness computes them."""
+    acc = acc_norm = 0
+    for rec, ll in zip(records, choice_logliks(model, tok, records, batch_size, seq_len, progress)):
+        per_char = [x / max(len(c), 1) for x, c in zip(ll, rec["choices"])]  # len(choice), not len(" " + choice)
+        acc += _argmax(ll) == rec["gold"]
+        acc_norm += _argmax(per_char) == rec["gold"]
+    n = len(records)
+    return dict(acc=acc / n, acc_norm=acc_norm / n, n=n)
+
+
+# ----------------------------------------------------------------------------- generation
+
+_NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")  # 1,234  -3.50  .5 (a trailing "." is not taken)
+
+
+def _normalise(s):
+    d = Decimal(s.replace(",", ""))
+    return "0" if d == 0 else format(d.normalize(), "f")  # "3.50" -> "3.5", "1,200" -> "1200", "-0" -> "0"
+
+
+def extract_number(text):
+    """The final number of an output or gold answer, normalised ("#### 1,234" -> "1234"), or None:
+    the first number after the last "####" if there is one, else the last number in the text."""
+    text = str(text)
+    if "####" in text:
+        found = _NUMBER.findall(text.rsplit("####", 1)[1])
+        if found:
+            return _normalise(found[0])
+    found = _NUMBER.findall(text)
+    return _normalise(found[-1]) if found else None
+
+
+def exact_match(outputs, answers):
+    """Per output: does its final number equal the gold answer's? (No number in the output: False.)"""
+    preds = [extract_number(o) for o in outputs]
+    return [p is not None and p == extract_number(a) for p, a in zip(preds, answers)]
+
+
+def _cut_left(ids, n, bos_id):  # keep the last n tokens, and BOS in front if the sequence starts with one
+    if len(ids) <= n:
+        return ids
+    bos = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
+    return bos + ids[len(ids) - (n - len(bos)):]
+
+
+def generation(model, tok, records, batch_size=8, max_new_tokens=256, seq_len=2048, progress=None, n_samples=5):
+    """{"question", "answer"} records -> dict(exact_match, n, samples): greedy answers to the questions (the
+    prompt is the question as it is; prompts longer than seq_len - max_new_tokens lose their start)."""
+    if seq_len - max_new_tokens < 2:
+        raise ValueError(f"seq_len {seq_len} leaves no room for a prompt before {max_new_tokens} new tokens")
+    prompts = [_cut_left(tok.encode(rec["question"]), seq_len - max_new_tokens, tok.bos_id) for rec in records]
+    order = sorted(range(len(records)), key=lambda j: len(prompts[j]))  # similar lengths: less padding
+    outputs, dev = [None] * len(records), _device(model)
+    with _inference(model):
+        for i in range(0, len(order), batch_size):
+            js = order[i:i + batch_size]
+            ids, mask, _ = data.pad_batch([prompts[j] for j in js], [[0] * len(prompts[j]) for j in js],
+                                          tok.pad_id, side="left")  # (B, T) prompts end at the same column
+            out = moe.generate(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
+                               eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # (B, T + new)
+            for b, j in enumerate(js):
+                new = out[b, ids.shape[1]:].tolist()
+                outputs[j] = tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
+            if progress:
+                progress(i + len(js), len(records))
+    correct = exact_match(outputs, [rec["answer"] for rec in records])
+    samples = [dict(question=rec["question"], output=o, pred=extract_number(o), gold=extract_number(rec["answer"]),
+                    correct=c) for rec, o, c in zip(records[:n_samples], outputs, correct)]
+    return dict(exact_match=sum(correct) / len(records), n=len(records), samples=samples)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def check_task(records, task, path=None):
+    """DataError naming the file (or record) and the expected keys if a record is not the kind `task` reads."""
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+    want = TASKS[task]
+    keys = "{" + ", ".join(data.KINDS[want]) + "}"
+    for i, rec in enumerate(records):
+        where = f"{path}: record {i + 1}" if path else f"record {i + 1}"
+        try:
+            kind = data.record_kind(rec)
+        except ValueError as e:
+            raise data.DataError(f"{where}: {e}") from None
+        if kind != want:
+            raise data.DataError(f"{where}: task {task!r} reads {keys} records, this one has keys {sorted(rec)}")
+        if kind == "mc" and not all(isinstance(c, str) for c in rec["choices"]):
+            raise data.DataError(f"{where}: choices must be strings")
+        if kind == "qa" and extract_number(rec["answer"]) is None:
+            raise data.DataError(f"{where}: answer {str(rec['answer'])[:60]!r} has no number to match")
+
+
+def evaluate(model, tok, task, records, path=None, **kw):
+    """Check the records' kind, then run `task` ("ppl", "mc" or "gen") with the keyword arguments of its function."""
+    if not records:
+        raise data.DataError(f"{path or 'records'}: nothing to evaluate")
+    check_task(records, task, path)
+    return {"ppl": perplexity, "mc": multiple_choice, "gen": generation}[task](model, tok, records, **kw)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
+    # what to evaluate
+    ap.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer)")
+    ap.add_argument("--adapter", default=None, help="adapter directory written by train.py (adapter_config.json + "
+                    "adapter.safetensors); evaluated unmerged on top of --model")
+    ap.add_argument("--task", required=True, choices=list(TASKS),
+                    help="ppl: perplexity of {text}; mc: accuracy on {query, choices, gold}; "
+                    "gen: exact match on {question, answer}")
+    ap.add_argument("--data", required=True, help=".jsonl or .jsonl.gz records of the kind the task reads")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N records only (default: all)")
+    # how
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences (mc: query-choice pairs) per forward pass")
+    ap.add_argument("--seq-len", type=int, default=2048,
+                    help="longest sequence: ppl window length; mc and gen cut the start of longer prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="gen: most tokens generated per answer")
+    # where
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="model dtype (auto: bfloat16 on CUDA, float32 on the CPU, as train.py)")
+    # output
+    ap.add_argument("--out", default=None, help="also write the results JSON here (atomically)")
+    args = ap.parse_args(argv)
+    for flag in ("limit", "batch_size", "seq_len", "max_new_tokens"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
+
+
+def progress_printer(unit):
+    """A progress(done, total) callback printing one line per ~10%: done/total and the rate."""
+    t0, next_at = time.time(), [0.1]
+
+    def progress(done, total):
+        if done >= next_at[0] * total or done == total:
+            print(f"  {done}/{total} {unit}, {done / max(time.time() - t0, 1e-9):,.1f} {unit}/s", flush=True)
+            next_at[0] = math.floor(10 * done / total) / 10 + 0.1
+    return progress
+
+
+def run(args):
+    if args.out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise OSError(f"{args.out}: the output directory does not exist")  # fail before the long run
+    # ---- data
+    records = data.read_jsonl(args.data)
+    data.check_records(records, args.data)  # unknown kinds, named by file and line
+    records = records[:args.limit]
+    check_task(records, args.task, args.data)
+    # ---- model
+    if not os.path.isdir(args.model):
+        raise OSError(f"{args.model}: model directory not found")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available")
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = moe.load_model(args.model, dtype=dtype, device=device)
+    tok = data.load_tokenizer(args.model)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{args.model}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    if args.adapter is not None:
+        lora.load_adapter(model, args.adapter)  # refuses an adapter made for another base
+    print(f"eval.py: {args.task} on {len(records)} records of {args.data}; {model.config.model_type}"
+          f"{' + adapter ' + args.adapter if args.adapter else ''}, {dtype}, {device}", flush=True)
+    # ---- evaluate
+    kw = dict(batch_size=args.batch_size, seq_len=args.seq_len,
+              progress=progress_printer({"ppl": "windows", "mc": "pairs", "gen": "records"}[args.task]))
+    if args.task == "gen":
+        kw["max_new_tokens"] = args.max_new_tokens
+    t0 = time.time()
+    results = evaluate(model, tok, args.task, records, path=args.data, **kw)
+    results = dict(task=args.task, model=args.model, adapter=args.adapter, data=args.data, records=len(records),
+                   dtype=str(dtype).removeprefix("torch."), device=str(device),
+                   seconds=round(time.time() - t0, 3), **results)
+    # ---- save
+    text = json.dumps(results, indent=1)
+    if args.out is not None:
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, args.out)  # readers see no file or the whole file
+    print(text)
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:  # DataError, ConfigError, CheckpointError, AdapterError are ValueErrors
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""eval.py: number extraction, the three metrics on fake models whose log-probabilities are known exactly,
+adapter == merged checkpoint through the CLI, generation end to end on a tiny checkpoint, and CLI errors."""
+import json
+import math
+import types
+
+import pytest
+import torch
+
+import data
+import eval as ev
+import export
+import lora
+import moe
+from tiny import tiny_checkpoint, tiny_model
+
+# ----------------------------------------------------------------------------- fakes
+
+
+class CharTokenizer:
+    """One token per printable ASCII character (id = ord - 29), BOS 1 prepended, EOS 2, pad 0; vocabulary 128.
+    decode shows the special tokens ("<2>"), so an output not cut at EOS would show."""
+    bos_id, eos_id, pad_id, vocab_size = 1, 2, 0, 128
+
+    def encode(self, text, bos=None):
+        return [self.bos_id] + [ord(c) - 29 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i + 29) if i >= 3 else f"<{i}>" for i in ids)
+
+
+TOK = CharTokenizer()
+
+
+def uniform_model(ids, mask):
+    """Every token has probability 1/128 everywhere."""
+    return torch.zeros(*ids.shape, TOK.vocab_size)
+
+
+class Emitter(torch.nn.Module):
+    """A fake model for moe.generate: after a prompt it emits the tokens scripted for that prompt, then EOS."""
+
+    def __init__(self, script):  # {prompt text: text to emit}
+        super().__init__()
+        self.config = types.SimpleNamespace(num_hidden_layers=1, num_key_value_heads=1, head_dim=1)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # generate reads the device and dtype from a parameter
+        self.script = {tuple(TOK.encode(q)): TOK.encode(a)[1:] + [TOK.eos_id] for q, a in script.items()}
+
+    def forward(self, ids, mask, pos=None, cache=None):
+        if mask.shape[1] == ids.shape[1]:  # prefill: look up each row's real (unpadded) prompt
+            self.todo = [list(self.script[tuple(row[m == 1].tolist())]) for row, m in zip(ids, mask)]
+        logits = torch.zeros(ids.shape[0], ids.shape[1], TOK.vocab_size)
+        for b, todo in enumerate(self.todo):
+            logits[b, -1, todo.pop(0) if todo else ord("9") - 29] = 1.0  # after its EOS a row would say 9s
+        return logits
+
+
+# ----------------------------------------------------------------------------- number extraction
+
+
+@pytest.mark.parametrize("text,number", [
+    ("#### 42", "42"), ("so the answer is 1,234.", "1234"), ("-3.50", "-3.5"), ("no number here", None),
+    ("3 apples and 5 pears make 8", "8"), ("12 then #### 7 and later 9", "7"), ("$1,000,000.00", "1000000"),
+    (72, "72"), (3.5, "3.5")])
+def test_extract_number(text, number):
+    """The final number: after the last "####" if any, else the last one; commas, trailing zeros, final "." dropped."""
+    assert ev.extract_number(text) == number
+
+
+def test_exact_match_scores_outputs_against_gold():
+    """An output matches when its final number equals the gold's, whatever the formatting; no number never matches."""
+    outputs = ["so #### 1,234", "x is 3.50.", "I do not know", "2 + 2 = 5"]
+    assert ev.exact_match(outputs, [1234, "work... #### 3.5", "7", "4"]) == [True, True, False, False]
+
+
+# ----------------------------------------------------------------------------- fake-model metrics
+
+
+def test_mc_fake_model_preferring_gold_scores_one():
+    """A model that strongly prefers the characters of each gold choice gets acc = acc_norm = 1."""
+    recs = [{"query": "Pick:", "choices": ["xyz", "abc"], "gold": 1},
+            {"query": "Again, pick one:", "choices": ["cab", "zzz", "yx"], "gold": 0},
+            {"query": "Q", "choices": ["zz", "yyy", "ba"], "gold": 2}]
+    liked = torch.tensor([ord(c) - 29 for c in "abc"])
+
+    def model(ids, mask):
+        logits = torch.zeros(*ids.shape, TOK.vocab_size)
+        logits[..., liked] = 10.0
+        return logits
+    assert ev.multiple_choice(model, TOK, recs, batch_size=3) == dict(acc=1.0, acc_norm=1.0, n=3)
+
+
+def test_mc_acc_norm_divides_by_the_choice_length_without_the_space():
+    """Uniform model, choices "ab" and "abcdefgh": the sum prefers the short one (-3 vs -9 log V, the space
+    is a token) and the per-character score the long one (-3/2 vs -9/8 log V), so acc 0 and acc_norm 1.
+    Dividing by len(" " + choice) would tie at -log V and give acc_norm 0."""
+    recs = [{"query": "Q:", "choices": ["ab", "abcdefgh"], "gold": 1}]
+    lls = ev.choice_logliks(uniform_model, TOK, recs, batch_size=2)
+    assert lls[0] == pytest.approx([-3 * math.log(128), -9 * math.log(128)], rel=1e-6)
+    assert ev.multiple_choice(uniform_model, TOK, recs, batch_size=2) == dict(acc=0.0, acc_norm=1.0, n=1)
+
+
+def test_perplexity_of_uniform_model_is_vocab_size():
+    """A uniform model over V tokens has perplexity exactly V."""
+    recs = [{"text": "hello world"}, {"text": "a"}, {"text": "The quick brown fox."}]
+    r = ev.perplexity(uniform_model, TOK, recs, batch_size=2, seq_len=64)
+    assert r["ppl"] == pytest.approx(128, rel=1e-5) and r["nll"] == pytest.approx(math.log(128), rel=1e-6)
+
+
+@pytest.mark.parametrize("seq_len", [2, 5, 64])
+def test_perplexity_predicts_every_token_after_the_first_once(seq_len):
+    """Every token after the first of each text (EOS included) is predicted exactly once, however it is windowed."""
+    recs = [{"text": "hello world"}, {"text": "a"}, {"text": "The quick brown fox."}]
+    r = ev.perplexity(uniform_model, TOK, recs, batch_size=3, seq_len=seq_len)
+    assert r["tokens"] == sum(len(rec["text"]) + 1 for rec in recs)  # BOS + chars + EOS, less the first
+
+
+def test_generation_fake_model_emitting_the_answers_scores_one():
+    """A model that answers each question with its gold number then EOS scores exact match 1, whatever the
+    batching (prompts of different lengths, left-padded, sorted and put back in order)."""
+    recs = [{"question": "Q: 2+2?", "answer": 4}, {"question": "Q: how many in total, with all of them?",
+                                                   "answer": "3 + 4 = 7 #### 1,234"},
+            {"question": "Q: owed?", "answer": "-3.5"}]
+    model = Emitter({"Q: 2+2?": " It is 4.", recs[1]["question"]: " 1000 + 234 = 1234", "Q: owed?": " -3.50"})
+    r = ev.generation(model, TOK, recs, batch_size=2, max_new_tokens=30)
+    assert r["exact_match"] == 1.0 and r["n"] == 3
+    assert [s["output"] for s in r["samples"]] == [" It is 4.", " 1000 + 234 = 1234", " -3.50"]  # cut at EOS
+
+
+def test_evaluate_refuses_records_of_another_kind():
+    """evaluate checks the record kind against the task and names the keys it expected."""
+    with pytest.raises(data.DataError, match=r"\{question, answer\}"):
+        ev.evaluate(uniform_model, TOK, "gen", [{"text": "hi"}])
+
+
+# ----------------------------------------------------------------------------- tiny checkpoints
+
+
+MC = [{"query": "Question: What colour is the sky?\nAnswer:", "choices": ["blue", "red", "green"], "gold": 0},
+      {"query": "Question: How many legs does a spider have?\nAnswer:", "choices": ["eight", "six"], "gold": 0},
+      {"query": "The quick brown fox jumps over the", "choices": ["lazy dog.", "moon", "sea shore"], "gold": 0}]
+TEXT = [{"text": "The rain in Spain stays mainly in the plain."}, {"text": "She sells sea shells."},
+        {"text": "A journey of a thousand miles begins with one step."}]
+QA = [{"question": "Question: What is 2 + 2?\nAnswer:", "answer": "4"},
+      {"question": "Question: Numbers like 12 and 345?\nAnswer:", "answer": "#### 357"}]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    ckpt = tiny_checkpoint(d / "model")
+    out = {"ckpt": ckpt}
+    for name, recs in (("mc", MC), ("text", TEXT), ("qa", QA)):
+        out[name] = str(d / f"{name}.jsonl")
+        with open(out[name], "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in recs))
+    model = moe.load_model(ckpt)  # an adapter with non-zero B, saved, and the same folded into a checkpoint
+    config = lora.attach(model, "lora", r=4, alpha=8)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in lora.adapter_state(model).items():
+            if n.endswith("_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    lora.save_adapter(model, str(d / "adapter"), config)
+    export.export_merged(model, ckpt, str(d / "merged"))
+    out.update(adapter=str(d / "adapter"), merged=str(d / "merged"), dir=d)
+    return out
+
+
+def cli(*argv):
+    return ev.run(ev.parse_args([str(a) for a in argv] + ["--device", "cpu"]))
+
+
+def test_adapter_equals_merged_checkpoint(files):
+    """Evaluating base + --adapter gives the numbers of the exported merged checkpoint (and not the base's)."""
+    f = files
+    ppl = {k: cli("--model", m, *a, "--task", "ppl", "--data", f["text"], "--batch-size", 2)["ppl"]
+           for k, m, a in (("adapter", f["ckpt"], ("--adapter", f["adapter"])), ("merged", f["merged"], ()),
+                           ("base", f["ckpt"], ()))}
+    assert ppl["adapter"] == pytest.approx(ppl["merged"], rel=1e-5)
+    assert abs(ppl["adapter"] / ppl["base"] - 1) > 1e-3  # the adapter does change the model
+    mc = [cli("--model", m, *a, "--task", "mc", "--data", f["mc"]) for m, a in
+          ((f["ckpt"], ("--adapter", f["adapter"])), (f["merged"], ()))]
+    assert (mc[0]["acc"], mc[0]["acc_norm"], mc[0]["n"]) == (mc[1]["acc"], mc[1]["acc_norm"], 3)
+    tok = data.load_tokenizer(f["ckpt"])
+    lls = [ev.choice_logliks(moe.load_model(f["merged"]), tok, MC)]
+    model = moe.load_model(f["ckpt"])
+    lora.load_adapter(model, f["adapter"])
+    lls.append(ev.choice_logliks(model, tok, MC))
+    for a, b in zip(*lls):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_batch_size_does_not_change_the_numbers(files):
+    """Right padding is invisible: perplexity and choice log-likelihoods are the same at batch size 1 and 4."""
+    model, tok = moe.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"])
+    p1, p4 = (ev.perplexity(model, tok, TEXT, batch_size=b, seq_len=8) for b in (1, 4))
+    assert p1["tokens"] == p4["tokens"] and p1["nll"] == pytest.approx(p4["nll"], rel=1e-5)
+    for a, b in zip(ev.choice_logliks(model, tok, MC, batch_size=1), ev.choice_logliks(model, tok, MC, batch_size=4)):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_cli_generation_end_to_end(files, capsys):
+    """gen on a tiny checkpoint: an answer for each record, exact match in [0, 1], the file holds the printed JSON."""
+    out = files["dir"] / "gen.json"
+    r = cli("--model", files["ckpt"], "--task", "gen", "--data", files["qa"], "--max-new-tokens", 6,
+            "--batch-size", 2, "--out", out)
+    assert 0.0 <= r["exact_match"] <= 1.0 and r["n"] == 2 and json.loads(out.read_text()) == r
+    assert [s["gold"] for s in r["samples"]] == ["4", "357"] and all(isinstance(s["output"], str) for s in r["samples"])
+    stdout = capsys.readouterr().out
+    assert "2/2 records" in stdout and '"exact_match"' in stdout
+
+
+def test_generation_matches_moe_generate_row_by_row(files):
+    """Batched left-padded generation gives each record the answer it gets alone (greedy, cut at EOS)."""
+    model, tok = moe.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"])
+    together = ev.generation(model, tok, QA, batch_size=2, max_new_tokens=5)["samples"]
+    alone = [ev.generation(model, tok, [q], batch_size=1, max_new_tokens=5)["samples"][0] for q in QA]
+    assert [s["output"] for s in together] == [s["output"] for s in alone]
+
+
+@pytest.mark.parametrize("broken", ["no_data", "wrong_kind", "no_model", "other_base"])
+def test_cli_errors_exit_1_name_the_file_and_write_nothing(files, tmp_path, capsys, broken):
+    """A missing data file or model, mc on text records, or an adapter for another base: exit 1, a message
+    naming the file (and the expected keys), and no --out file."""
+    other = tmp_path / "other_adapter"  # an adapter made for the tiny Mixtral: another base
+    m = tiny_model("mixtral")
+    lora.save_adapter(m, str(other), lora.attach(m, "attn", r=2, alpha=4))
+    args, expect = {
+        "no_data": (["--task", "ppl", "--data", tmp_path / "nope.jsonl"], ["nope.jsonl", "no such file"]),
+        "wrong_kind": (["--task", "mc", "--data", files["text"]], ["text.jsonl", "{query, choices, gold}"]),
+        "no_model": (["--task", "ppl", "--data", files["text"], "--model", tmp_path / "none"], ["none", "not found"]),
+        "other_base": (["--task", "ppl", "--data", files["text"], "--adapter", other], ["other_adapter", "mixtral"]),
+    }[broken]
+    out = tmp_path / "r.json"
+    argv = ["--model", files["ckpt"]] + args + ["--out", out, "--device", "cpu"]
+    assert ev.main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("eval.py: error: ") and all(s in err for s in expect), err
+    assert not out.exists() and not list(tmp_path.glob("r.json*"))
