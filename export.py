@@ -37,24 +37,20 @@ def _write_dir(out_dir, fill):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_merged(model, src_dir, out_dir, shard_bytes=4 << 30):
-    """A complete checkpoint of base + adapter under the hub's tensor names (sharded, with an index),
-    config.json and tokenizer files copied, loadable by transformers. Merges, writes, unmerges."""
-    cfg = model.config
-    lora.merge(model)
-    try:
-        params = dict(model.named_parameters())
-        tensors = {}
-        for disk, (name, index) in moe.checkpoint_names(cfg).items():
-            t = _base_param(params, name)
-            tensors[disk] = (t if index is None else t[index]).detach().to("cpu", copy=True).contiguous()
-    finally:
-        lora.merge(model, -1)
+def model_tensors(model):
+    """{hub tensor name: CPU copy} of the (base) weights, under the names moe.load_model reads."""
+    params = dict(model.named_parameters())
+    return {disk: (_base_param(params, name) if index is None else _base_param(params, name)[index]).detach().to("cpu", copy=True).contiguous()
+            for disk, (name, index) in moe.checkpoint_names(model.config).items()}
 
+
+def write_checkpoint(tensors, out_dir, config, src_dir, shard_bytes=4 << 30):
+    """A hub-style checkpoint directory: sharded safetensors + index, config.json (its dtype set to the
+    tensors'), and the tokenizer files of src_dir. Written under a temporary name, then swapped in."""
     def fill(tmp):
         shards, size = [[]], 0
-        for name in tensors:
-            n = tensors[name].numel() * tensors[name].element_size()
+        for name, t in tensors.items():
+            n = t.numel() * t.element_size()
             if shards[-1] and size + n > shard_bytes:
                 shards.append([])
                 size = 0
@@ -68,17 +64,28 @@ def export_merged(model, src_dir, out_dir, shard_bytes=4 << 30):
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-        with open(os.path.join(src_dir, "config.json")) as f:
-            config = json.load(f)
         dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-        config.update({k: dtype for k in ("torch_dtype", "dtype") if k in config} or {"torch_dtype": dtype})
+        written = {**config, **({k: dtype for k in ("torch_dtype", "dtype") if k in config} or {"torch_dtype": dtype})}
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
+            json.dump(written, f, indent=1)
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(src_dir, name)):
                 shutil.copy(os.path.join(src_dir, name), tmp)
 
     _write_dir(out_dir, fill)
+
+
+def export_merged(model, src_dir, out_dir, shard_bytes=4 << 30):
+    """A complete checkpoint of base + adapter under the hub's tensor names (sharded, with an index),
+    config.json and tokenizer files copied, loadable by transformers. Merges, copies, unmerges."""
+    lora.merge(model)
+    try:
+        tensors = model_tensors(model)
+    finally:
+        lora.merge(model, -1)
+    with open(os.path.join(src_dir, "config.json")) as f:
+        config = json.load(f)
+    write_checkpoint(tensors, out_dir, config, src_dir, shard_bytes)
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -435,8 +435,8 @@ def load_adapter(model, path):
     return config
 
 
-def load_adapter_tensors(model, file):
-    state = adapter_state(model)
+def load_adapter_tensors(model, file, state=None):
+    state = adapter_state(model) if state is None else state
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
             names = set(f.keys())
@@ -456,6 +456,7 @@ def load_adapter_tensors(model, file):
         raise AdapterError(f"{file}: cannot read adapter tensors ({e})") from None
 
 
-def save_adapter_tensors(model, file):
-    tensors = {n: p.detach().float().contiguous().cpu() for n, p in adapter_state(model).items()}
+def save_adapter_tensors(model, file, state=None):
+    """The adapter's tensors (or `state`, e.g. every weight for full training) in fp32, atomically."""
+    tensors = {n: p.detach().float().contiguous().cpu() for n, p in (state or adapter_state(model)).items()}
     _atomic(file, lambda t: save_file(tensors, t))

@@ -35,7 +35,10 @@ def parse_args(argv):
     ap.add_argument("--out", default="runs/train", help="output directory (adapter, logs, summary, checkpoints)")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
     # method
-    ap.add_argument("--method", default="sieve", choices=lora.METHODS, help="where LoRA goes (DESIGN.md §1)")
+    ap.add_argument("--method", default="sieve", choices=lora.METHODS + ("full",),
+                    help="where the adapters go (DESIGN.md §1); full: train every weight (pretraining, --init-config)")
+    ap.add_argument("--init-config", default=None, help="full: start from random weights of this config.json "
+                    "(its directory holds the tokenizer) instead of --model's weights")
     ap.add_argument("--rank", type=int, default=32, help="LoRA rank r")
     ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 * rank); scale = alpha / r")
     ap.add_argument("--rslora", action="store_true", help="scale = alpha / sqrt(r) (rank-stabilised LoRA)")
@@ -103,6 +106,10 @@ def parse_args(argv):
     if (args.export_peft or args.export_merged) and args.method not in lora.LORA_METHODS and not args.adapter:
         ap.error(f"--export-peft / --export-merged: {args.method} adapters depend on the input (their own routers "
                  "or per-expert outputs), so they cannot become PEFT LoRA or merged weights; use the adapter format")
+    if args.init_config and args.method != "full":
+        ap.error("--init-config goes with --method full")
+    if args.init_config:
+        args.model = args.model or os.path.dirname(os.path.abspath(args.init_config))
     if args.model is None:
         ap.error("--model is required")
     if args.data is None and not (args.dry_run or args.adapter):
@@ -187,6 +194,13 @@ def dmep_prune(model, opt, args, n_before, log):
     return [p for group in opt.param_groups for p in group["params"]]
 
 
+def init_weights(model, std=0.02):
+    """transformers' initialisation of these models: normal(0, 0.02) weights, zero biases, norms at one."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.zero_() if name.endswith("bias") else p.normal_(0.0, std)
+
+
 def write_json(path, obj):
     lora._atomic(path, lambda t: open(t, "w").write(json.dumps(obj, indent=1)))
 
@@ -209,10 +223,15 @@ def run(args):
     torch.manual_seed(args.seed)
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model}: model directory not found")
+    full = args.method == "full"
     if args.dry_run:
         with torch.device("meta"):
-            model = moe.Transformer(moe.Config.from_json(args.model))
+            model = moe.Transformer(moe.Config.from_json(args.init_config or args.model))
         tok = None
+    elif args.init_config:  # pretraining from scratch
+        model = moe.Transformer(moe.Config.from_json(args.init_config)).to(device=device, dtype=dtype)
+        init_weights(model)
+        tok = data.load_tokenizer(args.model)
     else:
         model = moe.load_model(args.model, dtype=dtype, device=device)
         tok = data.load_tokenizer(args.model)
@@ -234,6 +253,9 @@ def run(args):
             raise ValueError(f"--resume: {ckpt_path} not found")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         adapter_config, plan, prof = ckpt["adapter_config"], None, None
+    if full:
+        adapter_config, plan, prof = dict(method="full"), None, None
+    elif ckpt is not None:
         lora.attach(model, adapter_config["method"], adapter_config["r"], adapter_config["alpha"],
                     adapter_config["dropout"], adapter_config["rslora"], adapter_config["plan"], **adapter_config["options"])
     else:
@@ -242,7 +264,8 @@ def run(args):
                        perft_shared=args.perft_shared, perft_renorm=args.perft_renorm, dmep_experts=args.dmep_experts,
                        dmep_topk=args.dmep_topk, dmep_targets=args.dmep_targets)
         adapter_config = lora.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options)
-    n_train = lora.count_trainable(model)
+    state = dict(model.named_parameters()) if full else lora.adapter_state(model)  # what trains and checkpoints
+    n_train = sum(p.numel() for p in state.values())
     print(f"trainable parameters: {n_train:,} ({n_train / 1e6:.1f}M), adapter file ~{4 * n_train / 2**20:.1f} MiB (fp32)")
     if args.dry_run:
         return 0
@@ -262,7 +285,7 @@ def run(args):
           f"{args.grad_accum} x {args.batch_size} sequences")
 
     # ------------------------------------------------------------------ optimizer
-    params = list(lora.adapter_state(model).values())
+    params = list(state.values())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
@@ -272,7 +295,7 @@ def run(args):
             block.compile()
     start, log = 0, []
     if ckpt is not None:
-        lora.load_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"))
+        lora.load_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"), state)
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
@@ -289,7 +312,8 @@ def run(args):
             router_profile.save_profile(prof, os.path.join(args.out, "profile.json"))
 
     def save_checkpoint(step):
-        lora.save_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"))
+        lora.save_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"),
+                                  dict(model.named_parameters()) if full else None)
         state = dict(step=step, optimizer=opt.state_dict(), rng=torch.get_rng_state(), log=log,
                      cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
                      adapter_config=lora.current_config(model, adapter_config),
@@ -327,7 +351,7 @@ def run(args):
                 lb = moe.load_balancing_loss_per_layer if args.aux_per_layer else moe.load_balancing_loss
                 aux = lb(logits, cfg.num_experts, cfg.num_experts_per_tok, mask) / len(batches)
                 loss = loss + args.aux_coef * aux
-                step_aux += float(aux)
+                step_aux += float(aux.detach())
             if aux_coef > 0:  # the adapters' own routers (PERFT-R; DMEP in warm-up), each balanced on its own
                 mods = [m for m in model.modules() if getattr(m, "router_logits", None) is not None]
                 loss = loss + aux_coef * sum(moe.load_balancing_loss([m.router_logits], m.router.shape[0], m.top_k, mask)
@@ -362,16 +386,21 @@ def run(args):
     if end < total:
         print(f"stopped after step {end}/{total}; continue with --resume")
         return 0
-    lora.save_adapter(model, args.out, adapter_config)
+    if full:  # a hub-style checkpoint: OUT/model
+        with open(args.init_config or os.path.join(args.model, "config.json")) as f:
+            export.write_checkpoint(export.model_tensors(model), os.path.join(args.out, "model"), json.load(f), args.model)
+    else:
+        lora.save_adapter(model, args.out, adapter_config)
     with open(os.path.join(args.out, "log.jsonl.tmp"), "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in log)
     os.replace(os.path.join(args.out, "log.jsonl.tmp"), os.path.join(args.out, "log.jsonl"))
-    size = os.path.getsize(os.path.join(args.out, "adapter.safetensors"))
+    size = os.path.getsize(os.path.join(args.out, "model", "model-00001-of-00001.safetensors") if full
+                           else os.path.join(args.out, "adapter.safetensors"))
     if dmep and prune_at is not None:  # throughput before and after pruning (DMEP reports ~10% more)
         speed = lambda rows: sum(e["tok_s"] for e in rows) / max(1, len(rows))
         print(f"dmep: {speed(log[1:prune_at]):,.0f} tok/s before pruning, {speed(log[prune_at + 1:]):,.0f} after "
               f"(first step of each phase left out); trainable now {lora.count_trainable(model):,}")
-    summary = dict(method=adapter_config["method"], trainable_params=lora.count_trainable(model), adapter_bytes=size, steps=total,
+    summary = dict(method=adapter_config["method"], trainable_params=n_train if full else lora.count_trainable(model), adapter_bytes=size, steps=total,
                    wall_s=round(wall, 2), tok_s=round(tokens_seen / max(wall, 1e-9), 1),
                    final_loss=log[-1]["loss"] if log else None, device=str(device), dtype=str(dtype))
     write_json(os.path.join(args.out, "summary.json"), summary)
