@@ -206,6 +206,10 @@ def write_json(path, obj):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in ([], ["--quick"]):  # the embedded default: profile -> sieve -> fine-tune -> evaluate -> compare
+        import study  # (study.py drives this script, so it is imported only here)
+        return study.main(["--default", *argv])
     args = parse_args(argv)
     try:
         return run(args)
@@ -398,9 +402,13 @@ def run(args):
                            else os.path.join(args.out, "adapter.safetensors"))
     if dmep and prune_at is not None:  # throughput before and after pruning (DMEP reports ~10% more)
         speed = lambda rows: sum(e["tok_s"] for e in rows) / max(1, len(rows))
-        print(f"dmep: {speed(log[1:prune_at]):,.0f} tok/s before pruning, {speed(log[prune_at + 1:]):,.0f} after "
-              f"(first step of each phase left out); trainable now {lora.count_trainable(model):,}")
-    summary = dict(method=adapter_config["method"], trainable_params=n_train if full else lora.count_trainable(model), adapter_bytes=size, steps=total,
+        before, after = speed(log[1:prune_at]), speed(log[prune_at + 1:])
+        print(f"dmep: {before:,.0f} tok/s before pruning, {after:,.0f} after (first step of each phase left out); "
+              f"trainable now {lora.count_trainable(model):,}")
+        extra = dict(tok_s_before_prune=round(before, 1), tok_s_after_prune=round(after, 1), trainable_before_prune=n_train)
+    else:
+        extra = {}
+    summary = dict(**extra, method=adapter_config["method"], trainable_params=n_train if full else lora.count_trainable(model), adapter_bytes=size, steps=total,
                    wall_s=round(wall, 2), tok_s=round(tokens_seen / max(wall, 1e-9), 1),
                    final_loss=log[-1]["loss"] if log else None, device=str(device), dtype=str(dtype))
     write_json(os.path.join(args.out, "summary.json"), summary)
