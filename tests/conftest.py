@@ -1,0 +1,149 @@
+"""Shared fixtures: tiny Hugging Face MoE checkpoints written to disk, and the HF models that read them back.
+
+Each variant is built from a transformers config (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE), its weights are
+re-randomised so that routing is decisive (HF initialises with std 0.02 and, for some routers, zeros),
+and it is saved with `save_pretrained`, which in transformers 5.x writes the hub's per-expert tensor names
+(`mlp.experts.E.gate_proj.weight`, Mixtral `block_sparse_moe.experts.E.w1.weight`), so the files look
+like real checkpoints. The reference is the same directory reloaded by transformers with eager attention
+and eager (per-expert loop) experts, in fp32.
+
+Every dimension is a multiple of 16: grouped_mm on CPU wants 16-byte-aligned strides.
+"""
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+VOCAB = 128
+# eos/pad inside the tiny vocab (OLMoE's default eos 50279 is not); 0 is left free for tests to use as pad.
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, num_experts_per_tok=2)
+
+# name -> (config class, config kwargs, save_pretrained kwargs, dtype of the file)
+VARIANTS = {
+    # GQA (4 heads, 2 kv heads), no renormalisation (OLMoE-1B-7B), clip_qkv small enough to bite.
+    "olmoe": (OlmoeConfig, dict(COMMON, num_hidden_layers=2, num_key_value_heads=2, intermediate_size=32,
+                                num_experts=8, norm_topk_prob=False, clip_qkv=0.8), {}, torch.float32),
+    # MHA, renormalised top-k, no clip; saved in several shards with an index json.
+    "olmoe_norm_sharded": (OlmoeConfig, dict(COMMON, num_hidden_layers=2, num_key_value_heads=4,
+                                             intermediate_size=32, num_experts=8, norm_topk_prob=True),
+                           dict(max_shard_size="100KB"), torch.float32),
+    # GQA, always-renormalised top-k with fp32 weights.
+    "mixtral": (MixtralConfig, dict(COMMON, num_hidden_layers=2, num_key_value_heads=2, intermediate_size=32,
+                                    num_local_experts=8), {}, torch.float32),
+    # The same architecture stored in bf16: dtype must be read from the file.
+    "mixtral_bf16": (MixtralConfig, dict(COMMON, num_hidden_layers=2, num_key_value_heads=2, intermediate_size=32,
+                                         num_local_experts=8), {}, torch.bfloat16),
+    # q/k/v biases, sigmoid-gated shared expert, a dense MLP layer (layer 1) between two MoE layers.
+    "qwen2_moe": (Qwen2MoeConfig, dict(COMMON, num_hidden_layers=3, num_key_value_heads=2, intermediate_size=48,
+                                       moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                       num_experts=8, norm_topk_prob=False, mlp_only_layers=[1]), {}, torch.float32),
+    # decoder_sparse_step=2: only layer 1 of 0..2 is MoE.
+    "qwen2_moe_step2": (Qwen2MoeConfig, dict(COMMON, num_hidden_layers=3, num_key_value_heads=2,
+                                             intermediate_size=48, moe_intermediate_size=32,
+                                             shared_expert_intermediate_size=32, num_experts=8,
+                                             norm_topk_prob=True, decoder_sparse_step=2), {}, torch.float32),
+    # explicit head_dim (32) != hidden/heads (16), per-head q/k norm, renormalised top-k, tied embeddings.
+    "qwen3_moe": (Qwen3MoeConfig, dict(COMMON, num_hidden_layers=2, num_key_value_heads=2, head_dim=32,
+                                       intermediate_size=48, moe_intermediate_size=32, num_experts=8,
+                                       norm_topk_prob=True, tie_word_embeddings=True), {}, torch.float32),
+}
+FP32_VARIANTS = [n for n, v in VARIANTS.items() if v[3] == torch.float32]
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    path: Path  # directory with config.json + safetensors
+    hf: torch.nn.Module  # transformers model reloaded from `path`, eager, fp32, eval
+    file_dtype: torch.dtype
+
+
+def randomise_(model, seed):
+    """Overwrite every parameter: norms ~ U(0.8, 1.2), routers std 0.3, everything else std 0.15."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied parameters are listed once
+            if name.endswith("norm.weight"):
+                p.copy_(0.8 + 0.4 * torch.rand(p.shape, generator=g))
+            elif name.endswith("mlp.gate.weight"):  # the router (HF renames Mixtral's block_sparse_moe -> mlp)
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.15 * torch.randn(p.shape, generator=g))
+
+
+def load_hf(path, dtype=torch.float32, **config_overrides):
+    """The reference: transformers' own loader, eager attention, eager per-expert loop."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", experts_implementation="eager", dtype=dtype, **config_overrides
+    )
+    return model.eval()
+
+
+def build_checkpoint(name, root):
+    cls, cfg_kwargs, save_kwargs, file_dtype = VARIANTS[name]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cls(**cfg_kwargs))
+    randomise_(model, seed=sum(map(ord, name)))
+    path = Path(root) / name
+    model.to(file_dtype).save_pretrained(path, **save_kwargs)
+    return Checkpoint(name, path, load_hf(path), file_dtype)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """`checkpoints(name) -> Checkpoint`, built once per session on first use."""
+    root = tmp_path_factory.mktemp("ckpt")
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build_checkpoint(name, root)
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def ckpt_copy(checkpoints, tmp_path):
+    """`ckpt_copy(name) -> Path`: a private copy of a checkpoint directory, free to corrupt."""
+
+    def copy(name):
+        dst = tmp_path / name
+        shutil.copytree(checkpoints(name).path, dst)
+        return dst
+
+    return copy
+
+
+def make_ids(batch, seq, seed=0, low=3):
+    """Random token ids in [low, VOCAB) (0..2 are kept free for pad/bos/eos)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, VOCAB, (batch, seq), generator=g)
+
+
+def assert_logits_close(ours, ref, rel=1e-5):
+    """max |ours - ref| <= rel * max(1, max |ref|): an fp32 tolerance scaled to the logits' size."""
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    scale = max(1.0, ref.abs().max().item())
+    err = (ours.float() - ref.float()).abs().max().item()
+    assert err <= rel * scale, f"max abs err {err:.3g} > {rel:.1g} * {scale:.3g}"
+
+
+def hf_topk(router_logits, top_k):
+    """HF's router selection from its logits: softmax in fp32 over all experts, then top-k."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    return torch.topk(probs, top_k, dim=-1)
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2))
