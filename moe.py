@@ -70,8 +70,10 @@ class Config:
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
 
     def fingerprint(self):
-        """A short hash that identifies the architecture (adapters record it to refuse another base)."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        """A short hash of the architecture (adapters record it to refuse another base); the storage dtype
+        and the aux-loss coefficient are left out: they do not change what an adapter applies to."""
+        arch = {k: v for k, v in asdict(self).items() if k not in ("torch_dtype", "router_aux_loss_coef")}
+        return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
     @staticmethod
     def from_json(src):
@@ -86,7 +88,13 @@ class Config:
                     src = json.load(f)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{where}: not valid JSON ({e})") from None
-        c = src
+        try:
+            return Config._parse(src, where)
+        except KeyError as e:
+            raise ConfigError(f"{where}: required key {e} is missing") from None
+
+    @staticmethod
+    def _parse(c, where):
         mt = c.get("model_type")
         if mt not in MODEL_TYPES:
             raise ConfigError(f"{where}: model_type {mt!r} is not implemented (supported: {', '.join(MODEL_TYPES)})")

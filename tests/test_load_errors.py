@@ -139,3 +139,20 @@ def test_qwen_sliding_window_refused(ckpt_copy, name):
                                          sliding_window=4))
     msg = error_message(moe.ConfigError, lambda: moe.load_model(path))
     assert "sliding" in msg.lower()
+
+
+def test_missing_config_key_names_it(ckpt_copy):
+    """A config.json without a required key (hidden_size) raises a ConfigError naming the file and the key."""
+    path = ckpt_copy("olmoe")
+    cfg = read_json(path / "config.json")
+    del cfg["hidden_size"]
+    write_json(path / "config.json", cfg)
+    msg = error_message(moe.ConfigError, lambda: moe.load_model(path), "hidden_size")
+    assert "config.json" in msg
+
+
+def test_mixtral_active_sliding_window_refused(ckpt_copy):
+    """Mixtral with a sliding_window set (Mistral-style local attention) is refused, not loaded approximately."""
+    path = ckpt_copy("mixtral")
+    write_json(path / "config.json", dict(read_json(path / "config.json"), sliding_window=16))
+    assert "sliding" in error_message(moe.ConfigError, lambda: moe.load_model(path)).lower()
