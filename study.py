@@ -91,13 +91,13 @@ def main(argv=None):
     train_file = os.path.join(args.tasks_dir, f"{args.task}.train.jsonl")
     val_file = os.path.join(args.tasks_dir, f"{args.task}.val.jsonl")
     try:
-        val = data.read_jsonl(val_file)[: args.limit]
-        evaluation.check_task(val, "mc", val_file)
-        tok = data.load_tokenizer(args.model)
         methods = args.methods.split(",")
         for m in methods:
             if m not in lora.METHODS:
                 raise ValueError(f"--methods: {m!r} is not one of {', '.join(lora.METHODS)}")
+        val = data.read_jsonl(val_file)[: args.limit]
+        evaluation.check_task(val, "mc", val_file)
+        tok = data.load_tokenizer(args.model)
         base = accuracy(args, tok, val)
         print(f"study: base model {args.model}: acc {base['acc']:.3f} acc_norm {base['acc_norm']:.3f} on {len(val)} "
               f"records of {args.task}")

@@ -216,3 +216,17 @@ def test_config_from_dict_equals_from_file(checkpoints):
 def test_load_model_is_eval(checkpoints):
     """load_model returns a model in eval mode."""
     assert not moe.load_model(checkpoints("olmoe").path).training
+
+
+@torch.no_grad()
+def test_rmsnorm_bf16_bitwise_equals_hf():
+    """In bf16, RMSNorm equals HF's bit for bit (normalise in fp32, cast back, then scale by the weight)."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
+
+    g = torch.Generator().manual_seed(13)
+    x = (3 * torch.randn(4, 7, 64, generator=g)).bfloat16()
+    w = (0.8 + 0.4 * torch.rand(64, generator=g)).bfloat16()
+    ours, ref = moe.RMSNorm(64, 1e-5).bfloat16(), OlmoeRMSNorm(64, eps=1e-5).bfloat16()
+    ours.weight.copy_(w)
+    ref.weight.copy_(w)
+    assert torch.equal(ours(x), ref(x))
