@@ -310,6 +310,8 @@ def run(args):
         start, log = ckpt["step"], ckpt["log"]
         print(f"resumed at step {start}/{total}")
     os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "log.jsonl")  # one JSON line per step, appended as it goes
+    lora._atomic(log_path, lambda t: open(t, "w").writelines(json.dumps(e) + "\n" for e in log))
     if plan is not None:
         write_json(os.path.join(args.out, "plan.json"), {str(k): v for k, v in plan.items()})
         if "tokens" in prof:
@@ -378,6 +380,8 @@ def run(args):
         if args.aux_coef > 0:
             entry["aux"] = round(step_aux, 6)
         log.append(entry)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
         if (step + 1) % args.log_every == 0 or step + 1 == total:
             print(f"step {step + 1}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | {n_tokens / dt:,.0f} tok/s | "
                   f"mem {mem:.1f} GiB | eta {eta:.0f}s", flush=True)
@@ -395,9 +399,6 @@ def run(args):
             export.write_checkpoint(export.model_tensors(model), os.path.join(args.out, "model"), json.load(f), args.model)
     else:
         lora.save_adapter(model, args.out, adapter_config)
-    with open(os.path.join(args.out, "log.jsonl.tmp"), "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in log)
-    os.replace(os.path.join(args.out, "log.jsonl.tmp"), os.path.join(args.out, "log.jsonl"))
     size = os.path.getsize(os.path.join(args.out, "model", "model-00001-of-00001.safetensors") if full
                            else os.path.join(args.out, "adapter.safetensors"))
     if dmep and prune_at is not None:  # throughput before and after pruning (DMEP reports ~10% more)

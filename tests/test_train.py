@@ -50,7 +50,8 @@ def test_dry_run_mixtral_reads_no_weights(capsys):
     assert f"trainable parameters: {want:,}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("method", ["attn", "lora", "sieve", "random", "coverage", "budget"])
+@pytest.mark.parametrize("method", ["attn", "lora", "sieve", "random", "coverage", "budget",
+                                    "perft-s", "perft-d", "perft-r", "perft-e", "dmep"])
 def test_every_method_trains_end_to_end(ckpt, train_file, tmp_path, method):
     """Each method runs: profile/plan where needed, training, adapter + summary + log written, adapter reloads."""
     out = tmp_path / method
