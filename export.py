@@ -38,8 +38,9 @@ def _write_dir(out_dir, fill):
 
 
 def model_tensors(model):
-    """{hub tensor name: CPU copy} of the (base) weights, under the names moe.load_model reads."""
-    params = dict(model.named_parameters())
+    """{hub tensor name: CPU copy} of the (base) weights, under the names moe.load_model reads.
+    FSDP2 shards are gathered whole first (every rank must call this)."""
+    params = {n: p.full_tensor() if type(p).__name__ == "DTensor" else p for n, p in model.named_parameters()}
     return {disk: (_base_param(params, name) if index is None else _base_param(params, name)[index]).detach().to("cpu", copy=True).contiguous()
             for disk, (name, index) in moe.checkpoint_names(model.config).items()}
 

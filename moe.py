@@ -406,10 +406,26 @@ class Transformer(nn.Module):
     def head(self, h):
         return F.linear(h, self.model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_routing=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_routing=False,
+                labels=None, hidden=False):
+        """Logits (B, T, V). With `labels`: the summed cross-entropy instead (see cross_entropy_sum);
+        with `hidden`: the final hidden states. With return_routing also the routing of every MoE layer.
+        (Everything goes through forward, so FSDP2's hooks gather the root's weights for the head too.)"""
         h, routing = self.body(input_ids, attention_mask, position_ids, cache)
-        logits = self.head(h)  # (B, T, V)
-        return (logits, routing) if return_routing else logits
+        out = h if hidden else self.head(h) if labels is None else cross_entropy_sum(self, h, labels)
+        return (out, routing) if return_routing else out
+
+
+def cross_entropy_sum(model, h, labels, chunk=4096, ignore_index=-100):
+    """Sum of next-token losses over the labelled positions, without keeping (N, V) fp32 logits: each
+    chunk's logits are made in fp32 and, when training, recomputed in backward instead of stored."""
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    ce = lambda hc, lc: F.cross_entropy(model.head(hc).float(), lc, ignore_index=ignore_index, reduction="sum")
+    total = 0.0
+    for i in range(0, h.shape[0], chunk):
+        hc, lc = h[i:i + chunk], labels[i:i + chunk]
+        total = total + (torch.utils.checkpoint.checkpoint(ce, hc, lc, use_reentrant=False) if h.requires_grad else ce(hc, lc))
+    return total
 
 
 def attention_mask_4d(attention_mask, B, T, past, device):
@@ -513,10 +529,11 @@ def checkpoint_files(path):
     return files
 
 
-def load_model(path, dtype=None, device=None):
+def load_model(path, dtype=None, device=None, shard=None):
     """Build on the meta device, then fill tensor by tensor from the safetensors straight onto `device`
     (host memory peaks at about one tensor). Strict: every tensor present, none left over, shapes checked.
-    dtype None: the dtype of the embedding tensor in the file."""
+    dtype None: the dtype of the embedding tensor in the file. `shard(model)` runs on the meta model
+    before it is materialised (parallel.py: FSDP2); each rank then copies only the rows it holds."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: model directory not found")
     cfg = Config.from_json(path)
@@ -527,6 +544,8 @@ def load_model(path, dtype=None, device=None):
         dtype = _read_dtype(files, "model.embed_tokens.weight")
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)
+    if shard is not None:
+        shard(model)
     model.to_empty(device=device)
     model.inv_freq = rope_inv_freq(cfg).to(device)
     params = dict(model.named_parameters())
@@ -540,12 +559,11 @@ def load_model(path, dtype=None, device=None):
                     if name not in names:
                         raise CheckpointError(f"{f}: unexpected tensor {name!r} for a {cfg.model_type} model")
                     pname, index = names[name]
-                    target = params[pname] if index is None else params[pname][index]
+                    want = params[pname].shape if index is None else torch.empty(params[pname].shape, device="meta")[index].shape
                     t = sf.get_tensor(name)
-                    if t.shape != target.shape:
-                        raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
-                    with torch.no_grad():
-                        target.copy_(t)
+                    if t.shape != want:
+                        raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(want)}")
+                    fill_rows(params[pname], t, index)
                     seen.add(name)
         except CheckpointError:
             raise
@@ -555,6 +573,21 @@ def load_model(path, dtype=None, device=None):
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return model.eval()
+
+
+@torch.no_grad()
+def fill_rows(param, t, index=None):
+    """param[index] = t, where param may be an FSDP2 shard (a DTensor split along dim 0): then only the
+    rows this rank holds are written (torch.chunk's split: ceil(n / world) rows per rank)."""
+    local, lo = param, 0
+    if type(param).__name__ == "DTensor":
+        local, world, rank = param.to_local(), param.device_mesh.size(), param.device_mesh.get_local_rank()
+        lo = min(rank * -(-param.shape[0] // world), param.shape[0])
+    hi = lo + local.shape[0]
+    if index is None:
+        local.copy_(t[lo:hi])
+    elif lo <= index[0] < hi:  # one expert's slice of a stacked tensor
+        local[(index[0] - lo, *index[1:])].copy_(t)
 
 
 def _read_dtype(files, name):

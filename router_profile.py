@@ -53,7 +53,7 @@ def profile(model, batches, device=None, on_batch=None):
             ids = batch[0].to(device)
             mask = torch.ones_like(ids) if batch[1] is None else batch[1].to(device)  # (B, T)
             pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T) positions of the real tokens
-            _, routing = model.body(ids, mask, pos)
+            _, routing = model(ids, mask, pos, return_routing=True, hidden=True)
             if [r.layer for r in routing] != layers:
                 raise RuntimeError(f"model returned routing for layers {[r.layer for r in routing]}, expected {layers}")
             real = mask.reshape(-1).bool()  # (N,)

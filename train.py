@@ -10,6 +10,7 @@ random (same budget, random experts); coverage (fewest experts reaching a share 
 routing); budget (k*L experts in all, handed out greedily by marginal coverage).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import data
 import export
 import lora
 import moe
+import parallel
 import router_profile
 import sieve
 
@@ -135,10 +137,17 @@ def plan_for(args, model, tok):
         recs = data.read_jsonl(path)[: args.calib_samples]
         data.check_records(recs, path)
         seqs = sorted((data.encode_example(tok, r, args.seq_len)[0] for r in recs), key=len)
+        n = len(seqs) // parallel.world()  # torchrun: equal contiguous shares (FSDP needs the same number of
+        seqs = seqs[parallel.rank() * n:(parallel.rank() + 1) * n]  # forwards on every rank), then summed
         B = args.batch_size
         batches = (data.pad_batch(seqs[i:i + B], [[1] * len(s) for s in seqs[i:i + B]], tok.pad_id)
                    for i in range(0, len(seqs), B))
         prof = router_profile.profile(model, batches)
+        if parallel.world() > 1:  # the same plan on every rank: counts over all ranks' calibration data
+            for key in ("counts", "mass"):
+                prof[key] = parallel.all_sum(torch.tensor(prof[key], dtype=torch.float64)).tolist()
+            prof["tokens"], prof["samples"] = int(parallel.all_sum(prof["tokens"])), int(parallel.all_sum(prof["samples"]))
+            prof["stats"] = router_profile.stats(prof)
         print(router_profile.format_stats(prof["stats"]))
     make = {"sieve": lambda: sieve.topk_plan(prof, k), "random": lambda: sieve.random_plan(prof, k, args.seed),
             "coverage": lambda: sieve.coverage_plan(prof, args.coverage_p),
@@ -167,21 +176,15 @@ def lr_at(step, total, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def chunked_cross_entropy(model, h, labels, chunk=4096):
-    """Sum of token losses without keeping (N, V) fp32 logits: each chunk's logits are recomputed in backward."""
-    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-    ce = lambda hc, lc: F.cross_entropy(model.head(hc).float(), lc, ignore_index=data.IGNORE, reduction="sum")
-    total = 0.0
-    for i in range(0, h.shape[0], chunk):
-        hc, lc = h[i:i + chunk], labels[i:i + chunk]
-        total = total + (torch.utils.checkpoint.checkpoint(ce, hc, lc, use_reentrant=False) if h.requires_grad else ce(hc, lc))
-    return total
-
-
 def dmep_prune(model, opt, args, n_before, log):
     """Prune, report counts / parameters / throughput before and after, return the optimizer's new params."""
+    for m in model.modules():  # torchrun: the utilization over all ranks' tokens, so all prune alike
+        if isinstance(m, lora.LoRAMoELinear):
+            m.util.copy_(parallel.all_sum(m.util.clone()) / parallel.world())
     report = sieve.dmep_prune(model, opt, args.dmep_tau)
     n_after = lora.count_trainable(model)
+    if parallel.rank() != 0:
+        return [p for group in opt.param_groups for p in group["params"]]
     before, after = sum(r["before"] for r in report.values()), sum(r["after"] for r in report.values())
     print(f"dmep: pruned {before - after} of {before} LoRA experts; trainable {n_before:,} -> {n_after:,} "
           f"(-{100 * (1 - n_after / n_before):.1f}%); load balancing off from here")
@@ -219,8 +222,26 @@ def main(argv=None):
 
 
 def run(args):
-    # ------------------------------------------------------------------ device, dtype, model
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # ------------------------------------------------------------------ processes, device, dtype, model
+    rank, world, device = parallel.setup(args.device)
+    try:
+        if rank == 0:
+            return train(args, rank, world, device)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # one report, from rank 0
+            return train(args, rank, world, device)
+    finally:
+        parallel.cleanup()
+
+
+def train(args, rank, world, device):
+    main = rank == 0  # only rank 0 prints step lines and writes files
+    if world > 1 and (args.export_peft or args.export_merged or args.adapter):
+        raise ValueError("--export-* / --adapter: run them in one process (python train.py --adapter OUT ...)")
+    if world > 1 and args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes (the global batch)")
+    if world > 1 and args.method == "full" and (args.save_every or args.resume or args.stop_after):
+        raise ValueError("--method full under torchrun: checkpoints / --resume are not supported yet")
+    device = device or torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
@@ -232,12 +253,15 @@ def run(args):
         with torch.device("meta"):
             model = moe.Transformer(moe.Config.from_json(args.init_config or args.model))
         tok = None
-    elif args.init_config:  # pretraining from scratch
-        model = moe.Transformer(moe.Config.from_json(args.init_config)).to(device=device, dtype=dtype)
+    elif args.init_config:  # pretraining from scratch (every rank draws the same weights, then shards them)
+        model = moe.Transformer(moe.Config.from_json(args.init_config)).to(dtype=dtype)
         init_weights(model)
+        if world > 1:
+            parallel.shard(model)
+        model.to(device)
         tok = data.load_tokenizer(args.model)
     else:
-        model = moe.load_model(args.model, dtype=dtype, device=device)
+        model = moe.load_model(args.model, dtype=dtype, device=device, shard=parallel.shard if world > 1 else None)
         tok = data.load_tokenizer(args.model)
     cfg = model.config
     print(f"train.py: {cfg.model_type} {cfg.num_hidden_layers} layers x {cfg.num_experts} experts top-{cfg.num_experts_per_tok}"
@@ -311,13 +335,16 @@ def run(args):
         print(f"resumed at step {start}/{total}")
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "log.jsonl")  # one JSON line per step, appended as it goes
-    lora._atomic(log_path, lambda t: open(t, "w").writelines(json.dumps(e) + "\n" for e in log))
-    if plan is not None:
+    if main:
+        lora._atomic(log_path, lambda t: open(t, "w").writelines(json.dumps(e) + "\n" for e in log))
+    if plan is not None and main:
         write_json(os.path.join(args.out, "plan.json"), {str(k): v for k, v in plan.items()})
         if "tokens" in prof:
             router_profile.save_profile(prof, os.path.join(args.out, "profile.json"))
 
     def save_checkpoint(step):
+        if not main or (full and world > 1):
+            return
         lora.save_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"),
                                   dict(model.named_parameters()) if full else None)
         state = dict(step=step, optimizer=opt.state_dict(), rng=torch.get_rng_state(), log=log,
@@ -344,14 +371,18 @@ def run(args):
         for group in opt.param_groups:
             group["lr"] = lr
         micro = [[examples[i] for i in mb] for mb in schedule[step]]
+        n_targets = sum(sum(m[1:]) for mb in micro for _, m in mb)  # the step's loss is a mean over these
+        micro = [mb[rank::world] for mb in micro]  # torchrun: this rank's share of each global micro-batch
         batches = [data.pad_batch([e[0] for e in mb], [e[1] for e in mb], tok.pad_id) for mb in micro]
-        n_targets = sum(int((b[2] != data.IGNORE).sum()) for b in batches)  # the step's loss is a mean over these
         step_loss, step_aux, n_tokens = 0.0, 0.0, 0
         for ids, mask, labels in batches:
             ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-            h, routing = model.body(ids)  # right padding: causal attention alone keeps real tokens off the pads
-            loss = chunked_cross_entropy(model, h, labels) / max(1, n_targets)
+            # right padding: causal attention alone keeps real tokens off the pads
+            loss, routing = model(ids, labels=labels, return_routing=True)
+            loss = loss / max(1, n_targets)
             step_loss += float(loss.detach())
+            if full and world > 1:
+                loss = loss * world  # FSDP2 averages gradients over ranks; the loss is already a global mean
             logits = [r.logits for r in routing]
             if args.aux_coef > 0 and logits:
                 lb = moe.load_balancing_loss_per_layer if args.aux_per_layer else moe.load_balancing_loss
@@ -368,6 +399,8 @@ def run(args):
                 loss = loss + args.z_coef * moe.router_z_loss(logits, mask) / len(batches)
             loss.backward()
             n_tokens += int(mask.sum())
+        parallel.sum_grads(params)  # replicated adapters: the gradient of the global batch on every rank
+        step_loss, n_tokens = parallel.all_sum(step_loss), int(parallel.all_sum(n_tokens))
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
@@ -380,9 +413,10 @@ def run(args):
         if args.aux_coef > 0:
             entry["aux"] = round(step_aux, 6)
         log.append(entry)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        if (step + 1) % args.log_every == 0 or step + 1 == total:
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        if main and ((step + 1) % args.log_every == 0 or step + 1 == total):
             print(f"step {step + 1}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | {n_tokens / dt:,.0f} tok/s | "
                   f"mem {mem:.1f} GiB | eta {eta:.0f}s", flush=True)
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < total:
@@ -394,11 +428,15 @@ def run(args):
     if end < total:
         print(f"stopped after step {end}/{total}; continue with --resume")
         return 0
-    if full:  # a hub-style checkpoint: OUT/model
+    if full:  # a hub-style checkpoint: OUT/model (every rank helps gather the shards, rank 0 writes)
+        tensors = export.model_tensors(model)
         with open(args.init_config or os.path.join(args.model, "config.json")) as f:
-            export.write_checkpoint(export.model_tensors(model), os.path.join(args.out, "model"), json.load(f), args.model)
-    else:
+            if main:
+                export.write_checkpoint(tensors, os.path.join(args.out, "model"), json.load(f), args.model)
+    elif main:
         lora.save_adapter(model, args.out, adapter_config)
+    if not main:
+        return 0
     size = os.path.getsize(os.path.join(args.out, "model", "model-00001-of-00001.safetensors") if full
                            else os.path.join(args.out, "adapter.safetensors"))
     if dmep and prune_at is not None:  # throughput before and after pruning (DMEP reports ~10% more)
