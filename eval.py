@@ -136,14 +136,17 @@ def choice_logliks(model, tok, records, batch_size=8, seq_len=2048, progress=Non
 
 
 def multiple_choice(model, tok, records, batch_size=8, seq_len=2048, progress=None):
-    """{"query", "choices", "gold"} records -> dict(acc, acc_norm, n), as lm-evaluation-harness computes them."""
-    acc = acc_norm = 0
+    """{"query", "choices", "gold"} records -> dict(acc, acc_norm, gold_nll, n): acc and acc_norm as
+    lm-evaluation-harness computes them; gold_nll, the gold choice's negative log-likelihood per character
+    (nats), a continuous signal for models too small to rise above chance."""
+    acc = acc_norm = nll = 0
     for rec, ll in zip(records, choice_logliks(model, tok, records, batch_size, seq_len, progress)):
         per_char = [x / max(len(c), 1) for x, c in zip(ll, rec["choices"])]  # len(choice), not len(" " + choice)
         acc += _argmax(ll) == rec["gold"]
         acc_norm += _argmax(per_char) == rec["gold"]
+        nll -= per_char[rec["gold"]]
     n = len(records)
-    return dict(acc=acc / n, acc_norm=acc_norm / n, n=n)
+    return dict(acc=acc / n, acc_norm=acc_norm / n, gold_nll=nll / n, n=n)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -141,6 +141,8 @@ def export_peft(model, adapter_config, out_dir):
                   bias="none", fan_in_fan_out=False, inference_mode=True, target_modules=list(lora.ATTN),
                   target_parameters=sorted(targets))
     if "mlp.experts.gate_up_proj" in targets:  # the fused rank-2r gate+up LoRA keeps the per-expert scale
+        # (peft 0.21 warns that this pattern "did not match any targeted module": it checks module names only,
+        # and does apply the pattern to the targeted parameter)
         config.update(rank_pattern={r".*\.gate_up_proj": 2 * r},
                       alpha_pattern={r".*\.gate_up_proj": alpha * (math.sqrt(2) if rs else 2)})
 

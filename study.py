@@ -99,8 +99,8 @@ def main(argv=None):
         evaluation.check_task(val, "mc", val_file)
         tok = data.load_tokenizer(args.model)
         base = accuracy(args, tok, val)
-        print(f"study: base model {args.model}: acc {base['acc']:.3f} acc_norm {base['acc_norm']:.3f} on {len(val)} "
-              f"records of {args.task}")
+        print(f"study: base model {args.model}: acc {base['acc']:.3f} acc_norm {base['acc_norm']:.3f} gold nll/char "
+              f"{base['gold_nll']:.3f} on {len(val)} records of {args.task}")
         runs = {}
         for m in methods:
             for seed in range(args.seeds):
@@ -108,7 +108,7 @@ def main(argv=None):
                 t0 = time.time()
                 s = fine_tune(args, m, seed, train_file, out)
                 res = accuracy(args, tok, val, out)
-                runs.setdefault(m, []).append(dict(seed=seed, acc=res["acc"], acc_norm=res["acc_norm"],
+                runs.setdefault(m, []).append(dict(seed=seed, acc=res["acc"], acc_norm=res["acc_norm"], nll=res["gold_nll"],
                                                    params=s["trainable_params"], adapter_bytes=s["adapter_bytes"],
                                                    train_s=s["wall_s"], total_s=round(time.time() - t0, 1),
                                                    **{k: s[k] for k in ("trainable_before_prune", "tok_s_before_prune",
@@ -127,23 +127,28 @@ def report(args, base, runs):
     """Print the comparison table and the claims; return the table rows."""
     ref = runs.get("lora")
     rows = []
-    print(f"\n{args.task}: {args.seeds} seed(s), {args.steps} steps, r={args.rank}; base acc {base['acc']:.3f}")
+    print(f"\n{args.task}: {args.seeds} seed(s), {args.steps} steps, r={args.rank}; base acc {base['acc']:.3f}, "
+          f"gold nll/char {base['gold_nll']:.4f}")
     print(f"{'method':<10}{'trainable':>12}{'vs lora':>9}{'adapter MB':>12}{'train s':>9}{'acc':>16}{'acc_norm':>10}"
-          f"{'acc - lora [95% CI]':>26}")
+          f"{'acc - lora [95% CI]':>26}{'nll/char':>10}{'nll - lora [95% CI]':>24}")
     for m, rs in runs.items():
         acc, sd = mean_std([r["acc"] for r in rs])
         row = dict(method=m, params=rs[0]["params"], adapter_mb=round(rs[0]["adapter_bytes"] / 2**20, 3),
                    train_s=round(statistics.mean(r["train_s"] for r in rs), 1), acc=round(acc, 4), acc_std=round(sd, 4),
-                   acc_norm=round(statistics.mean(r["acc_norm"] for r in rs), 4))
+                   acc_norm=round(statistics.mean(r["acc_norm"] for r in rs), 4),
+                   nll=round(statistics.mean(r["nll"] for r in rs), 4))
         rel = f"{row['params'] / ref[0]['params']:.1%}" if ref else "-"
-        diff = "-"
+        diff = ndiff = "-"
         if ref and m != "lora":
             d, hw = paired_interval([r["acc"] for r in rs], [r["acc"] for r in ref])
             row["diff_vs_lora"], row["diff_ci95"] = round(d, 4), round(hw, 4)
             diff = f"{100 * d:+.1f} pp [±{100 * hw:.1f}]"
+            d, hw = paired_interval([r["nll"] for r in rs], [r["nll"] for r in ref])
+            row["nll_diff_vs_lora"], row["nll_diff_ci95"] = round(d, 4), round(hw, 4)
+            ndiff = f"{d:+.4f} [±{hw:.4f}]"
         rows.append(row)
         print(f"{m:<10}{row['params']:>12,}{rel:>9}{row['adapter_mb']:>12.3f}{row['train_s']:>9.1f}"
-              f"{acc:>10.3f} ±{sd:.3f}{row['acc_norm']:>10.3f}{diff:>26}")
+              f"{acc:>10.3f} ±{sd:.3f}{row['acc_norm']:>10.3f}{diff:>26}{row['nll']:>10.4f}{ndiff:>24}")
     claims(runs)
     return rows
 
@@ -151,20 +156,24 @@ def report(args, base, runs):
 def claims(runs):
     """The seed papers' claims next to what this run measured (where both sides were run)."""
     acc = {m: statistics.mean(r["acc"] for r in rs) for m, rs in runs.items()}
+    nll = {m: statistics.mean(r["nll"] for r in rs) for m, rs in runs.items()}
+
+    def vs(a, b):  # "+x.x pp (gold nll/char +y.yyyy)": accuracy and the continuous signal, a minus b
+        return f"{100 * (acc[a] - acc[b]):+.1f} pp (gold nll/char {nll[a] - nll[b]:+.4f})"
     par = {m: rs[0]["params"] for m, rs in runs.items()}
     t = {m: statistics.mean(r["train_s"] for r in rs) for m, rs in runs.items()}
     print("\nclaims (paper -> measured here):")
     if "sieve" in runs and "lora" in runs:
-        print(f"  MoE-Sieve: top-25% within ±1 pp of full LoRA -> {100 * (acc['sieve'] - acc['lora']):+.1f} pp")
+        print(f"  MoE-Sieve: top-25% within ±1 pp of full LoRA -> {vs('sieve', 'lora')}")
         print(f"  MoE-Sieve: ~70-73% fewer trainable parameters -> {100 * (1 - par['sieve'] / par['lora']):.1f}% fewer")
         print(f"  MoE-Sieve: up to 50% less training time -> {100 * (1 - t['sieve'] / t['lora']):.1f}% less")
     if "random" in runs and "sieve" in runs:
-        print(f"  MoE-Sieve: random 25% about 2.5 pp worse than top-25% -> {100 * (acc['random'] - acc['sieve']):+.1f} pp")
+        print(f"  MoE-Sieve: random 25% about 2.5 pp worse than top-25% -> {vs('random', 'sieve')}")
     if "budget" in runs and "sieve" in runs:
-        print(f"  MoE-Sieve: greedy budget no consistent gain over uniform top-k -> {100 * (acc['budget'] - acc['sieve']):+.1f} pp")
+        print(f"  MoE-Sieve: greedy budget no consistent gain over uniform top-k -> {vs('budget', 'sieve')}")
     for m in ("perft-r", "perft-e", "perft-s"):
         if m in runs and "attn" in runs:
-            print(f"  PERFT: routed adapters beat plain PEFT by 2.3-5.7 pp -> {m} vs attn: {100 * (acc[m] - acc['attn']):+.1f} pp "
+            print(f"  PERFT: routed adapters beat plain PEFT by 2.3-5.7 pp -> {m} vs attn: {vs(m, 'attn')} "
                   f"with {par[m]:,} vs {par['attn']:,} parameters")
     if "dmep" in runs:
         rs = runs["dmep"]

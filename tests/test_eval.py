@@ -87,7 +87,8 @@ def test_mc_fake_model_preferring_gold_scores_one():
         logits = torch.zeros(*ids.shape, TOK.vocab_size)
         logits[..., liked] = 10.0
         return logits
-    assert ev.multiple_choice(model, TOK, recs, batch_size=3) == dict(acc=1.0, acc_norm=1.0, n=3)
+    res = ev.multiple_choice(model, TOK, recs, batch_size=3)
+    assert (res["acc"], res["acc_norm"], res["n"]) == (1.0, 1.0, 3)
 
 
 def test_mc_acc_norm_divides_by_the_choice_length_without_the_space():
@@ -97,7 +98,8 @@ def test_mc_acc_norm_divides_by_the_choice_length_without_the_space():
     recs = [{"query": "Q:", "choices": ["ab", "abcdefgh"], "gold": 1}]
     lls = ev.choice_logliks(uniform_model, TOK, recs, batch_size=2)
     assert lls[0] == pytest.approx([-3 * math.log(128), -9 * math.log(128)], rel=1e-6)
-    assert ev.multiple_choice(uniform_model, TOK, recs, batch_size=2) == dict(acc=0.0, acc_norm=1.0, n=1)
+    res = ev.multiple_choice(uniform_model, TOK, recs, batch_size=2)
+    assert res == dict(acc=0.0, acc_norm=1.0, gold_nll=pytest.approx(9 * math.log(128) / 8, rel=1e-6), n=1)
 
 
 def test_perplexity_of_uniform_model_is_vocab_size():

@@ -24,6 +24,10 @@ def adapted(path, rslora, seed=0):
     return model, config
 
 
+# peft 0.21 checks rank_pattern/alpha_pattern only against targeted *module* names and so warns that the
+# gate_up_proj pattern matched nothing, although it is applied to the targeted parameter (the rank-2r tensors
+# would not load otherwise, and the logits below are exact).
+@pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match")
 @pytest.mark.parametrize("name,rslora", CASES)
 def test_peft_loads_our_export_and_gives_our_logits(checkpoints, tmp_path, name, rslora):
     """PeftModel.from_pretrained(transformers model, OUT/peft) gives the logits of our model with the adapter."""
