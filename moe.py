@@ -308,8 +308,10 @@ class ExpertGroups(NamedTuple):
     def sort(idx, E):
         flat = idx.reshape(-1)  # (P,)
         expert, order = torch.sort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=E)
-        return ExpertGroups(order, order // idx.shape[1], expert, counts, counts.cumsum(0).to(torch.int32))
+        # end offsets by binary search on the sorted ids: no host sync (CUDA bincount reads its max to the host)
+        ends = torch.searchsorted(expert, torch.arange(E, device=flat.device, dtype=flat.dtype), right=True)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        return ExpertGroups(order, order // idx.shape[1], expert, counts, ends.to(torch.int32))
 
 
 class MoE(nn.Module):
@@ -441,9 +443,11 @@ def attention_mask_4d(attention_mask, B, T, past, device):
 
 # ----------------------------------------------------------------------------- losses
 
-def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
+def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None, all_sum=None):
     """transformers' load_balancing_loss_func: E * sum_e f_e * P_e, pooled over all layers; padding masked.
-    f_e: share of (token, slot) assignments to e; P_e: mean router probability of e. Uniform routing gives k."""
+    f_e: share of (token, slot) assignments to e; P_e: mean router probability of e. Uniform routing gives k.
+    all_sum (torchrun: parallel.all_sum): f_e and the token count become global, P_e keeps this rank's sum,
+    so the ranks' terms and their gradients add up to the loss and gradient of the whole batch."""
     counts, probs, rows = 0.0, 0.0, 0.0
     m = None if attention_mask is None else attention_mask.reshape(-1).float()  # (N,)
     for logits in router_logits:  # (N, E) per layer
@@ -454,22 +458,24 @@ def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None):
             onehot, p = onehot * m[:, None], p * m[:, None]
         counts, probs = counts + onehot.sum(0), probs + p.sum(0)
         rows = rows + (p.shape[0] if m is None else m.sum())
+    if all_sum is not None:
+        counts, rows = all_sum(counts.detach().clone()), all_sum(torch.as_tensor(rows, dtype=torch.float32).clone())
     return num_experts * torch.sum((counts / rows) * (probs / rows))
 
 
-def load_balancing_loss_per_layer(router_logits, num_experts, top_k, attention_mask=None):
+def load_balancing_loss_per_layer(router_logits, num_experts, top_k, attention_mask=None, all_sum=None):
     """The same loss computed per layer and averaged (each layer balanced on its own)."""
-    losses = [load_balancing_loss([lg], num_experts, top_k, attention_mask) for lg in router_logits]
+    losses = [load_balancing_loss([lg], num_experts, top_k, attention_mask, all_sum) for lg in router_logits]
     return torch.stack(losses).mean()
 
 
-def router_z_loss(router_logits, attention_mask=None):
-    """mean over tokens and layers of logsumexp(logits)^2 (ST-MoE; OLMoE pretrained with coef 0.001)."""
+def router_z_loss(router_logits, attention_mask=None, all_sum=None):
+    """mean over tokens and layers of logsumexp(logits)^2 (ST-MoE; OLMoE pretrained with coef 0.001).
+    all_sum (torchrun): divide by the global token count, so the ranks' terms add up to the batch's mean."""
     z = torch.stack([torch.logsumexp(lg.float(), dim=-1).pow(2) for lg in router_logits])  # (L, N)
-    if attention_mask is None:
-        return z.mean()
-    m = attention_mask.reshape(-1).float()
-    return (z * m).sum() / (m.sum() * z.shape[0])
+    m = torch.ones(z.shape[1], device=z.device) if attention_mask is None else attention_mask.reshape(-1).float()
+    rows = m.sum() if all_sum is None else all_sum(m.sum())
+    return (z * m).sum() / (rows * z.shape[0])
 
 
 # ----------------------------------------------------------------------------- loading

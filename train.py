@@ -359,6 +359,7 @@ def train(args, rank, world, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     end = min(total, args.stop_after) if args.stop_after else total
+    all_sum = parallel.all_sum if world > 1 else None  # torchrun: balancing losses over the global batch
     dmep = adapter_config["method"] == "dmep"
     prune_at = max(1, int(args.dmep_warmup * total)) if dmep else None
     for step in range(start, end):
@@ -381,30 +382,32 @@ def train(args, rank, world, device):
             loss, routing = model(ids, labels=labels, return_routing=True)
             loss = loss / max(1, n_targets)
             step_loss += float(loss.detach())
-            if full and world > 1:
-                loss = loss * world  # FSDP2 averages gradients over ranks; the loss is already a global mean
             logits = [r.logits for r in routing]
             if args.aux_coef > 0 and logits:
                 lb = moe.load_balancing_loss_per_layer if args.aux_per_layer else moe.load_balancing_loss
-                aux = lb(logits, cfg.num_experts, cfg.num_experts_per_tok, mask) / len(batches)
+                aux = lb(logits, cfg.num_experts, cfg.num_experts_per_tok, mask, all_sum) / len(batches)
                 loss = loss + args.aux_coef * aux
                 step_aux += float(aux.detach())
             if aux_coef > 0:  # the adapters' own routers (PERFT-R; DMEP in warm-up), each balanced on its own
                 mods = [m for m in model.modules() if getattr(m, "router_logits", None) is not None]
-                loss = loss + aux_coef * sum(moe.load_balancing_loss([m.router_logits], m.router.shape[0], m.top_k, mask)
-                                             for m in mods) / (len(mods) * len(batches))
+                loss = loss + aux_coef * sum(moe.load_balancing_loss([m.router_logits], m.router.shape[0], m.top_k, mask,
+                                                                     all_sum) for m in mods) / (len(mods) * len(batches))
             if dmep and step < prune_at:
                 sieve.dmep_track(model, mask, args.dmep_ema)
             if args.z_coef > 0 and logits:
-                loss = loss + args.z_coef * moe.router_z_loss(logits, mask) / len(batches)
+                loss = loss + args.z_coef * moe.router_z_loss(logits, mask, all_sum) / len(batches)
+            if full and world > 1:
+                loss = loss * world  # FSDP2 averages gradients over ranks; every term above is this rank's share
             loss.backward()
             n_tokens += int(mask.sum())
         parallel.sum_grads(params)  # replicated adapters: the gradient of the global batch on every rank
-        step_loss, n_tokens = parallel.all_sum(step_loss), int(parallel.all_sum(n_tokens))
+        step_loss, step_aux, n_tokens = parallel.all_sum(step_loss), parallel.all_sum(step_aux), int(parallel.all_sum(n_tokens))
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # time the work done, not the host queueing it
         dt = time.time() - t0
         tokens_seen += n_tokens
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0

@@ -30,9 +30,9 @@ def losses(out):
     return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def common(ckpt, train_file, method="sieve"):
+def common(ckpt, train_file, method="sieve", steps=6):
     return ["--model", ckpt, "--data", train_file, "--method", method, "--rank", 4, "--batch-size", 4,
-            "--lr", 1e-2, "--dropout", 0, "--steps", 6, "--calib-samples", 24]
+            "--lr", 1e-2, "--dropout", 0, "--steps", steps, "--calib-samples", 24]
 
 
 def test_two_processes_follow_the_single_process_loss_curve(ckpt, train_file, tmp_path):
@@ -54,6 +54,15 @@ def test_two_processes_follow_the_single_process_loss_curve(ckpt, train_file, tm
     assert not any(p.name.startswith("rank") for p in (tmp_path / "two").iterdir())
 
 
+@pytest.mark.parametrize("method", [m for m in lora.METHODS if m not in ("sieve", "dmep", "full")])
+def test_every_other_method_under_torchrun(ckpt, train_file, tmp_path, method):
+    """Each remaining method under torchrun: the single-process loss curve for 3 steps (sieve and dmep above)."""
+    flags = common(ckpt, train_file, method, steps=3)
+    assert train.main([str(a) for a in flags + ["--out", tmp_path / "one"]]) == 0
+    torchrun(*flags, "--out", tmp_path / "two")
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=TOL)
+
+
 def test_resume_under_torchrun(ckpt, train_file, tmp_path):
     """A torchrun run stopped after a checkpoint and resumed under torchrun gives the uninterrupted curve."""
     torchrun(*common(ckpt, train_file, "dmep"), "--out", tmp_path / "full")
@@ -64,7 +73,8 @@ def test_resume_under_torchrun(ckpt, train_file, tmp_path):
 
 
 def test_full_training_under_torchrun_writes_one_checkpoint(ckpt, train_file, tmp_path):
-    """--method full with FSDP2-sharded trained weights: same loss curve as one process, one checkpoint written."""
+    """--method full with FSDP2-sharded trained weights and the load-balancing loss: the single-process loss and
+    aux curves, one checkpoint written."""
     init = tmp_path / "init"
     init.mkdir()
     for f in ("config.json", "tokenizer.model"):
@@ -73,6 +83,8 @@ def test_full_training_under_torchrun_writes_one_checkpoint(ckpt, train_file, tm
              "--batch-size", 4, "--lr", 3e-3, "--aux-coef", 0.01]
     assert train.main([str(a) for a in flags + ["--out", tmp_path / "one"]]) == 0
     torchrun(*flags, "--out", tmp_path / "two")
-    assert losses(tmp_path / "two")[0] == pytest.approx(losses(tmp_path / "one")[0], rel=TOL)
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=TOL)  # the aux loss is global too
+    aux = [[json.loads(line)["aux"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert aux[1] == pytest.approx(aux[0], rel=TOL)
     model = moe.load_model(str(tmp_path / "two" / "model"))
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -156,10 +156,10 @@ def count_lb_calls(monkeypatch, n_experts):
     calls = []
     real = moe.load_balancing_loss
 
-    def spy(logits, num_experts, top_k, attention_mask=None):
+    def spy(logits, num_experts, top_k, attention_mask=None, all_sum=None):
         if num_experts == n_experts:
             calls.append(1)
-        return real(logits, num_experts, top_k, attention_mask)
+        return real(logits, num_experts, top_k, attention_mask, all_sum)
 
     monkeypatch.setattr(moe, "load_balancing_loss", spy)
     return calls
