@@ -63,6 +63,36 @@ def sum_grads(params):
                 dist.all_reduce(p.grad)
 
 
+def _names(model):
+    return [n for n, _ in model.named_parameters()]
+
+
+def full_state(model, opt):
+    """FSDP2 full training: the whole weights {name: tensor} and the optimizer state in opt.state_dict()'s own
+    format (state keyed by parameter index), gathered onto rank 0's CPU; the other ranks get empty dicts.
+    A collective: every rank calls it. The checkpoint is then the one a single process writes."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    names = _names(model)
+    index = {n: i for i, n in enumerate(names)}
+    weights = {n: msd[n] for n in names if n in msd}
+    osd = dict(state={index[n]: s for n, s in osd.get("state", {}).items()},
+               param_groups=[dict(g, params=[index[n] for n in g["params"]]) for g in osd.get("param_groups", [])])
+    return weights, osd
+
+
+def load_full_state(model, opt, weights, opt_state):
+    """The inverse of full_state on every rank: whole tensors in, each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    names = _names(model)
+    if sorted(weights) != sorted(names):
+        raise ValueError(f"checkpoint: weights {sorted(set(names) ^ set(weights))[:3]} missing or unexpected")
+    osd = dict(state={names[i]: s for i, s in opt_state["state"].items()},
+               param_groups=[dict(g, params=[names[i] for i in g["params"]]) for g in opt_state["param_groups"]])
+    set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=osd,
+                   options=StateDictOptions(full_state_dict=True, strict=False))  # strict=False: buffers not saved
+
+
 def cleanup():
     if dist.is_initialized():
         dist.barrier()

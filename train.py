@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import data
 import export
@@ -239,8 +240,6 @@ def train(args, rank, world, device):
         raise ValueError("--export-* / --adapter: run them in one process (python train.py --adapter OUT ...)")
     if world > 1 and args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes (the global batch)")
-    if world > 1 and args.method == "full" and (args.save_every or args.resume or args.stop_after):
-        raise ValueError("--method full under torchrun: checkpoints / --resume are not supported yet")
     device = device or torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
@@ -322,9 +321,12 @@ def train(args, rank, world, device):
         for block in model.model.layers:
             block.compile()
     start, log = 0, []
-    if ckpt is not None:
+    if ckpt is not None and full and world > 1:  # whole tensors from the file, each rank keeps its shards
+        parallel.load_full_state(model, opt, load_file(os.path.join(args.out, "checkpoint.safetensors")), ckpt["optimizer"])
+    elif ckpt is not None:
         lora.load_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"), state)
         opt.load_state_dict(ckpt["optimizer"])
+    if ckpt is not None:
         torch.set_rng_state(ckpt["rng"])
         if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
@@ -343,15 +345,17 @@ def train(args, rank, world, device):
             router_profile.save_profile(prof, os.path.join(args.out, "profile.json"))
 
     def save_checkpoint(step):
-        if not main or (full and world > 1):
+        weights, opt_state = state, opt.state_dict()
+        if full and world > 1:  # FSDP2 shards: every rank helps gather the whole weights and optimizer state
+            weights, opt_state = parallel.full_state(model, opt)
+        if not main:
             return
-        lora.save_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"),
-                                  dict(model.named_parameters()) if full else None)
-        state = dict(step=step, optimizer=opt.state_dict(), rng=torch.get_rng_state(), log=log,
+        lora.save_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"), weights)
+        state_ = dict(step=step, optimizer=opt_state, rng=torch.get_rng_state(), log=log,
                      cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
                      adapter_config=lora.current_config(model, adapter_config),
                      dmep_util={n: m.util for n, m in model.named_modules() if isinstance(m, lora.LoRAMoELinear)})
-        lora._atomic(ckpt_path, lambda t: torch.save(state, t))
+        lora._atomic(ckpt_path, lambda t: torch.save(state_, t))
 
     # ------------------------------------------------------------------ loop
     model.train()

@@ -74,7 +74,7 @@ def test_resume_under_torchrun(ckpt, train_file, tmp_path):
 
 def test_full_training_under_torchrun_writes_one_checkpoint(ckpt, train_file, tmp_path):
     """--method full with FSDP2-sharded trained weights and the load-balancing loss: the single-process loss and
-    aux curves, one checkpoint written."""
+    aux curves, one checkpoint written; --resume under torchrun continues the curve."""
     init = tmp_path / "init"
     init.mkdir()
     for f in ("config.json", "tokenizer.model"):
@@ -88,3 +88,8 @@ def test_full_training_under_torchrun_writes_one_checkpoint(ckpt, train_file, tm
     assert aux[1] == pytest.approx(aux[0], rel=TOL)
     model = moe.load_model(str(tmp_path / "two" / "model"))
     assert sum(p.numel() for p in model.parameters()) > 0
+    # checkpoints: stopped after step 2 and resumed, under torchrun; the checkpoint has the one-process layout
+    torchrun(*flags, "--out", tmp_path / "cut", "--save-every", 1, "--stop-after", 2)
+    assert load_file(tmp_path / "cut" / "checkpoint.safetensors").keys() == load_file(tmp_path / "one" / "checkpoint.safetensors").keys()
+    torchrun(*flags, "--out", tmp_path / "cut", "--resume")
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "two"), rel=TOL)
