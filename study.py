@@ -47,6 +47,7 @@ def parse_args(argv):
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation records")
     ap.add_argument("--out", default=os.path.join("runs", "study"), help="output directory")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--report", default=None, help="print the table and claims again from a study's JSON (no runs)")
     args = ap.parse_args(argv)
     if args.default:
         args.methods, args.seeds = "attn,lora,sieve,random", 1
@@ -88,6 +89,12 @@ def paired_interval(xs, ys):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            res = json.load(f)
+        args.task, args.seeds, args.steps, args.rank = res["task"], res["seeds"], res["steps"], res.get("rank", args.rank)
+        report(args, res["base"], res["runs"])
+        return 0
     train_file = os.path.join(args.tasks_dir, f"{args.task}.train.jsonl")
     val_file = os.path.join(args.tasks_dir, f"{args.task}.val.jsonl")
     try:
@@ -118,7 +125,8 @@ def main(argv=None):
         return 1
     table = report(args, base, runs)
     os.makedirs(args.out, exist_ok=True)
-    result = dict(task=args.task, model=args.model, steps=args.steps, seeds=args.seeds, base=base, runs=runs, table=table)
+    result = dict(task=args.task, model=args.model, steps=args.steps, seeds=args.seeds, rank=args.rank, base=base,
+                  runs=runs, table=table)
     train.write_json(os.path.join(args.out, f"{args.task}.json"), result)
     return 0
 
@@ -158,8 +166,10 @@ def claims(runs):
     acc = {m: statistics.mean(r["acc"] for r in rs) for m, rs in runs.items()}
     nll = {m: statistics.mean(r["nll"] for r in rs) for m, rs in runs.items()}
 
-    def vs(a, b):  # "+x.x pp (gold nll/char +y.yyyy)": accuracy and the continuous signal, a minus b
-        return f"{100 * (acc[a] - acc[b]):+.1f} pp (gold nll/char {nll[a] - nll[b]:+.4f})"
+    def vs(a, b):  # accuracy and the continuous signal, a minus b, paired over seeds, with 95% intervals
+        da, ha = paired_interval([r["acc"] for r in runs[a]], [r["acc"] for r in runs[b]])
+        dn, hn = paired_interval([r["nll"] for r in runs[a]], [r["nll"] for r in runs[b]])
+        return f"{100 * da:+.1f} pp [±{100 * ha:.1f}] (gold nll/char {dn:+.4f} [±{hn:.4f}])"
     par = {m: rs[0]["params"] for m, rs in runs.items()}
     t = {m: statistics.mean(r["train_s"] for r in rs) for m, rs in runs.items()}
     print("\nclaims (paper -> measured here):")

@@ -38,3 +38,19 @@ def test_unknown_method_is_refused(tmp_path, capsys):
     """--methods with a name train.py does not know: an error naming it, exit 1."""
     assert study.main(["--quick", "--methods", "attn,dora", "--out", str(tmp_path)]) == 1
     assert "dora" in capsys.readouterr().err
+
+
+def test_report_reprints_a_saved_study_with_paired_intervals(tmp_path, capsys):
+    """--report reads a study's JSON and prints the table and the claims, each comparison paired over seeds."""
+    def run(seed, acc, nll, params):
+        return dict(seed=seed, acc=acc, acc_norm=acc, nll=nll, params=params, adapter_bytes=4 * params, train_s=10.0)
+    runs = {m: [run(s, a + 0.01 * s, n - 0.001 * s, p) for s in range(3)]
+            for m, a, n, p in (("lora", 0.50, 2.0, 1000), ("sieve", 0.49, 2.1, 300), ("random", 0.47, 2.2, 300))}
+    f = tmp_path / "study.json"
+    f.write_text(json.dumps(dict(task="toy", steps=5, seeds=3, rank=4, base=dict(acc=0.4, acc_norm=0.4, gold_nll=2.5),
+                                 runs=runs)))
+    assert study.main(["--report", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "toy: 3 seed(s), 5 steps, r=4" in out
+    assert "random 25% about 2.5 pp worse than top-25% -> -2.0 pp [±0.0] (gold nll/char +0.1000 [±0.0000])" in out
+    assert "70.0% fewer" in out
