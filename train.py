@@ -345,7 +345,7 @@ def train(args, rank, world, device):
             router_profile.save_profile(prof, os.path.join(args.out, "profile.json"))
 
     def save_checkpoint(step):
-        weights, opt_state = state, opt.state_dict()
+        weights, opt_state = (state if full else None), opt.state_dict()  # None: the adapter as it is now (DMEP prunes)
         if full and world > 1:  # FSDP2 shards: every rank helps gather the whole weights and optimizer state
             weights, opt_state = parallel.full_state(model, opt)
         if not main:

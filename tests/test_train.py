@@ -76,9 +76,10 @@ def test_thirty_steps_lower_the_loss(ckpt, train_file, tmp_path):
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
 
 
-def test_resume_reproduces_the_loss_curve_bit_for_bit(ckpt, train_file, tmp_path):
+@pytest.mark.parametrize("method", ["sieve", "dmep"])  # dmep: prunes at step 1, checkpoints the pruned adapter
+def test_resume_reproduces_the_loss_curve_bit_for_bit(ckpt, train_file, tmp_path, method):
     """Stopping after a checkpoint and resuming gives exactly the loss curve and adapter of one uninterrupted run."""
-    common = ["--model", ckpt, "--data", train_file, "--method", "sieve", "--rank", 4, "--batch-size", 4,
+    common = ["--model", ckpt, "--data", train_file, "--method", method, "--rank", 4, "--batch-size", 4,
               "--lr", 1e-2, "--dropout", 0.1, "--steps", 6]
     assert run(*common, "--out", tmp_path / "full") == 0
     assert run(*common, "--out", tmp_path / "cut", "--save-every", 3, "--stop-after", 3) == 0  # "interrupted"
