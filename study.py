@@ -131,6 +131,10 @@ def main(argv=None):
     return 0
 
 
+def ci(half_width, digits):  # " [±x]", or nothing with one seed (no interval)
+    return "" if math.isnan(half_width) else f" [±{half_width:.{digits}f}]"
+
+
 def report(args, base, runs):
     """Print the comparison table and the claims; return the table rows."""
     ref = runs.get("lora")
@@ -150,10 +154,10 @@ def report(args, base, runs):
         if ref and m != "lora":
             d, hw = paired_interval([r["acc"] for r in rs], [r["acc"] for r in ref])
             row["diff_vs_lora"], row["diff_ci95"] = round(d, 4), round(hw, 4)
-            diff = f"{100 * d:+.1f} pp [±{100 * hw:.1f}]"
+            diff = f"{100 * d:+.1f} pp{ci(100 * hw, 1)}"
             d, hw = paired_interval([r["nll"] for r in rs], [r["nll"] for r in ref])
             row["nll_diff_vs_lora"], row["nll_diff_ci95"] = round(d, 4), round(hw, 4)
-            ndiff = f"{d:+.4f} [±{hw:.4f}]"
+            ndiff = f"{d:+.4f}{ci(hw, 4)}"
         rows.append(row)
         print(f"{m:<10}{row['params']:>12,}{rel:>9}{row['adapter_mb']:>12.3f}{row['train_s']:>9.1f}"
               f"{acc:>10.3f} ±{sd:.3f}{row['acc_norm']:>10.3f}{diff:>26}{row['nll']:>10.4f}{ndiff:>24}")
@@ -169,7 +173,7 @@ def claims(runs):
     def vs(a, b):  # accuracy and the continuous signal, a minus b, paired over seeds, with 95% intervals
         da, ha = paired_interval([r["acc"] for r in runs[a]], [r["acc"] for r in runs[b]])
         dn, hn = paired_interval([r["nll"] for r in runs[a]], [r["nll"] for r in runs[b]])
-        return f"{100 * da:+.1f} pp [±{100 * ha:.1f}] (gold nll/char {dn:+.4f} [±{hn:.4f}])"
+        return f"{100 * da:+.1f} pp{ci(100 * ha, 1)} (gold nll/char {dn:+.4f}{ci(hn, 4)})"
     par = {m: rs[0]["params"] for m, rs in runs.items()}
     t = {m: statistics.mean(r["train_s"] for r in rs) for m, rs in runs.items()}
     print("\nclaims (paper -> measured here):")
