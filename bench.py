@@ -50,6 +50,7 @@ import torch
 
 import lora
 import moe
+import router_profile
 import sieve
 import train
 
@@ -141,10 +142,7 @@ def build_ours(cdict, method, args, device, dtype, ids):
     train.init_weights(model)
     plan, note = None, ""
     if method == "sieve":  # a "profile" from this batch's own routing under the random weights
-        with torch.no_grad():
-            _, routing = model.body(ids)
-        prof = dict(layers=[r.layer for r in routing], num_experts=cfg.num_experts,
-                    counts=[torch.bincount(r.topk_idx.flatten(), minlength=cfg.num_experts).tolist() for r in routing])
+        prof = router_profile.profile(model, [(ids, None)])
         plan = sieve.topk_plan(prof, args.sieve_frac)
         note = f"{len(plan[prof['layers'][0]])}/{cfg.num_experts} experts, coverage {sieve.plan_coverage(prof, plan)[1]:.0%}"
     lora.attach(model, method.removesuffix("-pruned"), args.rank, args.alpha, plan=plan)
@@ -159,9 +157,7 @@ def ours_step(model, ids, labels, n_labels, aux_coef, track):
     """The loss of train.py's step on one micro-batch: CE mean (+ balancing of the adapters' own routers)."""
     loss = model(ids, labels=labels) / n_labels
     if aux_coef > 0:
-        mods = [m for m in model.modules() if getattr(m, "router_logits", None) is not None]
-        loss = loss + aux_coef * sum(moe.load_balancing_loss([m.router_logits], m.router.shape[0], m.top_k)
-                                     for m in mods) / len(mods)
+        loss = loss + aux_coef * lora.router_balance_loss(model)
     if track:
         sieve.dmep_track(model)
     return loss

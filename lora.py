@@ -376,6 +376,14 @@ def count_trainable(model):
     return sum(p.numel() for p in adapter_state(model).values())
 
 
+def router_balance_loss(model, attention_mask=None, all_sum=None):
+    """The adapters' own routers (PERFT-R; DMEP's LoRA-MoE), each balanced on its own by the last forward's
+    router logits, averaged over those modules (moe.load_balancing_loss; all_sum as there)."""
+    mods = [m for m in model.modules() if getattr(m, "router_logits", None) is not None]
+    return sum(moe.load_balancing_loss([m.router_logits], m.router.shape[0], m.top_k, attention_mask, all_sum)
+               for m in mods) / len(mods)
+
+
 def merge(model, sign=1):
     """Fold every adapter into the base weights (fp32 math, cast back); sign=-1 unmerges. In bf16 the
     round trip is exact only up to rounding of the base weights."""

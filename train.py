@@ -184,8 +184,9 @@ def dmep_prune(model, opt, args, n_before, log):
             m.util.copy_(parallel.all_sum(m.util.clone()) / parallel.world())
     report = sieve.dmep_prune(model, opt, args.dmep_tau)
     n_after = lora.count_trainable(model)
-    if parallel.rank() != 0:
-        return [p for group in opt.param_groups for p in group["params"]]
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if parallel.rank() != 0:  # the report and its files come from rank 0 alone
+        return params
     before, after = sum(r["before"] for r in report.values()), sum(r["after"] for r in report.values())
     print(f"dmep: pruned {before - after} of {before} LoRA experts; trainable {n_before:,} -> {n_after:,} "
           f"(-{100 * (1 - n_after / n_before):.1f}%); load balancing off from here")
@@ -195,7 +196,7 @@ def dmep_prune(model, opt, args, n_before, log):
     write_json(os.path.join(args.out, "dmep.json"), dict(step=len(log), trainable_before=n_before,
                                                          trainable_after=n_after, modules=report))
     sieve.plot_dmep(report, os.path.join(args.out, "dmep_utilization.png"))
-    return [p for group in opt.param_groups for p in group["params"]]
+    return params
 
 
 def init_weights(model, std=0.02):
@@ -345,9 +346,10 @@ def train(args, rank, world, device):
             router_profile.save_profile(prof, os.path.join(args.out, "profile.json"))
 
     def save_checkpoint(step):
-        weights, opt_state = (state if full else None), opt.state_dict()  # None: the adapter as it is now (DMEP prunes)
         if full and world > 1:  # FSDP2 shards: every rank helps gather the whole weights and optimizer state
             weights, opt_state = parallel.full_state(model, opt)
+        else:  # weights None: the adapter as it is now (DMEP prunes it)
+            weights, opt_state = (state if full else None), opt.state_dict()
         if not main:
             return
         lora.save_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"), weights)
@@ -393,9 +395,7 @@ def train(args, rank, world, device):
                 loss = loss + args.aux_coef * aux
                 step_aux += float(aux.detach())
             if aux_coef > 0:  # the adapters' own routers (PERFT-R; DMEP in warm-up), each balanced on its own
-                mods = [m for m in model.modules() if getattr(m, "router_logits", None) is not None]
-                loss = loss + aux_coef * sum(moe.load_balancing_loss([m.router_logits], m.router.shape[0], m.top_k, mask,
-                                                                     all_sum) for m in mods) / (len(mods) * len(batches))
+                loss = loss + aux_coef * lora.router_balance_loss(model, mask, all_sum) / len(batches)
             if dmep and step < prune_at:
                 sieve.dmep_track(model, mask, args.dmep_ema)
             if args.z_coef > 0 and logits:
