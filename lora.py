@@ -102,57 +102,53 @@ class ExpertLoRA(nn.Module):
         self.merged = False
 
     def prepare(self, g):
-        """Once per layer: the sorted rows that carry LoRA work and their group offsets. With every expert
-        adapted these are the rows as sorted. Otherwise the adapted experts' rows are moved to the front
-        (in expert order) by a cumsum permutation: no second sort, no host sync. `valid` marks them."""
+        """Once per layer, fast path: (rows, offs), the sorted rows that carry LoRA work and the group ends of
+        the adapted experts. Every expert adapted: all rows (None). Otherwise the rows routed to adapted
+        experts, ascending, so still grouped by expert. Finding them is one host sync per layer (nonzero);
+        in exchange every LoRA tensor has those rows only. (Masking full (P, width) tensors instead, as a
+        sync-free version must, costs more memory traffic than full LoRA's work: the sieve would be slower.)"""
         if len(self.ids) == self.E:
-            return None, None, g.offs
-        keep = self.adapted[g.expert]  # (P,) row routed to an adapted expert
-        kept, dropped = keep.long().cumsum(0), (~keep).long().cumsum(0)
-        dest = torch.where(keep, kept - 1, kept[-1] + dropped - 1)  # (P,) new position of each row
-        perm = torch.empty_like(dest).scatter_(0, dest, torch.arange(len(dest), device=dest.device))
-        offs = g.counts[self.expert_ids].cumsum(0).to(torch.int32)  # (m,)
-        valid = torch.arange(len(dest), device=dest.device) < offs[-1]  # (P,)
-        return perm, valid[:, None], offs
+            return None, g.offs
+        rows = self.adapted[g.expert].nonzero().squeeze(1)  # (n,)
+        return rows, g.counts[self.expert_ids].cumsum(0).to(torch.int32)  # (m,) ends, the last one n
 
     def _one(self, x, j, A, B):  # loop path: scale * B_j A_j x for the rows of one expert
         return F.linear(F.linear(x, A[j].to(x.dtype)), B[j].to(x.dtype)) * self.scale
 
-    def _rows(self, x, at):  # fast path: the rows of the adapted experts, grouped; where() also zeroes
-        perm, valid, _ = at  # the gradient of the rows past them (grouped_mm leaves those unset)
-        return x if perm is None else torch.where(valid, x[perm], 0)
+    def _factors(self, A, B, dt):  # fast path: scale folded into B (tiny), rank padded for grouped_mm
+        return _pad_rank(A.to(dt), (B * self.scale).to(dt))
 
-    def _back(self, y, at):  # fast path: scatter back to the layer's expert-sorted order
-        perm, valid, _ = at
-        return y if perm is None else torch.zeros_like(y).index_copy_(0, perm, torch.where(valid, y, 0))
+    @staticmethod
+    def _add(base, y, rows):  # fast path: base[rows] += y in place (base is a grouped_mm output held by nothing else)
+        return base.add_(y) if rows is None else base.index_add_(0, rows, y)
 
-    def gate_up(self, x, at):  # x (rows, D) -> (rows, 2I)
+    def gate_up(self, gu, x, at):  # gu (rows, 2I) + scale [B_g A_g x, B_u A_u x], x (rows, D)
         if self.merged or (isinstance(at, int) and at not in self.slot):
-            return 0.0  # merged, or a frozen expert: no LoRA work
-        x = self.dropout(x)  # one dropout mask for gate and up: they read the same x
+            return gu  # merged, or a frozen expert: no LoRA work
         if isinstance(at, int):
-            j = self.slot[at]
-            return torch.cat([self._one(x, j, self.gate_A, self.gate_B), self._one(x, j, self.up_A, self.up_B)], -1)
-        offs, dt = at[2], x.dtype
-        (gA, gB), (uA, uB) = _pad_rank(self.gate_A.to(dt), self.gate_B.to(dt)), _pad_rank(self.up_A.to(dt), self.up_B.to(dt))
+            x, j = self.dropout(x), self.slot[at]  # one dropout mask for gate and up: they read the same x
+            return gu + torch.cat([self._one(x, j, self.gate_A, self.gate_B), self._one(x, j, self.up_A, self.up_B)], -1)
+        rows, offs = at
+        if rows is not None and rows.numel() == 0:
+            return gu
+        (gA, gB), (uA, uB) = self._factors(self.gate_A, self.gate_B, x.dtype), self._factors(self.up_A, self.up_B, x.dtype)
         rp = gA.shape[1]
-        h = moe._grouped_mm(self._rows(x, at), torch.cat([gA, uA], 1).transpose(1, 2), offs=offs)  # (P, 2r)
-        y = torch.cat([moe._grouped_mm(h[:, :rp], gB.transpose(1, 2), offs=offs),
-                       moe._grouped_mm(h[:, rp:], uB.transpose(1, 2), offs=offs)], dim=-1)  # (P, 2I)
-        return self._back(y * self.scale, at)
+        A = torch.cat([gA, uA], 1)  # (m, 2rp, D): gate's and up's A in one product
+        B = torch.cat([F.pad(gB, (0, rp)), F.pad(uB, (rp, 0))], 1)  # (m, 2I, 2rp) block diagonal: one product writes [gate, up]
+        z = moe._grouped_mm(self.dropout(x if rows is None else x[rows]), A.transpose(1, 2), offs=offs)  # (n, 2rp)
+        return self._add(gu, moe._grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
 
-    def out(self, x, at):  # LoRA adds nothing to the expert's output directly
-        return 0.0
-
-    def down(self, h, at):  # h (rows, I) -> (rows, D)
+    def down(self, y, h, x, at):  # y (rows, D) + scale B_d A_d h, h (rows, I)
         if self.merged or (isinstance(at, int) and at not in self.slot):
-            return 0.0
-        h = self.dropout(h)
+            return y
         if isinstance(at, int):
-            return self._one(h, self.slot[at], self.down_A, self.down_B)
-        A, B = _pad_rank(self.down_A.to(h.dtype), self.down_B.to(h.dtype))
-        z = moe._grouped_mm(self._rows(h, at), A.transpose(1, 2), offs=at[2])  # (P, r)
-        return self._back(moe._grouped_mm(z, B.transpose(1, 2), offs=at[2]) * self.scale, at)
+            return y + self._one(self.dropout(h), self.slot[at], self.down_A, self.down_B)
+        rows, offs = at
+        if rows is not None and rows.numel() == 0:
+            return y
+        A, B = self._factors(self.down_A, self.down_B, h.dtype)
+        z = moe._grouped_mm(self.dropout(h if rows is None else h[rows]), A.transpose(1, 2), offs=offs)  # (n, rp)
+        return self._add(y, moe._grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
 
     @torch.no_grad()
     def merge(self, experts, sign=1):
@@ -226,18 +222,16 @@ class ExpertAdapter(nn.Module):
     def prepare(self, g):
         return g.offs
 
-    def gate_up(self, x, at):
-        return 0.0
+    def gate_up(self, gu, x, at):
+        return gu
 
-    def down(self, h, at):
-        return 0.0
-
-    def out(self, x, at):  # x (rows, D) -> (rows, D); act(0) = 0, so padding the rank stays exact
+    def down(self, y, h, x, at):  # y (rows, D) + scale B_e act(A_e x), x (rows, D); act(0) = 0: rank padding is exact
         x = self.dropout(x)
         if isinstance(at, int):
-            return F.linear(self.act(F.linear(x, self.A[at].to(x.dtype))), self.B[at].to(x.dtype)) * self.scale
-        A, B = _pad_rank(self.A.to(x.dtype), self.B.to(x.dtype))
-        return moe._grouped_mm(self.act(moe._grouped_mm(x, A.transpose(1, 2), offs=at)), B.transpose(1, 2), offs=at) * self.scale
+            return y + F.linear(self.act(F.linear(x, self.A[at].to(x.dtype))), self.B[at].to(x.dtype)) * self.scale
+        A, B = _pad_rank(self.A.to(x.dtype), (self.B * self.scale).to(x.dtype))
+        z = self.act(moe._grouped_mm(x, A.transpose(1, 2), offs=at))  # (P, rp)
+        return y.add_(moe._grouped_mm(z, B.transpose(1, 2), offs=at))  # in place: y is a grouped_mm output
 
 
 class LoRAMoELinear(nn.Module):

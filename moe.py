@@ -241,11 +241,11 @@ def route(logits, cfg):
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I).
 
-    `adapter` (set by lora.py, None here) adds updates inside the expert computation, each 0 or
-    (rows, width): `gate_up(x, at)` to gate_up_proj's output, `down(h, at)` to down_proj's output and
-    `out(x, at)` to the expert's output from its input (PERFT-E). `at` is the expert id in the loop path;
-    in the fast path, what `adapter.prepare(groups)` made of the layer's sorted rows once (so the adapter
-    can work on the rows of its own experts only).
+    `adapter` (set by lora.py, None here) adds its updates inside the expert computation:
+    `gate_up(gu, x, at)` returns gate_up_proj's output gu (rows, 2I) plus its update from the expert input x,
+    `down(y, h, x, at)` down_proj's output y (rows, D) plus its update from h or x. `at` is the expert id in
+    the loop path; in the fast path, what `adapter.prepare(groups)` made of the layer's sorted rows once (so
+    the adapter can work on the rows of its own experts only), and the adapter may add in place.
     """
 
     def __init__(self, E, D, I):
@@ -269,12 +269,12 @@ class Experts(nn.Module):
             xe = x[tok]  # (n, D)
             gu = F.linear(xe, self.gate_up_proj[e])  # (n, 2I)
             if self.adapter is not None:
-                gu = gu + self.adapter.gate_up(xe, e)
+                gu = self.adapter.gate_up(gu, xe, e)
             g, u = gu.chunk(2, dim=-1)
             h = F.silu(g) * u  # (n, I)
             y = F.linear(h, self.down_proj[e])  # (n, D)
             if self.adapter is not None:
-                y = y + self.adapter.down(h, e) + self.adapter.out(xe, e)
+                y = self.adapter.down(y, h, xe, e)
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))
         return out
 
@@ -285,12 +285,12 @@ class Experts(nn.Module):
         xs = x[groups.token]  # (P, D) token rows in expert order
         gu = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=groups.offs)  # (P, 2I)
         if self.adapter is not None:
-            gu = gu + self.adapter.gate_up(xs, at)
+            gu = self.adapter.gate_up(gu, xs, at)
         g, u = gu.chunk(2, dim=-1)
         h = F.silu(g) * u  # (P, I)
         ys = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=groups.offs)  # (P, D)
         if self.adapter is not None:
-            ys = ys + self.adapter.down(h, at) + self.adapter.out(xs, at)
+            ys = self.adapter.down(ys, h, xs, at)
         ys = (ys * w.reshape(-1)[groups.order, None]).to(x.dtype)
         y = torch.empty_like(ys).index_copy_(0, groups.order, ys)  # back to (token, slot) order, no atomics
         return y.view(N, K, -1).sum(dim=1)  # (N, D)
@@ -459,7 +459,7 @@ def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None, 
         counts, probs = counts + onehot.sum(0), probs + p.sum(0)
         rows = rows + (p.shape[0] if m is None else m.sum())
     if all_sum is not None:
-        counts, rows = all_sum(counts.detach().clone()), all_sum(torch.as_tensor(rows, dtype=torch.float32).clone())
+        counts, rows = all_sum(counts.detach()), all_sum(torch.as_tensor(rows, dtype=torch.float32, device=counts.device))
     return num_experts * torch.sum((counts / rows) * (probs / rows))
 
 

@@ -47,12 +47,14 @@ def shard(model):
 
 
 def all_sum(x):
-    """Sum a tensor (in place) or a number over the ranks."""
+    """Sum a tensor or a number over the ranks: a new tensor on x's device, or a float. The sum runs on the
+    backend's device (NCCL reduces CUDA tensors only, so a CPU count travels through the GPU and back)."""
     if world() == 1:
         return x
-    t = x if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = (x.detach() if torch.is_tensor(x) else torch.tensor(float(x), dtype=torch.float64)).to(dev, copy=True)
     dist.all_reduce(t)
-    return t if torch.is_tensor(x) else t.item()
+    return t.to(x.device) if torch.is_tensor(x) else t.item()
 
 
 def sum_grads(params):

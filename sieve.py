@@ -150,12 +150,13 @@ def describe(profile, plan):
 def dmep_track(model, attention_mask=None, beta=0.9):
     """After a forward: each LoRA-MoE module's utilization EMA u_j <- beta u_j + (1 - beta) share_j, where
     share_j is the fraction of the module's top-K assignments (real tokens only) that went to expert j."""
-    real = None if attention_mask is None else attention_mask.reshape(-1).bool()
+    real = None if attention_mask is None else attention_mask.reshape(-1, 1).float()  # (T, 1)
     for m in model.modules():
         if isinstance(m, lora.LoRAMoELinear) and m.router_logits is not None:
             idx = torch.topk(m.router_logits, m.top_k, dim=-1).indices  # (T, K); softmax keeps the order
-            idx = idx if real is None else idx[real]
-            share = torch.bincount(idx.reshape(-1), minlength=m.A.shape[0]).float() / max(1, idx.numel())
+            wt = torch.ones(idx.shape, device=idx.device) if real is None else real.expand(idx.shape)
+            counts = torch.zeros(m.A.shape[0], device=idx.device).scatter_add_(0, idx.reshape(-1), wt.reshape(-1))
+            share = counts / counts.sum().clamp(min=1)  # no boolean indexing, no bincount: no host sync
             m.util.copy_(torch.where(torch.isnan(m.util), share, beta * m.util + (1 - beta) * share))
 
 

@@ -181,7 +181,7 @@ def dmep_prune(model, opt, args, n_before, log):
     """Prune, report counts / parameters / throughput before and after, return the optimizer's new params."""
     for m in model.modules():  # torchrun: the utilization over all ranks' tokens, so all prune alike
         if isinstance(m, lora.LoRAMoELinear):
-            m.util.copy_(parallel.all_sum(m.util.clone()) / parallel.world())
+            m.util.copy_(parallel.all_sum(m.util) / parallel.world())
     report = sieve.dmep_prune(model, opt, args.dmep_tau)
     n_after = lora.count_trainable(model)
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -381,19 +381,20 @@ def train(args, rank, world, device):
         n_targets = sum(sum(m[1:]) for mb in micro for _, m in mb)  # the step's loss is a mean over these
         micro = [mb[rank::world] for mb in micro]  # torchrun: this rank's share of each global micro-batch
         batches = [data.pad_batch([e[0] for e in mb], [e[1] for e in mb], tok.pad_id) for mb in micro]
-        step_loss, step_aux, n_tokens = 0.0, 0.0, 0
-        for ids, mask, labels in batches:
-            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+        step_loss, step_aux, n_tokens = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        for ids, mask, labels in batches:  # no host sync inside the step: the numbers to log stay on the device
+            n_tokens += int(mask.sum())  # still on the host
+            ids, mask, labels = (to_device(t, device) for t in (ids, mask, labels))
             # right padding: causal attention alone keeps real tokens off the pads
             loss, routing = model(ids, labels=labels, return_routing=True)
             loss = loss / max(1, n_targets)
-            step_loss += float(loss.detach())
+            step_loss += loss.detach()
             logits = [r.logits for r in routing]
             if args.aux_coef > 0 and logits:
                 lb = moe.load_balancing_loss_per_layer if args.aux_per_layer else moe.load_balancing_loss
                 aux = lb(logits, cfg.num_experts, cfg.num_experts_per_tok, mask, all_sum) / len(batches)
                 loss = loss + args.aux_coef * aux
-                step_aux += float(aux.detach())
+                step_aux += aux.detach()
             if aux_coef > 0:  # the adapters' own routers (PERFT-R; DMEP in warm-up), each balanced on its own
                 loss = loss + aux_coef * lora.router_balance_loss(model, mask, all_sum) / len(batches)
             if dmep and step < prune_at:
@@ -403,15 +404,14 @@ def train(args, rank, world, device):
             if full and world > 1:
                 loss = loss * world  # FSDP2 averages gradients over ranks; every term above is this rank's share
             loss.backward()
-            n_tokens += int(mask.sum())
         parallel.sum_grads(params)  # replicated adapters: the gradient of the global batch on every rank
-        step_loss, step_aux, n_tokens = parallel.all_sum(step_loss), parallel.all_sum(step_aux), int(parallel.all_sum(n_tokens))
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # time the work done, not the host queueing it
+        # the step's one host sync: it waits for all the work queued above, so dt below is the work done
+        step_loss, step_aux = float(parallel.all_sum(step_loss)), float(parallel.all_sum(step_aux))
+        n_tokens = int(parallel.all_sum(n_tokens))
         dt = time.time() - t0
         tokens_seen += n_tokens
         mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
@@ -462,6 +462,11 @@ def train(args, rank, world, device):
           f"{summary['tok_s']:,.0f} tok/s | final loss {summary['final_loss']}")
     write_exports(args, model, adapter_config)
     return 0
+
+
+def to_device(t, device):
+    """A batch tensor onto the device; on CUDA through pinned memory, so the copy does not block the host."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def write_exports(args, model, adapter_config):

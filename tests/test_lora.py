@@ -110,7 +110,8 @@ def test_tokens_routed_to_frozen_experts_cost_no_lora_work(monkeypatch):
     real = moe._grouped_mm
 
     def spy(a, b, offs):
-        calls.append((b.shape[0], int(offs[-1])))  # (groups, rows actually multiplied)
+        assert a.shape[0] == int(offs[-1])  # the input holds exactly the rows multiplied
+        calls.append((b.shape[0], a.shape[0]))  # (groups, rows multiplied)
         return real(a, b, offs=offs)
 
     monkeypatch.setattr(moe, "_grouped_mm", spy)
@@ -118,9 +119,25 @@ def test_tokens_routed_to_frozen_experts_cost_no_lora_work(monkeypatch):
     for r in routing:
         routed = int(torch.isin(r.topk_idx, torch.tensor(plan[r.layer])).sum())
         lora_calls = [rows for groups, rows in calls if groups == len(plan[r.layer])]
-        assert lora_calls and all(rows == routed for rows in lora_calls), (r.layer, routed, lora_calls)
+        # 4 products: gate+up A, gate+up B (block diagonal), down A, down B; each on the routed rows only
+        assert len(lora_calls) == 4 and all(rows == routed for rows in lora_calls), (r.layer, routed, lora_calls)
         calls[:] = [c for c in calls if c[0] != len(plan[r.layer])]
     assert all(groups == 8 and rows == 3 * 24 * 2 for groups, rows in calls)  # the base products: all pairs
+
+
+def test_no_token_routed_to_an_adapted_expert_gives_the_base_output():
+    """A batch in which no (token, slot) pair reaches an adapted expert: no empty grouped product, the
+    base output exactly, in both paths."""
+    experts = tiny_model("olmoe").model.layers[0].mlp.experts
+    x = torch.randn(10, experts.gate_up_proj.shape[-1])
+    idx, w = torch.tensor([[0, 1]] * 10), torch.full((10, 2), 0.5)
+    base = experts(x, idx, w)
+    experts.adapter = lora.ExpertLoRA(experts, [5], r=4, alpha=8)
+    with torch.no_grad():
+        experts.adapter.gate_B.fill_(1.0), experts.adapter.up_B.fill_(1.0), experts.adapter.down_B.fill_(1.0)
+    for path in ("fast", "loop"):
+        experts.path = path
+        assert torch.equal(experts(x, idx, w), base), path
 
 
 def test_loop_path_skips_frozen_experts(monkeypatch):

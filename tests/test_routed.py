@@ -127,6 +127,24 @@ def test_dmep_pruning_shrinks_parameters_and_optimizer_state_and_keeps_logits():
     opt.step()
 
 
+def test_dmep_tracking_counts_real_tokens_only():
+    """The utilization of a LoRA-MoE module is the share of its top-K choices over real tokens, then an EMA."""
+    m = tiny_model("olmoe")
+    lora.attach(m, "dmep", r=4, alpha=8, dmep_experts=8, dmep_topk=2)
+    randomize_adapters(m)
+    x, mask = ids(B=2, T=6), torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    m(x, mask)
+    sieve.dmep_track(m, mask, beta=0.0)
+    module = m.model.layers[0].self_attn.q_proj
+    chosen = torch.topk(module.router_logits, 2, dim=-1).indices[mask.reshape(-1).bool()]  # (10 real tokens, 2)
+    torch.testing.assert_close(module.util, torch.bincount(chosen.reshape(-1), minlength=8) / 20.0)
+    before = module.util.clone()
+    m(x)
+    sieve.dmep_track(m, None, beta=0.75)  # no mask: every token counts
+    share = torch.bincount(torch.topk(module.router_logits, 2, dim=-1).indices.reshape(-1), minlength=8) / 24.0
+    torch.testing.assert_close(module.util, 0.75 * before + 0.25 * share)
+
+
 def test_dmep_keep_rule():
     """Experts below tau/N are removed, but at least K (the most used) stay."""
     assert sieve.dmep_keep([0.5, 0.3, 0.15, 0.05], tau=0.5, k=2) == [0, 1, 2]
