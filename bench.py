@@ -305,7 +305,7 @@ def main(argv=None):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device cuda, but CUDA is not available")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or args.compile else torch.float32  # compiled grouped_mm: bf16 only
     peak = args.peak_tflops or (989.0 if device.type == "cuda" else None)
     cdict = config_dict(args)
     cfg = moe.Config.from_json(cdict)

@@ -245,6 +245,8 @@ def train(args, rank, world, device):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    if args.compile and dtype != torch.bfloat16:
+        raise ValueError(f"--compile needs --dtype bfloat16 (torch compiles grouped_mm for bf16 only), not {dtype}")
     torch.manual_seed(args.seed)
     if not os.path.isdir(args.model):
         raise ValueError(f"--model {args.model}: model directory not found")

@@ -169,3 +169,10 @@ def test_exports_from_a_saved_adapter_without_training(ckpt, train_file, tmp_pat
     assert run("--model", ckpt, "--adapter", a, "--export-peft", "--export-merged", "--out", out) == 0
     assert (out / "peft" / "adapter_model.safetensors").exists() and (out / "peft" / "adapter_config.json").exists()
     assert (out / "merged" / "config.json").exists() and not (out / "summary.json").exists()
+
+
+def test_compile_in_fp32_is_refused(ckpt, train_file, tmp_path, capsys):
+    """--compile with an fp32 base (the CPU default): a clear error naming the flag, exit 1, nothing written."""
+    out = tmp_path / "run"
+    assert run("--model", ckpt, "--data", train_file, "--out", out, "--compile", "--steps", 1) == 1
+    assert "--compile needs --dtype bfloat16" in capsys.readouterr().err and not out.exists()
