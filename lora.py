@@ -62,8 +62,8 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return y + F.linear(F.linear(self.dropout(x), a), b) * self.scale
+        a, b = self.lora_A.to(x.dtype), (self.lora_B * self.scale).to(x.dtype)  # scale folded into B (small)
+        return y + F.linear(F.linear(self.dropout(x), a), b)
 
     @torch.no_grad()
     def merge(self, sign=1):  # W += scale * B A, in fp32, then cast back to W's dtype
