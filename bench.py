@@ -340,7 +340,7 @@ def main(argv=None):
                   grad_checkpoint=args.grad_checkpoint, compile=args.compile, hf_loss=args.hf_loss,
                   flop_per_token=flop, peak_tflops=peak, rows=rows, table=table)
     if args.out:
-        lora._atomic(args.out, lambda t: open(t, "w").write(json.dumps(result, indent=1)))
+        lora.atomic_write(args.out, lambda t: open(t, "w").write(json.dumps(result, indent=1)))
         print(f"wrote {args.out}")
     return result
 

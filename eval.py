@@ -320,10 +320,7 @@ def run(args):
     # ---- save
     text = json.dumps(results, indent=1)
     if args.out is not None:
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.out)  # readers see no file or the whole file
+        lora.atomic_write(args.out, lambda tmp: open(tmp, "w").write(text + "\n"))
     print(text)
     return results
 

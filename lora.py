@@ -393,7 +393,8 @@ def merge(model, sign=1):
 
 # ----------------------------------------------------------------------------- save / load
 
-def _atomic(path, write):
+def atomic_write(path, write):
+    """write(tmp) then rename tmp -> path: readers see the old file or the whole new one, never half of one."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
@@ -408,8 +409,8 @@ def save_adapter(model, out_dir, config):
     config = current_config(model, config)
     os.makedirs(out_dir, exist_ok=True)
     tensors = {n: p.detach().float().contiguous().cpu() for n, p in adapter_state(model).items()}
-    _atomic(os.path.join(out_dir, "adapter.safetensors"), lambda t: save_file(tensors, t))
-    _atomic(os.path.join(out_dir, "adapter_config.json"), lambda t: open(t, "w").write(json.dumps(config, indent=1)))
+    atomic_write(os.path.join(out_dir, "adapter.safetensors"), lambda t: save_file(tensors, t))
+    atomic_write(os.path.join(out_dir, "adapter_config.json"), lambda t: open(t, "w").write(json.dumps(config, indent=1)))
 
 
 def read_adapter_config(path):
@@ -461,4 +462,4 @@ def load_adapter_tensors(model, file, state=None):
 def save_adapter_tensors(model, file, state=None):
     """The adapter's tensors (or `state`, e.g. every weight for full training) in fp32, atomically."""
     tensors = {n: p.detach().float().contiguous().cpu() for n, p in (state or adapter_state(model)).items()}
-    _atomic(file, lambda t: save_file(tensors, t))
+    atomic_write(file, lambda t: save_file(tensors, t))

@@ -25,6 +25,7 @@ import time
 import torch
 
 import data
+import lora
 import moe
 
 COLD_FRACTION = 0.1  # cold: count < 0.1 * total / E
@@ -114,16 +115,6 @@ def format_stats(s):
 REQUIRED = ("model_type", "num_experts", "top_k", "layers", "counts", "mass", "tokens")
 
 
-def _atomic_write(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _dumps(v, ind=""):
     """JSON with each innermost list or flat dict on one line (a matrix row, one layer's statistics)."""
     items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else ()
@@ -143,7 +134,7 @@ def save_profile(p, path):
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-    _atomic_write(path, write)
+    lora.atomic_write(path, write)
 
 
 def load_profile(path):
@@ -186,7 +177,7 @@ def plot_heatmap(p, path):
     ax.set_title(f"{p['model_type']} routing counts / uniform share ({p['tokens']:,} tokens, top-{p['top_k']})")
     fig.colorbar(im, ax=ax, label="count / (total / E)")
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    lora.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return True
 
 

@@ -14,7 +14,6 @@ Ties in the counts are broken by the lower expert id, so every plan is determini
 """
 import heapq
 import math
-import os
 import random
 
 import torch
@@ -210,7 +209,5 @@ def plot_dmep(report, path):
     ax.set_title("DMEP utilization at pruning")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    lora.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return True

@@ -167,8 +167,6 @@ def report(args, base, runs):
 
 def claims(runs):
     """The seed papers' claims next to what this run measured (where both sides were run)."""
-    acc = {m: statistics.mean(r["acc"] for r in rs) for m, rs in runs.items()}
-    nll = {m: statistics.mean(r["nll"] for r in rs) for m, rs in runs.items()}
 
     def vs(a, b):  # accuracy and the continuous signal, a minus b, paired over seeds, with 95% intervals
         da, ha = paired_interval([r["acc"] for r in runs[a]], [r["acc"] for r in runs[b]])

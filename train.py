@@ -18,7 +18,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import data
@@ -207,7 +206,7 @@ def init_weights(model, std=0.02):
 
 
 def write_json(path, obj):
-    lora._atomic(path, lambda t: open(t, "w").write(json.dumps(obj, indent=1)))
+    lora.atomic_write(path, lambda t: open(t, "w").write(json.dumps(obj, indent=1)))
 
 
 def main(argv=None):
@@ -341,7 +340,7 @@ def train(args, rank, world, device):
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "log.jsonl")  # one JSON line per step, appended as it goes
     if main:
-        lora._atomic(log_path, lambda t: open(t, "w").writelines(json.dumps(e) + "\n" for e in log))
+        lora.atomic_write(log_path, lambda t: open(t, "w").writelines(json.dumps(e) + "\n" for e in log))
     if plan is not None and main:
         write_json(os.path.join(args.out, "plan.json"), {str(k): v for k, v in plan.items()})
         if "tokens" in prof:
@@ -359,7 +358,7 @@ def train(args, rank, world, device):
                      cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
                      adapter_config=lora.current_config(model, adapter_config),
                      dmep_util={n: m.util for n, m in model.named_modules() if isinstance(m, lora.LoRAMoELinear)})
-        lora._atomic(ckpt_path, lambda t: torch.save(state_, t))
+        lora.atomic_write(ckpt_path, lambda t: torch.save(state_, t))
 
     # ------------------------------------------------------------------ loop
     model.train()

@@ -1,6 +1,5 @@
 """PERFT (routed adapters beside / inside the MoE block) and DMEP (LoRA-MoE with module-wise pruning)."""
 import json
-import os
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 
-import data
 import lora
 import moe
 import train
