@@ -72,10 +72,11 @@ class LoRALinear(nn.Module):
         self.merged = sign > 0
 
 
-def _pad_rank(A, B):
-    """grouped_mm wants 16-byte rows: pad the rank to a multiple of 8 with zeros (exact: zero rows of A
-    meet zero columns of B). A (m, r, in), B (m, out, r)."""
-    pad = -A.shape[1] % 8
+def _grouped_factors(A, B, scale, dt):
+    """A and scale * B (scale folded into the small factor) in dtype dt, for the grouped products. grouped_mm
+    wants 16-byte rows: the rank is padded to a multiple of 8 with zeros (exact: zero rows of A meet zero
+    columns of B). A (m, r, in), B (m, out, r)."""
+    A, B, pad = A.to(dt), (B * scale).to(dt), -A.shape[1] % 8
     return (A, B) if pad == 0 else (F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad)))
 
 
@@ -104,34 +105,35 @@ class ExpertLoRA(nn.Module):
     def prepare(self, g):
         """Once per layer, fast path: (rows, offs), the sorted rows that carry LoRA work and the group ends of
         the adapted experts. Every expert adapted: all rows (None). Otherwise the rows routed to adapted
-        experts, ascending, so still grouped by expert. Finding them is one host sync per layer (nonzero);
+        experts, ascending, so still grouped by expert; None if there are none. Finding them is one host sync per layer (nonzero);
         in exchange every LoRA tensor has those rows only. (Masking full (P, width) tensors instead, as a
         sync-free version must, costs more memory traffic than full LoRA's work: the sieve would be slower.)"""
         if len(self.ids) == self.E:
             return None, g.offs
         rows = self.adapted[g.expert].nonzero().squeeze(1)  # (n,)
+        if rows.numel() == 0:
+            return None  # no row reaches an adapted expert: no LoRA work in this layer
         return rows, g.counts[self.expert_ids].cumsum(0).to(torch.int32)  # (m,) ends, the last one n
 
     def _one(self, x, j, A, B):  # loop path: scale * B_j A_j x for the rows of one expert
         return F.linear(F.linear(x, A[j].to(x.dtype)), B[j].to(x.dtype)) * self.scale
 
-    def _factors(self, A, B, dt):  # fast path: scale folded into B (tiny), rank padded for grouped_mm
-        return _pad_rank(A.to(dt), (B * self.scale).to(dt))
+    def _idle(self, at):  # merged, a frozen expert (loop path), or no adapted row in the layer (fast path)
+        return self.merged or at is None or (isinstance(at, int) and at not in self.slot)
 
     @staticmethod
     def _add(base, y, rows):  # fast path: base[rows] += y in place (base is a grouped_mm output held by nothing else)
         return base.add_(y) if rows is None else base.index_add_(0, rows, y)
 
     def gate_up(self, gu, x, at):  # gu (rows, 2I) + scale [B_g A_g x, B_u A_u x], x (rows, D)
-        if self.merged or (isinstance(at, int) and at not in self.slot):
-            return gu  # merged, or a frozen expert: no LoRA work
+        if self._idle(at):
+            return gu
         if isinstance(at, int):
             x, j = self.dropout(x), self.slot[at]  # one dropout mask for gate and up: they read the same x
             return gu + torch.cat([self._one(x, j, self.gate_A, self.gate_B), self._one(x, j, self.up_A, self.up_B)], -1)
         rows, offs = at
-        if rows is not None and rows.numel() == 0:
-            return gu
-        (gA, gB), (uA, uB) = self._factors(self.gate_A, self.gate_B, x.dtype), self._factors(self.up_A, self.up_B, x.dtype)
+        gA, gB = _grouped_factors(self.gate_A, self.gate_B, self.scale, x.dtype)
+        uA, uB = _grouped_factors(self.up_A, self.up_B, self.scale, x.dtype)
         rp = gA.shape[1]
         A = torch.cat([gA, uA], 1)  # (m, 2rp, D): gate's and up's A in one product
         B = torch.cat([F.pad(gB, (0, rp)), F.pad(uB, (rp, 0))], 1)  # (m, 2I, 2rp) block diagonal: one product writes [gate, up]
@@ -139,14 +141,12 @@ class ExpertLoRA(nn.Module):
         return self._add(gu, moe._grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
 
     def down(self, y, h, x, at):  # y (rows, D) + scale B_d A_d h, h (rows, I)
-        if self.merged or (isinstance(at, int) and at not in self.slot):
+        if self._idle(at):
             return y
         if isinstance(at, int):
             return y + self._one(self.dropout(h), self.slot[at], self.down_A, self.down_B)
         rows, offs = at
-        if rows is not None and rows.numel() == 0:
-            return y
-        A, B = self._factors(self.down_A, self.down_B, h.dtype)
+        A, B = _grouped_factors(self.down_A, self.down_B, self.scale, h.dtype)
         z = moe._grouped_mm(self.dropout(h if rows is None else h[rows]), A.transpose(1, 2), offs=offs)  # (n, rp)
         return self._add(y, moe._grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
 
@@ -229,7 +229,7 @@ class ExpertAdapter(nn.Module):
         x = self.dropout(x)
         if isinstance(at, int):
             return y + F.linear(self.act(F.linear(x, self.A[at].to(x.dtype))), self.B[at].to(x.dtype)) * self.scale
-        A, B = _pad_rank(self.A.to(x.dtype), (self.B * self.scale).to(x.dtype))
+        A, B = _grouped_factors(self.A, self.B, self.scale, x.dtype)
         z = self.act(moe._grouped_mm(x, A.transpose(1, 2), offs=at))  # (P, rp)
         return y.add_(moe._grouped_mm(z, B.transpose(1, 2), offs=at))  # in place: y is a grouped_mm output
 
