@@ -7,7 +7,7 @@
 A step is: forward, loss, backward, AdamW step, zero_grad. The frozen base is bf16 on CUDA (fp32 on the CPU),
 adapters and AdamW state fp32. Weights are random (our train.init_weights; transformers' own init), so routing
 is near uniform. Both stacks see the same random token ids; the loss is next-token cross-entropy, by default the
-same chunked CE for both (moe.cross_entropy_sum: fp32 logits 4096 rows at a time, recomputed in backward);
+same chunked CE for both (moe.cross_entropy_sum: fp32 logits 2048 rows at a time, recomputed in backward);
 `--hf-loss native` gives transformers its own loss (whole (N, V) logits) instead. `--warmup` untimed steps,
 then `--steps` timed ones, torch.cuda.synchronize() before and after each; the median step is reported.
 Memory: torch.cuda.max_memory_allocated() after reset_peak_memory_stats() at the start of each row

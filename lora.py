@@ -80,6 +80,37 @@ def _grouped_factors(A, B, scale, dt):
     return (A, B) if pad == 0 else (F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad)))
 
 
+class RegatheredProduct(torch.autograd.Function):
+    """z = grouped_mm(xr, A^T) (n, r), LoRA's A product, with its input rows xr (n, in) NOT kept for backward
+    but made again there from a tensor that is kept anyway: xr = src[index], the layer input's rows (K copies
+    of each token), or, with `swiglu`, xr = swiglu(src[index]), the down input made from the gate_up output
+    that moe.SwiGLUFn keeps (index None: all rows). These rows are the largest things a LoRA step would keep
+    per layer, for A's gradient alone; making them again costs one pass over them in backward."""
+
+    @staticmethod
+    def forward(ctx, xr, A, offs, src, index, swiglu):  # A (m, r, in), offs (m,) group ends over the n rows
+        ctx.save_for_backward(A, offs, src, index)
+        ctx.swiglu = swiglu
+        return moe._grouped_mm(xr, A.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dz):
+        A, offs, src, index = ctx.saved_tensors
+        xr = src if index is None else src.index_select(0, index)
+        xr = moe.swiglu(xr) if ctx.swiglu else xr
+        dxr = moe._grouped_mm(dz, A, offs=offs) if ctx.needs_input_grad[0] else None  # (n, in)
+        dA = moe._grouped_mm(dz.t(), xr, offs=offs)  # (m, r, in): one product per expert
+        return dxr, dA, None, None, None, None
+
+
+def _a_product(dropout, xr, A, offs, src, index, swiglu=False):
+    """An adapter's A product on the fast path, grouped_mm(dropout(xr), A^T) with xr = src[index] (or its
+    swiglu): the rows are made again in backward, unless dropout is active (then autograd keeps them)."""
+    if isinstance(dropout, nn.Dropout) and dropout.training:
+        return moe._grouped_mm(dropout(xr), A.transpose(1, 2), offs=offs)
+    return RegatheredProduct.apply(xr, A, offs, src, index, swiglu)
+
+
 class ExpertLoRA(nn.Module):
     """LoRA on gate, up and down of the experts `ids` of one layer (the adapter hook of moe.Experts)."""
 
@@ -102,18 +133,19 @@ class ExpertLoRA(nn.Module):
         self.register_buffer("expert_ids", torch.tensor(self.ids, dtype=torch.long, device=dev), persistent=False)
         self.merged = False
 
-    def prepare(self, g):
-        """Once per layer, fast path: (rows, offs), the sorted rows that carry LoRA work and the group ends of
-        the adapted experts. Every expert adapted: all rows (None). Otherwise the rows routed to adapted
-        experts, ascending, so still grouped by expert; None if there are none. Finding them is one host sync per layer (nonzero);
-        in exchange every LoRA tensor has those rows only. (Masking full (P, width) tensors instead, as a
-        sync-free version must, costs more memory traffic than full LoRA's work: the sieve would be slower.)"""
+    def prepare(self, g, x):
+        """Once per layer, fast path: (rows, offs, x, index), the sorted rows that carry LoRA work, the group
+        ends of the adapted experts, the layer input x (N, D) and the token of each of those rows. Every expert
+        adapted: all rows (None). Otherwise the rows routed to adapted experts, ascending, so still grouped by
+        expert; None if there are none. Finding them is one host sync per layer (nonzero); in exchange every
+        LoRA tensor has those rows only. (Masking full (P, width) tensors instead, as a sync-free version
+        must, costs more memory traffic than full LoRA's work: the sieve would be slower.)"""
         if len(self.ids) == self.E:
-            return None, g.offs
+            return None, g.offs, x, g.token
         rows = self.adapted[g.expert].nonzero().squeeze(1)  # (n,)
         if rows.numel() == 0:
             return None  # no row reaches an adapted expert: no LoRA work in this layer
-        return rows, g.counts[self.expert_ids].cumsum(0).to(torch.int32)  # (m,) ends, the last one n
+        return rows, g.counts[self.expert_ids].cumsum(0).to(torch.int32), x, g.token[rows]  # offs: (m,) ends, the last one n
 
     def _one(self, x, j, A, B):  # loop path: scale * B_j A_j x for the rows of one expert
         return F.linear(F.linear(x, A[j].to(x.dtype)), B[j].to(x.dtype)) * self.scale
@@ -123,7 +155,8 @@ class ExpertLoRA(nn.Module):
 
     @staticmethod
     def _add(base, y, rows):  # fast path: base[rows] += y in place (base is a grouped_mm output held by nothing else)
-        return base.add_(y) if rows is None else base.index_add_(0, rows, y)
+        # index_put_, not index_add_: autograd's index_add keeps its (rows, width) source for backward
+        return base.add_(y) if rows is None else base.index_put_((rows,), y, accumulate=True)
 
     def gate_up(self, gu, x, at):  # gu (rows, 2I) + scale [B_g A_g x, B_u A_u x], x (rows, D)
         if self._idle(at):
@@ -131,23 +164,23 @@ class ExpertLoRA(nn.Module):
         if isinstance(at, int):
             x, j = self.dropout(x), self.slot[at]  # one dropout mask for gate and up: they read the same x
             return gu + torch.cat([self._one(x, j, self.gate_A, self.gate_B), self._one(x, j, self.up_A, self.up_B)], -1)
-        rows, offs = at
+        rows, offs, src, index = at
         gA, gB = _grouped_factors(self.gate_A, self.gate_B, self.scale, x.dtype)
         uA, uB = _grouped_factors(self.up_A, self.up_B, self.scale, x.dtype)
         rp = gA.shape[1]
         A = torch.cat([gA, uA], 1)  # (m, 2rp, D): gate's and up's A in one product
         B = torch.cat([F.pad(gB, (0, rp)), F.pad(uB, (rp, 0))], 1)  # (m, 2I, 2rp) block diagonal: one product writes [gate, up]
-        z = moe._grouped_mm(self.dropout(x if rows is None else x[rows]), A.transpose(1, 2), offs=offs)  # (n, 2rp)
+        z = _a_product(self.dropout, x if rows is None else x[rows], A, offs, src, index)  # (n, 2rp)
         return self._add(gu, moe._grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
 
-    def down(self, y, h, x, at):  # y (rows, D) + scale B_d A_d h, h (rows, I)
+    def down(self, y, h, gu, x, at):  # y (rows, D) + scale B_d A_d h, h (rows, I) = swiglu(gu)
         if self._idle(at):
             return y
         if isinstance(at, int):
             return y + self._one(self.dropout(h), self.slot[at], self.down_A, self.down_B)
-        rows, offs = at
+        rows, offs = at[:2]
         A, B = _grouped_factors(self.down_A, self.down_B, self.scale, h.dtype)
-        z = moe._grouped_mm(self.dropout(h if rows is None else h[rows]), A.transpose(1, 2), offs=offs)  # (n, rp)
+        z = _a_product(self.dropout, h if rows is None else h[rows], A, offs, gu, rows, swiglu=True)  # (n, rp)
         return self._add(y, moe._grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
 
     @torch.no_grad()
@@ -219,19 +252,20 @@ class ExpertAdapter(nn.Module):
         self.act, self.scale = ACTS[act](), lora_scale(r, alpha, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def prepare(self, g):
-        return g.offs
+    def prepare(self, g, x):
+        return g.offs, x, g.token
 
     def gate_up(self, gu, x, at):
         return gu
 
-    def down(self, y, h, x, at):  # y (rows, D) + scale B_e act(A_e x), x (rows, D); act(0) = 0: rank padding is exact
-        x = self.dropout(x)
+    def down(self, y, h, gu, x, at):  # y (rows, D) + scale B_e act(A_e x), x (rows, D); act(0) = 0: rank padding is exact
         if isinstance(at, int):
+            x = self.dropout(x)
             return y + F.linear(self.act(F.linear(x, self.A[at].to(x.dtype))), self.B[at].to(x.dtype)) * self.scale
+        offs, src, token = at
         A, B = _grouped_factors(self.A, self.B, self.scale, x.dtype)
-        z = self.act(moe._grouped_mm(x, A.transpose(1, 2), offs=at))  # (P, rp)
-        return y.add_(moe._grouped_mm(z, B.transpose(1, 2), offs=at))  # in place: y is a grouped_mm output
+        z = self.act(_a_product(self.dropout, x, A, offs, src, token))  # (P, rp)
+        return y.add_(moe._grouped_mm(z, B.transpose(1, 2), offs=offs))  # in place: y is a grouped_mm output
 
 
 class LoRAMoELinear(nn.Module):

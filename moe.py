@@ -154,9 +154,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        h = x.float()  # normalise in fp32, cast back, then scale (HF order)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return RMSNormFn.apply(x, self.weight, self.eps)
+
+
+class RMSNormFn(torch.autograd.Function):
+    """HF's RMSNorm: normalise in fp32, cast back, then scale by the weight, op for op. The backward is
+    written out so that it keeps x in its own dtype and the fp32 1/rms of each row: autograd would keep x
+    in fp32, twice the bytes of a bf16 x, for each of a layer's two to four norms."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        h = x.float()
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+        ctx.save_for_backward(x, weight, r)
+        return weight * (h * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, r = ctx.saved_tensors
+        h = x.float() * r  # the normalised x, fp32
+        gw = None
+        if ctx.needs_input_grad[1]:  # as autograd: gy * h cast to x's dtype, summed over the rows
+            gw = (gy * h.to(x.dtype)).reshape(-1, h.shape[-1]).sum(0).to(weight.dtype)
+        gh = (gy * weight).float()  # through the scale and the cast
+        gx = r * (gh - h * (gh * h).mean(-1, keepdim=True))  # d(h_in * r)/dh_in, r = 1/rms(h_in)
+        return gx.to(x.dtype), gw, None
 
 
 def rope_inv_freq(cfg):
@@ -243,9 +265,10 @@ class Experts(nn.Module):
 
     `adapter` (set by lora.py, None here) adds its updates inside the expert computation:
     `gate_up(gu, x, at)` returns gate_up_proj's output gu (rows, 2I) plus its update from the expert input x,
-    `down(y, h, x, at)` down_proj's output y (rows, D) plus its update from h or x. `at` is the expert id in
-    the loop path; in the fast path, what `adapter.prepare(groups)` made of the layer's sorted rows once (so
-    the adapter can work on the rows of its own experts only), and the adapter may add in place.
+    `down(y, h, gu, x, at)` down_proj's output y (rows, D) plus its update from h = swiglu(gu) or from x. `at` is the expert id in
+    the loop path; in the fast path, what `adapter.prepare(groups, x)` made of the layer's sorted rows and
+    input (N, D) once (so the adapter can work on the rows of its own experts only, and gather its input rows
+    again in backward instead of keeping them), and the adapter may add in place.
     """
 
     def __init__(self, E, D, I):
@@ -270,30 +293,48 @@ class Experts(nn.Module):
             gu = F.linear(xe, self.gate_up_proj[e])  # (n, 2I)
             if self.adapter is not None:
                 gu = self.adapter.gate_up(gu, xe, e)
-            g, u = gu.chunk(2, dim=-1)
-            h = F.silu(g) * u  # (n, I)
+            h = swiglu(gu)  # (n, I)
             y = F.linear(h, self.down_proj[e])  # (n, D)
             if self.adapter is not None:
-                y = self.adapter.down(y, h, xe, e)
+                y = self.adapter.down(y, h, gu, xe, e)
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))
         return out
 
     def forward_fast(self, x, idx, w):
         N, K = idx.shape
         groups = ExpertGroups.sort(idx, self.E)
-        at = self.adapter.prepare(groups) if self.adapter is not None else None
+        at = self.adapter.prepare(groups, x) if self.adapter is not None else None
         xs = x[groups.token]  # (P, D) token rows in expert order
         gu = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=groups.offs)  # (P, 2I)
         if self.adapter is not None:
             gu = self.adapter.gate_up(gu, xs, at)
-        g, u = gu.chunk(2, dim=-1)
-        h = F.silu(g) * u  # (P, I)
+        h = SwiGLUFn.apply(gu)  # (P, I) silu(g) * u, keeping gu only
         ys = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=groups.offs)  # (P, D)
         if self.adapter is not None:
-            ys = self.adapter.down(ys, h, xs, at)
+            ys = self.adapter.down(ys, h, gu, xs, at)
         ys = (ys * w.reshape(-1)[groups.order, None]).to(x.dtype)
-        y = torch.empty_like(ys).index_copy_(0, groups.order, ys)  # back to (token, slot) order, no atomics
+        y = ys.index_select(0, groups.inverse)  # back to (token, slot) order (index_copy_ would keep ys for backward)
         return y.view(N, K, -1).sum(dim=1)  # (N, D)
+
+
+def swiglu(gu):  # gu = [g, u] (rows, 2I) -> silu(g) * u (rows, I)
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+class SwiGLUFn(torch.autograd.Function):
+    """swiglu(gu), with autograd's own backward ops, but keeping gu only (autograd keeps silu(g) too:
+    another (rows, I))."""
+
+    @staticmethod
+    def forward(ctx, gu):
+        ctx.save_for_backward(gu)
+        return swiglu(gu)
+
+    @staticmethod
+    def backward(ctx, gh):
+        g, u = ctx.saved_tensors[0].chunk(2, dim=-1)
+        return torch.cat([torch.ops.aten.silu_backward(gh * u, g), gh * F.silu(g)], dim=-1)
 
 
 class ExpertGroups(NamedTuple):
@@ -303,6 +344,7 @@ class ExpertGroups(NamedTuple):
     expert: torch.Tensor  # (P,) expert of each sorted row (ascending)
     counts: torch.Tensor  # (E,) rows per expert
     offs: torch.Tensor  # (E,) int32 end offset of each expert's rows, as grouped_mm wants
+    inverse: torch.Tensor  # (P,) sorted row of each pair: order's inverse permutation
 
     @staticmethod
     def sort(idx, E):
@@ -311,7 +353,8 @@ class ExpertGroups(NamedTuple):
         # end offsets by binary search on the sorted ids: no host sync (CUDA bincount reads its max to the host)
         ends = torch.searchsorted(expert, torch.arange(E, device=flat.device, dtype=flat.dtype), right=True)
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
-        return ExpertGroups(order, order // idx.shape[1], expert, counts, ends.to(torch.int32))
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        return ExpertGroups(order, order // idx.shape[1], expert, counts, ends.to(torch.int32), inverse)
 
 
 class MoE(nn.Module):
@@ -418,7 +461,7 @@ class Transformer(nn.Module):
         return (out, routing) if return_routing else out
 
 
-def cross_entropy_sum(model, h, labels, chunk=4096, ignore_index=-100):
+def cross_entropy_sum(model, h, labels, chunk=2048, ignore_index=-100):
     """Sum of next-token losses over the labelled positions, without keeping (N, V) fp32 logits: each
     chunk's logits are made in fp32 and, when training, recomputed in backward instead of stored."""
     h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)

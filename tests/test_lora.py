@@ -4,7 +4,7 @@ import torch
 
 import lora
 import moe
-from tiny import tiny_model
+from tiny import expert_layer_inputs, kept_for_backward, tiny_model
 
 TYPES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"]
 PLAN = {0: [1, 5, 6]}  # layer 0: three of eight experts; layer 1 (dense in the Qwen2 tiny model) none
@@ -32,11 +32,12 @@ def test_zero_B_gives_exactly_the_base_logits(model_type, method):
     assert torch.equal(m(x), base)
 
 
-@pytest.mark.parametrize("model_type", TYPES)
-def test_fast_path_equals_loop_path_with_expert_lora(model_type):
-    """Expert LoRA on a subset of experts: grouped fast path equals the per-expert loop, logits and gradients."""
+@pytest.mark.parametrize("model_type,method", [(t, "sieve") for t in TYPES] + [("olmoe", "lora"), ("mixtral", "lora")])
+def test_fast_path_equals_loop_path_with_expert_lora(model_type, method):
+    """Expert LoRA on a subset of experts (sieve) or on all (lora): the grouped fast path, whose backward
+    gathers the LoRA inputs again, equals the per-expert loop (plain autograd), logits and gradients."""
     m = tiny_model(model_type)
-    lora.attach(m, "sieve", r=4, alpha=8, plan={0: [1, 5, 6], 1: [0, 7]})
+    lora.attach(m, method, r=4, alpha=8, plan={0: [1, 5, 6], 1: [0, 7]})
     randomize_adapters(m)
     x = ids()
     out = {}
@@ -99,6 +100,60 @@ def test_gradients_reach_every_adapter_and_no_frozen_tensor(model_type):
     for n, p in m.named_parameters():
         if n not in names:
             assert p.grad is None and not p.requires_grad, n
+
+
+@pytest.mark.parametrize("ids_", [range(8), [1, 5, 6]])
+def test_expert_lora_keeps_no_row_sized_input(ids_):
+    """Memory: expert LoRA adds nothing of the layer's width per (token, slot) pair to what the frozen layer
+    keeps for backward (its gate_up and down outputs): its A products' inputs, the (P, D) gathered rows and
+    the (P, I) swiglu output, are made again in backward; only the rank-wide (rows, 2r) and (rows, r) products
+    are kept. Its gradients still equal the loop path's (test above)."""
+    N, K, E, D, I, r = 40, 2, 8, 48, 32, 4
+    experts = moe.Experts(E, D, I).requires_grad_(False)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.1)
+        experts.down_proj.normal_(0, 0.1)
+    experts.adapter = lora.ExpertLoRA(experts, ids_, r, 2 * r)
+    with torch.no_grad():
+        for p in experts.adapter.parameters():
+            p.normal_(0, 0.1)
+    x, idx, w = expert_layer_inputs(N, K, E, D)
+    y, kept = kept_for_backward(lambda: experts.forward_fast(x, idx, w), experts.gate_up_proj, experts.down_proj)
+    P, n = N * K, int(torch.isin(idx, torch.tensor(list(ids_))).sum())
+    assert sorted(s for s in kept if s[0] in (P, n) and s[1] > 2 * 8) == [(P, D), (P, 2 * I)], kept  # 2r padded: 16
+    y.sum().backward()
+    assert all(p.grad.abs().sum() > 0 for p in experts.adapter.parameters())
+
+
+def test_dropout_keeps_the_dropped_rows_and_trains():
+    """With LoRA dropout in training mode the dropped rows cannot be made again in backward, so the fast path
+    keeps them (plain autograd); every adapter tensor still gets a gradient."""
+    m = tiny_model("olmoe").train()
+    lora.attach(m, "lora", r=4, alpha=8, dropout=0.5)
+    randomize_adapters(m)
+    m(ids()).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.adapter_state(m).values())
+
+
+@pytest.mark.parametrize("method,dropout", [("lora", 0.0), ("sieve", 0.0), ("lora", 0.3), ("perft-e", 0.0)])
+def test_grad_checkpoint_gives_the_same_gradients(method, dropout):
+    """Recomputing each block in backward (train.py --grad-checkpoint) gives the loss and the gradients of
+    the plain backward, with dropout too (checkpoint replays the random state) and with the adapters' own
+    recomputed rows nested inside."""
+    out = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        m = tiny_model("olmoe").train()
+        lora.attach(m, method, r=4, alpha=8, dropout=dropout, plan=PLAN)
+        randomize_adapters(m)
+        m.grad_checkpoint = ckpt
+        torch.manual_seed(1)
+        loss = m(ids(), labels=ids(seed=1))
+        loss.backward()
+        out[ckpt] = loss.detach(), {n: p.grad for n, p in lora.adapter_state(m).items()}
+    torch.testing.assert_close(out[True][0], out[False][0], atol=0, rtol=1e-6)
+    for n, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][n], g, atol=1e-6, rtol=1e-5, msg=n)
 
 
 def test_tokens_routed_to_frozen_experts_cost_no_lora_work(monkeypatch):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import (FP32_VARIANTS, VARIANTS, assert_logits_close, hf_topk, load_hf, make_ids, read_json,
                       write_json)
+from tiny import expert_layer_inputs, kept_for_backward
 from safetensors import safe_open
 
 import moe
@@ -230,3 +231,44 @@ def test_rmsnorm_bf16_bitwise_equals_hf():
     ours.weight.copy_(w)
     ref.weight.copy_(w)
     assert torch.equal(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_backward_equals_hf_autograd(dtype):
+    """RMSNorm's hand-written backward (it keeps x, not fp32 x) gives autograd's gradients through HF's
+    RMSNorm, for x and for a trainable weight: to fp32 rounding in fp32, within bf16 rounding in bf16."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
+
+    g = torch.Generator().manual_seed(14)
+    x = (3 * torch.randn(4, 7, 64, generator=g)).to(dtype)
+    w = (0.8 + 0.4 * torch.rand(64, generator=g)).to(dtype)
+    gy = torch.randn(4, 7, 64, generator=g).to(dtype)
+    grads = []
+    for norm in (moe.RMSNorm(64, 1e-5), OlmoeRMSNorm(64, eps=1e-5)):
+        norm = norm.to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(w)
+        xi = x.clone().requires_grad_()
+        norm(xi).backward(gy)
+        grads.append((xi.grad, norm.weight.grad))
+    for ours, ref in zip(*grads):
+        tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours.float(), ref.float(), **tol)
+
+
+def test_expert_layer_keeps_only_its_two_product_outputs():
+    """Memory: for backward, a frozen expert layer on the fast path keeps the gate_up output (P, 2I) and the
+    down output (P, D) (for the routing weights' gradient) and nothing else with a row per (token, slot)
+    pair but the (P, 1) weights: not the gathered rows, not silu(gate), not a second copy of the down output."""
+    N, K, E, D, I = 40, 2, 8, 48, 32
+    experts = moe.Experts(E, D, I).requires_grad_(False)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.1)
+        experts.down_proj.normal_(0, 0.1)
+    x, idx, w = expert_layer_inputs(N, K, E, D)
+    y, kept = kept_for_backward(lambda: experts.forward_fast(x, idx, w), experts.gate_up_proj, experts.down_proj)
+    P = N * K
+    assert sorted(s for s in kept if s[0] == P) == [(P, 1), (P, D), (P, 2 * I)], kept
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0 and w.grad.abs().sum() > 0

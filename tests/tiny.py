@@ -37,6 +37,30 @@ def tiny_model(model_type="olmoe", seed=0, **overrides):
     return randomize(moe.Transformer(tiny_config(model_type, **overrides)), seed).eval()
 
 
+def kept_for_backward(fn, *weights):
+    """fn()'s result and the shapes of the floating-point tensors autograd keeps for its backward, one per
+    storage (a tensor kept by several ops counts once), leaving out the storages of `weights`."""
+    skip = {t.untyped_storage().data_ptr() for t in weights}
+    kept = {}
+
+    def pack(t):
+        if t.is_floating_point() and t.untyped_storage().data_ptr() not in skip:
+            kept[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, list(kept.values())
+
+
+def expert_layer_inputs(N, K, E, D, seed=0):
+    """x (N, D) and routing weights w (N, K) that need gradients, and K distinct experts per token."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g).requires_grad_()
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    return x, idx, torch.rand(N, K, generator=g).requires_grad_()
+
+
 SENTENCES = [  # a tiny corpus for tokenizers and training tests (public-domain style prose, written here)
     "The quick brown fox jumps over the lazy dog.", "A journey of a thousand miles begins with one step.",
     "Question: What colour is the sky on a clear day?\nAnswer: blue", "It was the best of times, it was the worst of times.",
