@@ -84,8 +84,8 @@ def _routing(device, N, E, K, seed=1):
     return idx.to(device), w.to(device, torch.bfloat16)
 
 
-def _fast_matches_loop(device):
-    experts = _medium_experts(device, plan_ids=[0, 3, 4, 9, 15])
+def _fast_matches_loop(device, plan_ids):
+    experts = _medium_experts(device, plan_ids)
     N, K = 512, 4
     idx, w = _routing(device, N, experts.E, K)
     x0 = torch.randn(N, experts.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(2)).to(device, torch.bfloat16)
@@ -125,12 +125,14 @@ def _lora_rows(device, plan_ids, monkeypatch):
     return sum(rows), int(torch.isin(idx, torch.tensor(plan_ids, device=device)).sum())
 
 
-def test_cuda_bf16_fast_path_with_expert_lora_matches_loop():
-    """bf16 on CUDA, one layer (D 256, I 128, 16 experts, top-4, 512 tokens), LoRA r=16 on 5 of 16 experts:
-    the grouped fast path equals the per-expert loop on the same routing. Tolerance (bf16 rounding of
-    the intermediate products): output and input gradient within 2e-2 of their largest magnitude, adapter
-    gradients within 5e-2 (they sum over all rows of an expert)."""
-    _fast_matches_loop("cuda")
+@pytest.mark.parametrize("plan_ids", [[0, 3, 4, 9, 15], list(range(16))])
+def test_cuda_bf16_fast_path_with_expert_lora_matches_loop(plan_ids):
+    """bf16 on CUDA, one layer (D 256, I 128, 16 experts, top-4, 512 tokens), LoRA r=16 on 5 of 16 experts
+    (sieve) or on all 16 (lora): the grouped fast path (whose backward gathers the LoRA inputs again and
+    takes A's gradient from a K-grouped product) equals the per-expert loop on the same routing. Tolerance
+    (bf16 rounding of the intermediate products): output and input gradient within 2e-2 of their largest
+    magnitude, adapter gradients within 5e-2 (they sum over all rows of an expert)."""
+    _fast_matches_loop("cuda", plan_ids)
 
 
 def test_cuda_sieve_does_less_expert_lora_work_than_lora(monkeypatch):
