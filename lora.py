@@ -145,7 +145,8 @@ class ExpertLoRA(nn.Module):
         rows = self.adapted[g.expert].nonzero().squeeze(1)  # (n,)
         if rows.numel() == 0:
             return None  # no row reaches an adapted expert: no LoRA work in this layer
-        return rows, g.counts[self.expert_ids].cumsum(0).to(torch.int32), x, g.token[rows]  # offs: (m,) ends, the last one n
+        offs = g.counts[self.expert_ids].cumsum(0).to(torch.int32)  # (m,) ends, the last one n
+        return rows, offs, x, g.token[rows]
 
     def _one(self, x, j, A, B):  # loop path: scale * B_j A_j x for the rows of one expert
         return F.linear(F.linear(x, A[j].to(x.dtype)), B[j].to(x.dtype)) * self.scale

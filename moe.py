@@ -265,10 +265,10 @@ class Experts(nn.Module):
 
     `adapter` (set by lora.py, None here) adds its updates inside the expert computation:
     `gate_up(gu, x, at)` returns gate_up_proj's output gu (rows, 2I) plus its update from the expert input x,
-    `down(y, h, gu, x, at)` down_proj's output y (rows, D) plus its update from h = swiglu(gu) or from x. `at` is the expert id in
-    the loop path; in the fast path, what `adapter.prepare(groups, x)` made of the layer's sorted rows and
-    input (N, D) once (so the adapter can work on the rows of its own experts only, and gather its input rows
-    again in backward instead of keeping them), and the adapter may add in place.
+    `down(y, h, gu, x, at)` down_proj's output y (rows, D) plus its update from h = swiglu(gu) or from x.
+    `at` is the expert id in the loop path; in the fast path, what `adapter.prepare(groups, x)` made of the
+    layer's sorted rows and input (N, D) once (so the adapter can work on the rows of its own experts only,
+    and make its input rows again in backward instead of keeping them), and the adapter may add in place.
     """
 
     def __init__(self, E, D, I):
