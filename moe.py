@@ -158,27 +158,33 @@ class RMSNorm(nn.Module):
 
 
 class RMSNormFn(torch.autograd.Function):
-    """HF's RMSNorm: normalise in fp32, cast back, then scale by the weight, op for op. The backward is
-    written out so that it keeps x in its own dtype and the fp32 1/rms of each row: autograd would keep x
-    in fp32, twice the bytes of a bf16 x, for each of a layer's two to four norms."""
+    """HF's RMSNorm, weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype). The normalisation is
+    torch's fused norm without a weight (one kernel on CUDA; fp32 inside, cast once: HF's result bit for bit),
+    then HF's separate multiply by the weight. Eager HF makes ~5 passes over an fp32 copy of x forward and
+    ~10 backward, for each of a layer's two to four norms. The backward keeps x in its own dtype and the fp32
+    1/rms of each row (autograd would keep fp32 x) and is torch's fused kernel on CUDA, where it has one; the
+    same formula written out elsewhere."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        h = x.float()
-        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
+        n, r = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, eps)  # x's dtype; fp32 1/rms
+        r = r.reshape(*x.shape[:-1], 1)
         ctx.save_for_backward(x, weight, r)
-        return weight * (h * r).to(x.dtype)
+        return weight * n
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, r = ctx.saved_tensors
-        h = x.float() * r  # the normalised x, fp32
         gw = None
-        if ctx.needs_input_grad[1]:  # as autograd: gy * h cast to x's dtype, summed over the rows
-            gw = (gy * h.to(x.dtype)).reshape(-1, h.shape[-1]).sum(0).to(weight.dtype)
-        gh = (gy * weight).float()  # through the scale and the cast
-        gx = r * (gh - h * (gh * h).mean(-1, keepdim=True))  # d(h_in * r)/dh_in, r = 1/rms(h_in)
-        return gx.to(x.dtype), gw, None
+        if ctx.needs_input_grad[1]:  # as autograd: gy * the normalised x in x's dtype, summed over the rows
+            gw = (gy * (x.float() * r).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        gn = (gy * weight).to(x.dtype)  # through the scale, to the normalised x (x's dtype)
+        if x.is_cuda:
+            gx = torch.ops.aten._fused_rms_norm_backward(gn, x, [x.shape[-1]], r, None, [True, False])[0]
+        else:  # d(h * r)/dh with h = x in fp32, r = 1/rms(h)
+            h, gh = x.float() * r, gn.float()
+            gx = (r * (gh - h * (gh * h).mean(-1, keepdim=True))).to(x.dtype)
+        return gx, gw, None
 
 
 def rope_inv_freq(cfg):
@@ -312,9 +318,8 @@ class Experts(nn.Module):
         ys = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=groups.offs)  # (P, D)
         if self.adapter is not None:
             ys = self.adapter.down(ys, h, gu, xs, at)
-        ys = (ys * w.reshape(-1)[groups.order, None]).to(x.dtype)
-        y = ys.index_select(0, groups.inverse)  # back to (token, slot) order (index_copy_ would keep ys for backward)
-        return y.view(N, K, -1).sum(dim=1)  # (N, D)
+        y = Unsort.apply(ys, groups).view(N, K, -1)  # (N, K, D) back in (token, slot) order
+        return (y * w[..., None]).to(x.dtype).sum(dim=1)  # (N, D): weighted as HF (its rounding), summed over slots
 
 
 def swiglu(gu):  # gu = [g, u] (rows, 2I) -> silu(g) * u (rows, I)
@@ -333,8 +338,30 @@ class SwiGLUFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gh):
-        g, u = ctx.saved_tensors[0].chunk(2, dim=-1)
-        return torch.cat([torch.ops.aten.silu_backward(gh * u, g), gh * F.silu(g)], dim=-1)
+        gu = ctx.saved_tensors[0]
+        g, u = gu.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # the compiler fuses the cat (and refuses out= into half a tensor)
+            return torch.cat([torch.ops.aten.silu_backward(gh * u, g), gh * F.silu(g)], dim=-1)
+        dgu = torch.empty_like(gu)  # eager: both halves written in place (a cat is one more pass over (rows, 2I))
+        dg, du = dgu.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(gh * u, g, grad_input=dg)
+        torch.mul(gh, F.silu(g), out=du)
+        return dgu
+
+
+class Unsort(torch.autograd.Function):
+    """rows.index_select(0, groups.inverse): the layer's sorted rows back in (token, slot) order. A permutation's
+    gradient is the gather by its inverse, `order`; autograd's index_select backward would instead zero a
+    (P, D) tensor and scatter-add into it (index_copy_ forward would keep the rows for backward)."""
+
+    @staticmethod
+    def forward(ctx, rows, groups):
+        ctx.order = groups.order
+        return rows.index_select(0, groups.inverse)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.index_select(0, ctx.order), None
 
 
 class ExpertGroups(NamedTuple):

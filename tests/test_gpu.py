@@ -7,6 +7,7 @@ bf16 fast vs loop within 2e-2 of the logit scale, as on the CPU.
 import pytest
 import torch
 from conftest import assert_logits_close, make_ids
+from test_parity import check_rmsnorm_backward
 from test_train import ckpt, train_file  # noqa: F401  (module-scoped fixtures)
 
 import lora
@@ -36,6 +37,22 @@ def test_cuda_bf16_fast_matches_loop(checkpoints, name):
     assert fast.dtype == torch.bfloat16 and fast.device.type == "cuda"
     assert torch.equal(r_loop[0].topk_idx, r_fast[0].topk_idx)
     assert_logits_close(fast, loop, rel=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_rmsnorm_fused_kernels_equal_hf(dtype):
+    """RMSNorm on CUDA runs torch's fused norm kernels: forward equal to HF's up to the order in which the
+    kernel sums the squares (fp32 rounding; in bf16 at most one rounding step of the result), backward equal
+    to autograd through HF's."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
+
+    x = (3 * torch.randn(16, 2048, device="cuda")).to(dtype)
+    ours, ref = moe.RMSNorm(2048, 1e-5).to("cuda", dtype), OlmoeRMSNorm(2048, eps=1e-5).to("cuda", dtype)
+    with torch.no_grad():
+        ours.weight.uniform_(0.8, 1.2)
+        ref.weight.copy_(ours.weight)
+        torch.testing.assert_close(ours(x), ref(x), atol=1e-6, rtol=1e-6 if dtype == torch.float32 else 2 ** -8)
+    check_rmsnorm_backward(dtype, "cuda")
 
 
 @pytest.mark.parametrize("path", ["loop", "fast"])

@@ -265,3 +265,20 @@ def test_compiled_blocks_match_fp32_eager():
     torch.testing.assert_close(out["compiled"][0], out["fp32"][0], rtol=1e-2, atol=0)
     for n, g in out["fp32"][1].items():
         assert (out["compiled"][1][n] - g).abs().max() <= 0.1 * g.abs().max(), n
+
+
+@pytest.mark.parametrize("method", ["attn", "lora", "perft-e"])
+def test_compiled_block_is_one_graph(method):
+    """torch.compile sees each block, its custom autograd Functions' backwards included, as one graph with no
+    break (a break splits the block and leaves the ops around it unfused). The sieve's nonzero is the one
+    break by design, so it is not in this list."""
+    m = tiny_model("olmoe", hidden_size=64, intermediate_size=32).to(torch.bfloat16).train()
+    lora.attach(m, method, r=8, alpha=16)
+    B, T = 2, 32
+    x = torch.randn(B, T, 64, dtype=torch.bfloat16, requires_grad=True)
+    emb = torch.arange(T).expand(B, T)[..., None].float() * m.inv_freq
+    emb = torch.cat((emb, emb), -1)
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(m.model.layers[0])(x, emb.cos().bfloat16(), emb.sin().bfloat16(), None, None)
+    torch._dynamo.reset()
+    assert (report.graph_count, report.graph_break_count) == (1, 0), [b.reason for b in report.break_reasons]

@@ -219,6 +219,20 @@ def test_load_model_is_eval(checkpoints):
     assert not moe.load_model(checkpoints("olmoe").path).training
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_backward_bitwise_equals_autograd(dtype):
+    """SwiGLUFn (keeps gu only, writes both gradient halves in place) gives autograd's gradient bit for bit."""
+    g = torch.Generator().manual_seed(16)
+    gu = torch.randn(50, 64, generator=g).to(dtype).requires_grad_()
+    gh = torch.randn(50, 32, generator=g).to(dtype)
+    grads = []
+    for f in (moe.SwiGLUFn.apply, moe.swiglu):
+        gu.grad = None
+        f(gu).backward(gh)
+        grads.append(gu.grad)
+    assert torch.equal(*grads)
+
+
 @torch.no_grad()
 def test_rmsnorm_bf16_bitwise_equals_hf():
     """In bf16, RMSNorm equals HF's bit for bit (normalise in fp32, cast back, then scale by the weight)."""
@@ -236,16 +250,35 @@ def test_rmsnorm_bf16_bitwise_equals_hf():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_backward_equals_hf_autograd(dtype):
     """RMSNorm's hand-written backward (it keeps x, not fp32 x) gives autograd's gradients through HF's
-    RMSNorm, for x and for a trainable weight: to fp32 rounding in fp32, within bf16 rounding in bf16."""
+    RMSNorm, for x and for a trainable weight: to fp32 rounding in fp32, within bf16 rounding in bf16.
+    (On CUDA the backward is torch's fused kernel: tests/test_gpu.py runs the same check there.)"""
+    check_rmsnorm_backward(dtype, "cpu")
+
+
+def test_rmsnorm_fused_backward_reference_equals_ours():
+    """The call the CUDA branch makes, _fused_rms_norm_backward(gn, x, [D], r, None, [True, False]), run as
+    torch's reference decomposition of that kernel on the CPU, gives the written-out formula's gradient."""
+    from torch._decomp.decompositions import _fused_rms_norm_backward
+
+    g = torch.Generator().manual_seed(15)
+    x = (3 * torch.randn(4, 7, 64, generator=g)).requires_grad_()
+    gy = torch.randn(4, 7, 64, generator=g)
+    moe.RMSNormFn.apply(x, torch.ones(64), 1e-5).backward(gy)
+    _, r = torch.ops.aten._fused_rms_norm(x.detach(), [64], None, 1e-5)
+    ref = _fused_rms_norm_backward(gy, x.detach(), [64], r, None, [True, False])[0]
+    torch.testing.assert_close(x.grad, ref, atol=1e-6, rtol=1e-5)
+
+
+def check_rmsnorm_backward(dtype, device):
     from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
 
     g = torch.Generator().manual_seed(14)
-    x = (3 * torch.randn(4, 7, 64, generator=g)).to(dtype)
-    w = (0.8 + 0.4 * torch.rand(64, generator=g)).to(dtype)
-    gy = torch.randn(4, 7, 64, generator=g).to(dtype)
+    x = (3 * torch.randn(4, 7, 64, generator=g)).to(device, dtype)
+    w = (0.8 + 0.4 * torch.rand(64, generator=g)).to(device, dtype)
+    gy = torch.randn(4, 7, 64, generator=g).to(device, dtype)
     grads = []
     for norm in (moe.RMSNorm(64, 1e-5), OlmoeRMSNorm(64, eps=1e-5)):
-        norm = norm.to(dtype)
+        norm = norm.to(device, dtype)
         with torch.no_grad():
             norm.weight.copy_(w)
         xi = x.clone().requires_grad_()

@@ -39,13 +39,14 @@ def tiny_model(model_type="olmoe", seed=0, **overrides):
 
 def kept_for_backward(fn, *weights):
     """fn()'s result and the shapes of the floating-point tensors autograd keeps for its backward, one per
-    storage (a tensor kept by several ops counts once), leaving out the storages of `weights`."""
+    storage (a tensor kept by several ops counts once), leaving out the storages of `weights`. Shapes are
+    (rows, width): a (N, K, D) tensor is (N * K, D)."""
     skip = {t.untyped_storage().data_ptr() for t in weights}
     kept = {}
 
     def pack(t):
         if t.is_floating_point() and t.untyped_storage().data_ptr() not in skip:
-            kept[t.untyped_storage().data_ptr()] = tuple(t.shape)
+            kept[t.untyped_storage().data_ptr()] = (t.numel() // max(t.shape[-1], 1), t.shape[-1]) if t.dim() else ()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
