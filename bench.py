@@ -32,8 +32,18 @@ and values 4 L T H S forward + 8 backward, counted without the causal halving (P
 FLOPs and --grad-checkpoint recomputation are not counted, so MFU is proportional to tok/s within a table.
 OLMoE-1B-7B at T=2048: 5.52 GFLOP/token. Peak: --peak-tflops, default 989 (H100/H200 SXM dense bf16,
 datasheet); DESIGN.md §6's "practical" ~800 is `--peak-tflops 800` (ceiling ~145k tok/s on this shape).
+
+`--traffic` counts instead of timing, with no GPU: the bytes each aten op of our rows reads and writes in one
+forward + backward of the transformer body (no loss head, no optimizer), from shapes alone (meta tensors,
+bf16). Every input and output of an op counts once, views and allocations are free: the memory traffic an
+eager step cannot avoid, which is what its many elementwise ops are bound by. Two ops are modelled by the
+CUDA kernels they run there, not by what the meta device would run: sdpa as flash attention (read q, k, v,
+write o; backward read q, k, v, o, dO, write dq, dk, dv) and RMSNorm's fused norm (read x, write the
+normalised x; backward read dy, x, write dx). Matrix products are in the count but are compute-bound here.
+`sieve` cannot be counted (its rows are found with nonzero, which needs values).
 """
 import argparse
+import collections
 import datetime
 import gc
 import json
@@ -47,6 +57,9 @@ import traceback
 import types
 
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import lora
 import moe
@@ -88,6 +101,8 @@ def parse_args(argv):
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (CUDA default 989; CPU: no MFU)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the token ids and weights")
     ap.add_argument("--out", default=None, help="write the table and environment to this JSON file")
+    ap.add_argument("--traffic", action="store_true", help="count each op's bytes (meta tensors, no GPU) instead of timing")
+    ap.add_argument("--top", type=int, default=12, help="--traffic: ops listed per row")
     args = ap.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in ROWS]
@@ -297,11 +312,116 @@ def versions():
     return out
 
 
+# ----------------------------------------------------------------------------- memory traffic (--traffic)
+
+FREE = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "slice", "select", "unsqueeze",
+        "squeeze", "split", "split_with_sizes", "chunk", "unbind", "alias", "detach", "as_strided", "lift_fresh",
+        "empty", "empty_like", "new_empty", "empty_strided"}
+
+
+class Traffic(TorchDispatchMode):
+    """Adds up the bytes of every tensor an aten op reads or returns, per (phase, op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase, self.bytes = "fwd", collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ not in FREE:
+            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            self.bytes[self.phase, func.overloadpacket.__name__] += sum(t.numel() * t.element_size() for t in tensors)
+        return out
+
+
+class FlashModel(torch.autograd.Function):  # sdpa as flash attention's traffic (see the module docstring)
+    @staticmethod
+    def forward(ctx, q, k, v, counter):
+        ctx.counter, ctx.shapes = counter, (q, k, v)
+        counter.bytes["fwd", "sdpa (flash)"] += sum(t.numel() * t.element_size() for t in (q, k, v, q))
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v = ctx.shapes
+        ctx.counter.bytes["bwd", "sdpa (flash)"] += 2 * sum(t.numel() * t.element_size() for t in (q, k, v)) + 2 * g.numel() * g.element_size()
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
+
+
+class NormModel(torch.autograd.Function):  # RMSNorm's fused CUDA kernels' traffic, then its weight multiply
+    @staticmethod
+    def forward(ctx, x, counter):
+        ctx.counter = counter
+        counter.bytes["fwd", "rms_norm (fused)"] += 2 * x.numel() * x.element_size()
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.counter.bytes["bwd", "rms_norm (fused)"] += 3 * g.numel() * g.element_size()
+        return torch.empty_like(g), None
+
+
+def count_traffic(name, args, cdict):
+    """GiB one layer inside a deep model reads and writes in forward + backward for row `name`, by (phase, op):
+    the count of our body with two layers minus that with one (so the layer's backward also makes the gradient
+    of its input, and the embedding and final norm cancel)."""
+    if name.startswith("peft") or name in ("sieve", "dmep-pruned"):
+        return dict(method=name, status="skipped: not countable on the meta device")
+    one, two = (_count_body(name, args, dict(cdict, num_hidden_layers=n)) for n in (1, 2))
+    layer = {k: (two[k] - one[k]) / 2**30 for k in two if two[k] != one[k]}
+    total = {ph: sum(v for (p, _), v in layer.items() if p == ph) for ph in ("fwd", "bwd")}
+    return dict(method=name, status="ok", gib_per_layer=total,
+                top=sorted(([f"{p} {op}", v] for (p, op), v in layer.items()), key=lambda kv: -kv[1]))
+
+
+def _count_body(name, args, cdict):
+    cfg = moe.Config.from_json(cdict)
+    with torch.device("meta"):
+        model = moe.Transformer(cfg).to(torch.bfloat16)
+    model.inv_freq = moe.rope_inv_freq(cfg).to("meta")
+    lora.attach(model, name, args.rank, args.alpha)
+    counter, sdpa, norm = Traffic(), F.scaled_dot_product_attention, moe.RMSNorm.forward
+    F.scaled_dot_product_attention = lambda q, k, v, **kw: FlashModel.apply(q, k, v, counter)
+    moe.RMSNorm.forward = lambda self, x: self.weight * NormModel.apply(x, counter)
+    try:
+        with counter:
+            h = model.train()(torch.zeros(args.batch, args.seq, dtype=torch.long, device="meta"), hidden=True)
+            counter.phase = "bwd"
+            h.backward(torch.empty_like(h))
+    finally:
+        F.scaled_dot_product_attention, moe.RMSNorm.forward = sdpa, norm
+    return counter.bytes
+
+
+def main_traffic(args, cdict, argv):
+    cfg = moe.Config.from_json(cdict)
+    print(f"traffic: {cfg.model_type}, D {cfg.hidden_size}, {cfg.num_experts} experts "
+          f"top-{cfg.num_experts_per_tok} | batch {args.batch} x {args.seq} | r {args.rank} | bf16 | GiB read + written "
+          f"by one layer inside the model, forward + backward (see bench.py's docstring)")
+    rows = [count_traffic(m, args, cdict) for m in args.methods]
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['method']:<12} {r['status']}")
+            continue
+        t = r["gib_per_layer"]
+        print(f"{r['method']:<12} fwd {t['fwd']:6.2f}  bwd {t['bwd']:6.2f}  total {t['fwd'] + t['bwd']:6.2f} GiB")
+        for op, v in r["top"][:args.top]:
+            print(f"    {op:<40} {v:7.3f}")
+    result = dict(command=shlex.join([sys.executable, os.path.abspath(__file__), *argv]), argv=argv, config=cdict,
+                  batch=args.batch, seq=args.seq, rank=args.rank, versions=versions(), rows=rows)
+    if args.out:
+        lora.atomic_write(args.out, lambda t: open(t, "w").write(json.dumps(result, indent=1)))
+        print(f"wrote {args.out}")
+    return result
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.traffic:
+        return main_traffic(args, config_dict(args), argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device cuda, but CUDA is not available")

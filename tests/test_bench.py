@@ -52,3 +52,19 @@ def test_flop_count_of_olmoe_matches_design():
     """OLMoE-1B-7B at T=2048: about 5.5 GFLOP per token for forward + activation backward (DESIGN.md §6)."""
     cfg = moe.Config.from_json(bench.OLMOE)
     assert 5.45e9 < bench.flops_per_token(cfg, 2048) < 5.6e9
+
+
+def test_traffic_counts_one_layer_without_a_gpu(capsys):
+    """--traffic counts bytes on meta tensors: one layer's flash attention is q, k, v and o once forward; the
+    eager step has no scatter-add back to (token, slot) order, no cat in backward (RoPE, SwiGLU) and none of
+    RMSNorm's fp32 passes (pow) left; LoRA on the experts adds traffic; the sieve is reported as not countable."""
+    result = bench.main(["--traffic", "--tiny", "--methods", "attn,lora,sieve", "--top", "3"])
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["sieve"]["status"].startswith("skipped")
+    B, T, D = 2, 32, bench.TINY["hidden_size"]
+    ops = dict(rows["attn"]["top"])
+    assert ops["fwd sdpa (flash)"] * 2**30 == 4 * B * T * D * 2  # bf16 q, k, v (4 kv heads = 4 heads), o
+    assert not {"bwd index_add", "bwd cat", "fwd pow", "bwd pow"} & set(ops), sorted(ops)
+    total = {m: sum(rows[m]["gib_per_layer"].values()) for m in ("attn", "lora")}
+    assert 0 < total["attn"] < total["lora"]
+    assert "lora " in capsys.readouterr().out

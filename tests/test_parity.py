@@ -233,6 +233,29 @@ def test_swiglu_backward_bitwise_equals_autograd(dtype):
     assert torch.equal(*grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_bitwise_equals_hf(dtype):
+    """RoPEFn (no negated copy, no cat) gives HF's apply_rotary_pos_emb and its autograd gradient bit for bit,
+    on q and k laid out as attention has them ((B, T, H, S) transposed to (B, H, T, S), cos/sin (B, 1, T, S))."""
+    from transformers.models.olmoe.modeling_olmoe import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(17)
+    q = (3 * torch.randn(2, 5, 4, 16, generator=g)).to(dtype).transpose(1, 2)
+    k = (3 * torch.randn(2, 5, 2, 16, generator=g)).to(dtype).transpose(1, 2)
+    ang = torch.randn(2, 5, 8, generator=g)
+    cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
+    gq, gk = torch.randn(q.shape, generator=g).to(dtype), torch.randn(k.shape, generator=g).to(dtype)
+    results = []
+    for rope in (lambda q, k: (moe.RoPEFn.apply(q, cos[:, None], sin[:, None]), moe.RoPEFn.apply(k, cos[:, None], sin[:, None])),
+                 lambda q, k: apply_rotary_pos_emb(q, k, cos, sin)):
+        qi, ki = q.detach().requires_grad_(), k.detach().requires_grad_()
+        qo, ko = rope(qi, ki)
+        torch.autograd.backward((qo, ko), (gq, gk))
+        results.append((qo, ko, qi.grad, ki.grad))
+    for ours, ref in zip(*results):
+        assert torch.equal(ours, ref)
+
+
 @torch.no_grad()
 def test_rmsnorm_bf16_bitwise_equals_hf():
     """In bf16, RMSNorm equals HF's bit for bit (normalise in fp32, cast back, then scale by the weight)."""
