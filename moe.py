@@ -194,8 +194,9 @@ def rope_inv_freq(cfg):
 
 class RoPEFn(torch.autograd.Function):
     """HF's RoPE, x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1], with HF's roundings (each
-    product, then the sum) and without the negated half and the cat: out = x * cos, then out1 -= x2 * sin1 and out2 += x1 * sin2 in place. Its
-    backward has the same form (the rotation transposed): autograd's gradient bit for bit, in fewer passes."""
+    product, then the sum) and without the negated half and the cat: out = x * cos, then in place
+    out1 -= x2 * sin1 and out2 += x1 * sin2. The backward has the same form (the rotation transposed):
+    autograd's gradient bit for bit, in fewer passes."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
