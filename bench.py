@@ -312,6 +312,12 @@ def versions():
     return out
 
 
+def write_json(path, result):
+    if path:
+        lora.atomic_write(path, lambda t: open(t, "w").write(json.dumps(result, indent=1)))
+        print(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------- memory traffic (--traffic)
 
 FREE = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "slice", "select", "unsqueeze",
@@ -330,21 +336,21 @@ class Traffic(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func.overloadpacket.__name__ not in FREE:
             tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-            self.bytes[self.phase, func.overloadpacket.__name__] += sum(t.numel() * t.element_size() for t in tensors)
+            self.bytes[self.phase, func.overloadpacket.__name__] += sum(t.nbytes for t in tensors)
         return out
 
 
 class FlashModel(torch.autograd.Function):  # sdpa as flash attention's traffic (see the module docstring)
     @staticmethod
     def forward(ctx, q, k, v, counter):
-        ctx.counter, ctx.shapes = counter, (q, k, v)
-        counter.bytes["fwd", "sdpa (flash)"] += sum(t.numel() * t.element_size() for t in (q, k, v, q))
+        ctx.counter, ctx.qkv = counter, (q, k, v)  # meta tensors: kept for their shapes and strides only
+        counter.bytes["fwd", "sdpa (flash)"] += q.nbytes + k.nbytes + v.nbytes + q.nbytes  # read q k v, write o
         return torch.empty_like(q)
 
     @staticmethod
     def backward(ctx, g):
-        q, k, v = ctx.shapes
-        ctx.counter.bytes["bwd", "sdpa (flash)"] += 2 * sum(t.numel() * t.element_size() for t in (q, k, v)) + 2 * g.numel() * g.element_size()
+        q, k, v = ctx.qkv
+        ctx.counter.bytes["bwd", "sdpa (flash)"] += 2 * (q.nbytes + k.nbytes + v.nbytes) + 2 * g.nbytes  # read q k v o dO, write dq dk dv
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
 
 
@@ -352,12 +358,12 @@ class NormModel(torch.autograd.Function):  # RMSNorm's fused CUDA kernels' traff
     @staticmethod
     def forward(ctx, x, counter):
         ctx.counter = counter
-        counter.bytes["fwd", "rms_norm (fused)"] += 2 * x.numel() * x.element_size()
+        counter.bytes["fwd", "rms_norm (fused)"] += 2 * x.nbytes
         return torch.empty_like(x)
 
     @staticmethod
     def backward(ctx, g):
-        ctx.counter.bytes["bwd", "rms_norm (fused)"] += 3 * g.numel() * g.element_size()
+        ctx.counter.bytes["bwd", "rms_norm (fused)"] += 3 * g.nbytes
         return torch.empty_like(g), None
 
 
@@ -409,9 +415,7 @@ def main_traffic(args, cdict, argv):
             print(f"    {op:<40} {v:7.3f}")
     result = dict(command=shlex.join([sys.executable, os.path.abspath(__file__), *argv]), argv=argv, config=cdict,
                   batch=args.batch, seq=args.seq, rank=args.rank, versions=versions(), rows=rows)
-    if args.out:
-        lora.atomic_write(args.out, lambda t: open(t, "w").write(json.dumps(result, indent=1)))
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 
@@ -459,9 +463,7 @@ def main(argv=None):
                   batch=args.batch, seq=args.seq, rank=args.rank, alpha=args.alpha, steps=args.steps, warmup=args.warmup,
                   grad_checkpoint=args.grad_checkpoint, compile=args.compile, hf_loss=args.hf_loss,
                   flop_per_token=flop, peak_tflops=peak, rows=rows, table=table)
-    if args.out:
-        lora.atomic_write(args.out, lambda t: open(t, "w").write(json.dumps(result, indent=1)))
-        print(f"wrote {args.out}")
+    write_json(args.out, result)
     return result
 
 
