@@ -34,16 +34,9 @@ OLMoE-1B-7B at T=2048: 5.52 GFLOP/token. Peak: --peak-tflops, default 989 (H100/
 datasheet); DESIGN.md §6's "practical" ~800 is `--peak-tflops 800` (ceiling ~145k tok/s on this shape).
 
 `--traffic` counts instead of timing, with no GPU: the bytes each aten op of our rows reads and writes in one
-forward + backward of the transformer body (no loss head, no optimizer), from shapes alone (meta tensors,
-bf16). Every input and output of an op counts once, views and allocations are free: the memory traffic an
-eager step cannot avoid, which is what its many elementwise ops are bound by. Two ops are modelled by the
-CUDA kernels they run there, not by what the meta device would run: sdpa as flash attention (read q, k, v,
-write o; backward read q, k, v, o, dO, write dq, dk, dv) and RMSNorm's fused norm (read x, write the
-normalised x; backward read dy, x, write dx). Matrix products are in the count but are compute-bound here.
-`sieve` cannot be counted (its rows are found with nonzero, which needs values).
+layer's forward + backward, from shapes alone (traffic.py).
 """
 import argparse
-import collections
 import datetime
 import gc
 import json
@@ -57,14 +50,12 @@ import traceback
 import types
 
 import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import lora
 import moe
 import router_profile
 import sieve
+import traffic
 import train
 
 ROWS = ("attn", "lora", "sieve", "perft-e", "perft-r", "dmep", "dmep-pruned", "peft-attn", "peft-lora")
@@ -302,6 +293,28 @@ def format_table(rows):
     return "\n".join(out)
 
 
+def judge_targets(rows, flop, tokens, cuda):
+    """Issue 6's targets, judged on this run's rows, each one the rows allow: what, value, limit, met.
+    Memory and the FLOP ceiling only on CUDA; the ceiling is DESIGN.md §6's practical 800 TFLOP/s."""
+    ok = {r["method"]: r for r in rows if r["status"] == "ok"}
+    out = []  # (what, value, "at least" or "at most", limit)
+    if "lora" in ok and "peft-lora" in ok:
+        out.append(("lora tok/s / peft-lora tok/s", ok["lora"]["tok_s"] / ok["peft-lora"]["tok_s"], "at least", 2.5))
+        if cuda:
+            out.append(("lora peak / peft-lora peak", ok["lora"]["peak_gib"] / ok["peft-lora"]["peak_gib"], "at most", 0.6))
+    oom = any(r["method"] == "lora" and r["status"] == "OOM" for r in rows)
+    if cuda and tokens >= 8 * 2048 and ("lora" in ok or oom):  # out of memory: value None, not met
+        out.append((f"lora peak GiB at {tokens} tokens (80 GB)", None if oom else ok["lora"]["peak_gib"],
+                    "at most", 80e9 / 2**30))
+    extra = lambda m: ok[m]["step_s"] - ok["attn"]["step_s"]  # the time expert LoRA adds over attention-only
+    if {"attn", "lora", "sieve"} <= set(ok) and extra("lora") > 0:
+        out.append(("sieve's expert-LoRA time / lora's", extra("sieve") / extra("lora"), "at most", 0.6))
+    if cuda and "attn" in ok:
+        out.append(("attn tok/s x FLOP/token / 800 TFLOP/s", ok["attn"]["tok_s"] * flop / 800e12, "at least", 0.35))
+    return [dict(target=what, value=v, limit=f"{bound} {lim:.3g}",
+                 met=v is not None and (v >= lim if bound == "at least" else v <= lim)) for what, v, bound, lim in out]
+
+
 def versions():
     out = dict(torch=torch.__version__, python=platform.python_version())
     for name in ("transformers", "peft"):
@@ -318,101 +331,14 @@ def write_json(path, result):
         print(f"wrote {path}")
 
 
-# ----------------------------------------------------------------------------- memory traffic (--traffic)
-
-FREE = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "slice", "select", "unsqueeze",
-        "squeeze", "split", "split_with_sizes", "chunk", "unbind", "alias", "detach", "as_strided", "lift_fresh",
-        "empty", "empty_like", "new_empty", "empty_strided"}
-
-
-class Traffic(TorchDispatchMode):
-    """Adds up the bytes of every tensor an aten op reads or returns, per (phase, op)."""
-
-    def __init__(self):
-        super().__init__()
-        self.phase, self.bytes = "fwd", collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket.__name__ not in FREE:
-            tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-            self.bytes[self.phase, func.overloadpacket.__name__] += sum(t.nbytes for t in tensors)
-        return out
-
-
-class FlashModel(torch.autograd.Function):  # sdpa as flash attention's traffic (see the module docstring)
-    @staticmethod
-    def forward(ctx, q, k, v, counter):
-        ctx.counter, ctx.qkv = counter, (q, k, v)  # meta tensors: kept for their shapes and strides only
-        counter.bytes["fwd", "sdpa (flash)"] += q.nbytes + k.nbytes + v.nbytes + q.nbytes  # read q k v, write o
-        return torch.empty_like(q)
-
-    @staticmethod
-    def backward(ctx, g):
-        q, k, v = ctx.qkv
-        ctx.counter.bytes["bwd", "sdpa (flash)"] += 2 * (q.nbytes + k.nbytes + v.nbytes) + 2 * g.nbytes  # read q k v o dO, write dq dk dv
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), None
-
-
-class NormModel(torch.autograd.Function):  # RMSNorm's fused CUDA kernels' traffic, then its weight multiply
-    @staticmethod
-    def forward(ctx, x, counter):
-        ctx.counter = counter
-        counter.bytes["fwd", "rms_norm (fused)"] += 2 * x.nbytes
-        return torch.empty_like(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.counter.bytes["bwd", "rms_norm (fused)"] += 3 * g.nbytes
-        return torch.empty_like(g), None
-
-
-def count_traffic(name, args, cdict):
-    """GiB one layer inside a deep model reads and writes in forward + backward for row `name`, by (phase, op):
-    the count of our body with two layers minus that with one (so the layer's backward also makes the gradient
-    of its input, and the embedding and final norm cancel)."""
-    if name.startswith("peft") or name in ("sieve", "dmep-pruned"):
-        return dict(method=name, status="skipped: not countable on the meta device")
-    one, two = (_count_body(name, args, dict(cdict, num_hidden_layers=n)) for n in (1, 2))
-    layer = {k: (two[k] - one[k]) / 2**30 for k in two if two[k] != one[k]}
-    total = {ph: sum(v for (p, _), v in layer.items() if p == ph) for ph in ("fwd", "bwd")}
-    return dict(method=name, status="ok", gib_per_layer=total,
-                top=sorted(([f"{p} {op}", v] for (p, op), v in layer.items()), key=lambda kv: -kv[1]))
-
-
-def _count_body(name, args, cdict):
-    cfg = moe.Config.from_json(cdict)
-    with torch.device("meta"):
-        model = moe.Transformer(cfg).to(torch.bfloat16)
-    model.inv_freq = moe.rope_inv_freq(cfg).to("meta")
-    lora.attach(model, name, args.rank, args.alpha)
-    counter, sdpa, norm = Traffic(), F.scaled_dot_product_attention, moe.RMSNorm.forward
-    F.scaled_dot_product_attention = lambda q, k, v, **kw: FlashModel.apply(q, k, v, counter)
-    moe.RMSNorm.forward = lambda self, x: self.weight * NormModel.apply(x, counter)
-    try:
-        with counter:
-            h = model.train()(torch.zeros(args.batch, args.seq, dtype=torch.long, device="meta"), hidden=True)
-            counter.phase = "bwd"
-            h.backward(torch.empty_like(h))
-    finally:
-        F.scaled_dot_product_attention, moe.RMSNorm.forward = sdpa, norm
-    return counter.bytes
-
-
 def main_traffic(args, cdict, argv):
+    """--traffic: count instead of timing (traffic.py), every row's layer, no GPU needed."""
     cfg = moe.Config.from_json(cdict)
     print(f"traffic: {cfg.model_type}, D {cfg.hidden_size}, {cfg.num_experts} experts "
           f"top-{cfg.num_experts_per_tok} | batch {args.batch} x {args.seq} | r {args.rank} | bf16 | GiB read + written "
-          f"by one layer inside the model, forward + backward (see bench.py's docstring)")
-    rows = [count_traffic(m, args, cdict) for m in args.methods]
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['method']:<12} {r['status']}")
-            continue
-        t = r["gib_per_layer"]
-        print(f"{r['method']:<12} fwd {t['fwd']:6.2f}  bwd {t['bwd']:6.2f}  total {t['fwd'] + t['bwd']:6.2f} GiB")
-        for op, v in r["top"][:args.top]:
-            print(f"    {op:<40} {v:7.3f}")
+          f"by one layer inside the model, forward + backward (see traffic.py)")
+    rows = [traffic.count_layer(m, cdict, args.batch, args.seq, args.rank, args.alpha) for m in args.methods]
+    print(traffic.format_rows(rows, args.top))
     result = dict(command=shlex.join([sys.executable, os.path.abspath(__file__), *argv]), argv=argv, config=cdict,
                   batch=args.batch, seq=args.seq, rank=args.rank, versions=versions(), rows=rows)
     write_json(args.out, result)
@@ -457,12 +383,18 @@ def main(argv=None):
             r["vs_peft"] = r["tok_s"] / base["tok_s"] if base.get("status") == "ok" else None
     table = format_table(rows)
     print(table)
+    targets = judge_targets(rows, flop, args.batch * args.seq, device.type == "cuda")
+    if targets:
+        print("issue 6's targets (set for the OLMoE-1B-7B shape, r 16, 4 x 2048; the fit at 8 x 2048), on this run:")
+    for t in targets:
+        value = "OOM" if t["value"] is None else f"{t['value']:.3g}"
+        print(f"target: {t['target']} = {value} ({t['limit']}): {'met' if t['met'] else 'NOT met'}")
     result = dict(command=shlex.join([sys.executable, os.path.abspath(__file__), *argv]), argv=argv,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   device=name, dtype=str(dtype), versions=versions(), config=cdict,
                   batch=args.batch, seq=args.seq, rank=args.rank, alpha=args.alpha, steps=args.steps, warmup=args.warmup,
                   grad_checkpoint=args.grad_checkpoint, compile=args.compile, hf_loss=args.hf_loss,
-                  flop_per_token=flop, peak_tflops=peak, rows=rows, table=table)
+                  flop_per_token=flop, peak_tflops=peak, rows=rows, table=table, targets=targets)
     write_json(args.out, result)
     return result
 

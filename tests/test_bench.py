@@ -37,6 +37,33 @@ def test_tiny_cpu_run_gives_every_row_table_and_json(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["table"] == result["table"] and saved["argv"][:2] == ["--device", "cpu"]
     assert {"torch", "transformers", "peft"} <= set(saved["versions"]) and saved["date"] and saved["command"]
+    assert [t["target"] for t in saved["targets"]] == ["lora tok/s / peft-lora tok/s", "sieve's expert-LoRA time / lora's"]
+    assert "target: lora tok/s / peft-lora tok/s" in printed
+
+
+def test_targets_are_judged_from_the_rows():
+    """Issue 6's targets come from the rows: tok/s and peak ratios to peft-lora, the sieve's added time over
+    attn against lora's, the 8 x 2048 fit and the FLOP-ceiling share on CUDA; a failed row judges nothing."""
+    row = lambda m, tok_s, step_s, peak: dict(method=m, status="ok", tok_s=tok_s, step_s=step_s, peak_gib=peak)
+    rows = [row("attn", 60e3, 0.10, 30.0), row("lora", 50e3, 0.20, 31.0), row("sieve", 55e3, 0.15, 30.5),
+            row("peft-lora", 20e3, 0.40, 58.0), dict(method="perft-e", status="OOM")]
+    got = {t["target"]: t for t in bench.judge_targets(rows, 5.52e9, 8 * 2048, cuda=True)}
+    assert got["lora tok/s / peft-lora tok/s"]["value"] == 2.5 and got["lora tok/s / peft-lora tok/s"]["met"]
+    assert abs(got["lora peak / peft-lora peak"]["value"] - 31 / 58) < 1e-12 and got["lora peak / peft-lora peak"]["met"]
+    assert got["lora peak GiB at 16384 tokens (80 GB)"]["met"]
+    assert abs(got["sieve's expert-LoRA time / lora's"]["value"] - 0.5) < 1e-12
+    share = got["attn tok/s x FLOP/token / 800 TFLOP/s"]
+    assert abs(share["value"] - 60e3 * 5.52e9 / 800e12) < 1e-12 and share["met"]  # 0.414
+    rows[2]["step_s"] = 0.17  # the sieve now adds 0.07 s against lora's 0.10: 0.7 > 0.6
+    assert not {t["target"]: t for t in bench.judge_targets(rows, 5.52e9, 4 * 2048, cuda=True)}[
+        "sieve's expert-LoRA time / lora's"]["met"]
+    cpu = [t["target"] for t in bench.judge_targets(rows, 5.52e9, 8 * 2048, cuda=False)]
+    assert cpu == ["lora tok/s / peft-lora tok/s", "sieve's expert-LoRA time / lora's"]  # no memory, no ceiling
+    rows[3]["status"] = "OOM"
+    assert "lora tok/s / peft-lora tok/s" not in [t["target"] for t in bench.judge_targets(rows, 5.52e9, 8192, True)]
+    rows[1] = dict(method="lora", status="OOM")
+    assert not {t["target"]: t for t in bench.judge_targets(rows, 5.52e9, 8 * 2048, cuda=True)}[
+        "lora peak GiB at 16384 tokens (80 GB)"]["met"]
 
 
 def test_methods_selects_rows_and_rejects_unknown(capsys):
