@@ -276,10 +276,11 @@ class Attention(nn.Module):
 
 
 class Routing(NamedTuple):
-    layer: int
     logits: torch.Tensor  # (N, E) router logits, model dtype
     topk_idx: torch.Tensor  # (N, K) chosen experts
     topk_w: torch.Tensor  # (N, K) their weights (fp32 for Mixtral, else the model dtype)
+    layer: int | None = None  # set by Transformer.body, outside the block: torch.compile specialises a
+    # graph on every Python int it reads, so a block that read its own index would compile once per layer
 
 
 def route(logits, cfg):
@@ -413,9 +414,9 @@ class MoE(nn.Module):
     """Router + routed experts (+ Qwen2-MoE's sigmoid-gated shared expert), reading h (N, D).
     `adapter` (lora.py's PERFT adapters, None here) runs beside the whole block: y += adapter(h)."""
 
-    def __init__(self, cfg, layer):
+    def __init__(self, cfg):
         super().__init__()
-        self.cfg, self.layer = cfg, layer
+        self.cfg = cfg
         D = cfg.hidden_size
         self.gate = nn.Linear(D, cfg.num_experts, bias=False)  # the router
         self.experts = Experts(cfg.num_experts, D, cfg.moe_intermediate_size)
@@ -433,14 +434,14 @@ class MoE(nn.Module):
             y = y + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
         if self.adapter is not None:
             y = y + self.adapter(h)
-        return y.view_as(x), Routing(self.layer, logits, idx, w)
+        return y.view_as(x), Routing(logits, idx, w)
 
 
 class Block(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
         self.self_attn = Attention(cfg, layer)
-        self.mlp = MoE(cfg, layer) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -489,13 +490,13 @@ class Transformer(nn.Module):
         if attention_mask is not None or cache is not None:
             mask = attention_mask_4d(attention_mask, B, T, past, x.device)
         routing = []
-        for block in self.model.layers:
+        for i, block in enumerate(self.model.layers):
             if self.grad_checkpoint and self.training:
                 x, r = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x, r = block(x, cos, sin, mask, cache)
             if r is not None:
-                routing.append(r)
+                routing.append(r._replace(layer=i))
         if cache is not None:
             cache.pos += T
         return self.model.norm(x), routing

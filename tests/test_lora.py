@@ -283,3 +283,23 @@ def test_compiled_block_is_one_graph(method):
     report = torch._dynamo.explain(m.model.layers[0])(x, emb.cos().bfloat16(), emb.sin().bfloat16(), None, None)
     torch._dynamo.reset()
     assert (report.graph_count, report.graph_break_count) == (1, 0), [b.reason for b in report.break_reasons]
+
+
+@pytest.mark.parametrize("method", ["lora", "perft-r"])
+def test_every_block_reuses_one_compiled_graph(method):
+    """The blocks of a model compile to one graph between them: nothing in a block reads its layer index, a
+    Python int that torch.compile would specialise on (one compilation per layer, and past dynamo's recompile
+    limit of 8 the remaining layers would silently run eagerly). The routing still carries the layer."""
+    from torch._dynamo.testing import CompileCounter
+
+    m = tiny_model("olmoe", hidden_size=64, intermediate_size=32, num_hidden_layers=4).to(torch.bfloat16)
+    lora.attach(m, method, r=8, alpha=16)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    for block in m.model.layers:
+        block.compile(backend=counter)
+    with torch.no_grad():
+        _, routing = m(torch.randint(0, 96, (2, 16)), return_routing=True)
+    torch._dynamo.reset()
+    assert counter.frame_count == 1
+    assert [r.layer for r in routing] == [0, 1, 2, 3]
