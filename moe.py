@@ -758,6 +758,7 @@ def sample(logits, temperature, top_p, generator=None):
     probs = F.softmax(logits.float() / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p (at least one)
         sp, si = probs.sort(dim=-1, descending=True)
-        drop = sp.cumsum(-1) - sp > top_p
+        drop = sp.cumsum(-1) - sp >= top_p  # the mass before a token already reaches top_p (HF's rule)
+        drop[..., 0] = False
         probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[:, 0]

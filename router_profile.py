@@ -8,8 +8,8 @@ padding, and accumulate per MoE layer and expert
 Layers keep their real indices: Qwen's dense layers have no router and are skipped, not renumbered.
 
 Statistics per layer (and their mean over layers):
-    cv        std / mean of the counts (population std); 0 = perfectly balanced
-    cold      share of experts whose count is below COLD_FRACTION (10%) of the uniform share total/E
+    cv        std / mean of the counts (sample std, as MoE-Sieve's code: torch's default); 0 = balanced
+    cold      share of experts whose count is below COLD_FRACTION (half) of the uniform share total/E
     cov25     share of the layer's assignments that go to its top ceil(E/4) experts
     entropy   entropy of the count distribution / log E; 1 = uniform
 
@@ -28,7 +28,7 @@ import data
 import lora
 import moe
 
-COLD_FRACTION = 0.1  # cold: count < 0.1 * total / E
+COLD_FRACTION = 0.5  # cold: count < 0.5 * total / E (MoE-Sieve's companion notebook, its Table 2)
 # MoE-Sieve's OLMoE-1B-7B numbers, printed next to ours: layer CV 0.876, cold 28.5%, coverage@25% 53.0%
 PAPER_OLMOE = {"cv": 0.876, "cold": 0.285, "cov25": 0.530}
 
@@ -89,7 +89,7 @@ def stats(p):
         top = torch.sort(c, descending=True).values[: math.ceil(0.25 * E)]
         per_layer.append({
             "layer": layer,
-            "cv": c.std(correction=0).item() / mean,
+            "cv": c.std(correction=1).item() / mean if E > 1 else 0.0,
             "cold": (c < COLD_FRACTION * mean).double().mean().item(),
             "cov25": top.sum().item() / total,
             "entropy": ent / math.log(E) if E > 1 else 1.0,

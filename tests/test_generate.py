@@ -117,3 +117,12 @@ def test_tiny_top_p_equals_greedy(checkpoints):
     ids = make_ids(2, 6, seed=10)
     greedy = moe.generate(model, ids, max_new_tokens=16)
     assert torch.equal(sample(model, ids, 0, top_p=1e-6), greedy)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_it():
+    """Nucleus sampling keeps the fewest most likely tokens whose mass reaches top_p: four equally likely tokens
+    (0.25 each, exact in fp32) at top_p 0.5 leave two, not three (the mass before the third is exactly 0.5)."""
+    g = torch.Generator().manual_seed(0)
+    drawn = {int(moe.sample(torch.zeros(1, 4), 1.0, 0.5, g)) for _ in range(200)}
+    assert len(drawn) == 2
+    assert len({int(moe.sample(torch.zeros(1, 4), 1.0, 0.0, g)) for _ in range(50)}) == 1  # top_p 0: still one token

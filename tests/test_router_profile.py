@@ -76,21 +76,22 @@ def test_stats_uniform():
 
 
 def test_stats_one_hot_and_cold_boundary():
-    """One-hot counts over E=8: CV sqrt(E-1), 7/8 cold, coverage 1, entropy 0; a count equal to the
-    threshold (0.1 * total / E) is not cold, one below it is."""
-    s = rp.stats(counts_profile([[0, 0, 0, 80, 0, 0, 0, 0], [37, 1, 1, 1], [38, 1, 1, 0]]))
+    """One-hot counts over E=8: CV sqrt(E) (sample std, as MoE-Sieve's code), 7/8 cold, coverage 1, entropy 0;
+    a count equal to the threshold (0.5 * total / E, MoE-Sieve's cold rule) is not cold, one below it is."""
+    s = rp.stats(counts_profile([[0, 0, 0, 80, 0, 0, 0, 0], [25, 5, 5, 5], [26, 5, 5, 4]]))
     hot, at, below = s["per_layer"]
-    assert hot["cv"] == pytest.approx(math.sqrt(7)) and hot["cold"] == 7 / 8
+    assert hot["cv"] == pytest.approx(math.sqrt(8)) and hot["cold"] == 7 / 8
     assert hot["cov25"] == 1 and hot["entropy"] == pytest.approx(0, abs=1e-12)
-    assert at["cold"] == 0 and below["cold"] == 0.25  # threshold 0.1 * 40 / 4 = 1
-    assert at["cov25"] == pytest.approx(37 / 40)  # ceil(0.25 * 4) = 1 expert
+    assert at["cold"] == 0 and below["cold"] == 0.25  # threshold 0.5 * 40 / 4 = 5
+    assert at["cov25"] == pytest.approx(25 / 40)  # ceil(0.25 * 4) = 1 expert
+    assert at["cv"] == pytest.approx(math.sqrt(((25 - 10) ** 2 + 3 * 25) / 3) / 10)
     assert s["mean"]["cold"] == pytest.approx((7 / 8 + 0 + 0.25) / 3)
 
 
 def test_save_load_roundtrip(tmp_path):
     """save_profile then load_profile gives back the same dict, and leaves no temporary file behind."""
     p = {"model_type": "olmoe", "num_experts": 4, "top_k": 2, "layers": [0, 3], "counts": [[1, 2, 3, 4], [4, 3, 2, 1]],
-         "mass": [[0.5, 1.0, 1.5, 2.0], [2.0, 1.5, 1.0, 0.5]], "tokens": 5, "samples": 2, "cold_threshold": 0.1}
+         "mass": [[0.5, 1.0, 1.5, 2.0], [2.0, 1.5, 1.0, 0.5]], "tokens": 5, "samples": 2, "cold_threshold": 0.5}
     p["stats"] = rp.stats(p)
     rp.save_profile(p, tmp_path / "p.json")
     assert rp.load_profile(tmp_path / "p.json") == p
@@ -149,7 +150,7 @@ def test_cli_end_to_end(ckpt_copy, tmp_path, capsys):
     n = sum(len(data.encode_example(tok, r, 16)[0]) for r in RECORDS)
     assert p["tokens"] == n and p["samples"] == 5 and p["layers"] == [0, 1] and p["top_k"] == 2
     assert [sum(row) for row in p["counts"]] == [2 * n, 2 * n]
-    assert p["cold_threshold"] == 0.1 and len(p["stats"]["per_layer"]) == 2
+    assert p["cold_threshold"] == 0.5 and len(p["stats"]["per_layer"]) == 2
     stdout = capsys.readouterr().out
     assert "cov@25%" in stdout and "5/5 samples" in stdout
     try:
