@@ -295,6 +295,7 @@ def train(args, rank, world, device):
         adapter_config = lora.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options)
     state = dict(model.named_parameters()) if full else lora.adapter_state(model)  # what trains and checkpoints
     n_train = sum(p.numel() for p in state.values())
+    n_unpruned = ckpt.get("trainable_before_prune", n_train) if ckpt else n_train  # DMEP's count before its pruning
     print(f"trainable parameters: {n_train:,} ({n_train / 1e6:.1f}M), adapter file ~{4 * n_train / 2**20:.1f} MiB (fp32)")
     if args.dry_run:
         return 0
@@ -356,7 +357,7 @@ def train(args, rank, world, device):
         lora.save_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"), weights)
         state_ = dict(step=step, optimizer=opt_state, rng=torch.get_rng_state(), log=log,
                      cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                     adapter_config=lora.current_config(model, adapter_config),
+                     adapter_config=lora.current_config(model, adapter_config), trainable_before_prune=n_unpruned,
                      dmep_util={n: m.util for n, m in model.named_modules() if isinstance(m, lora.LoRAMoELinear)})
         lora.atomic_write(ckpt_path, lambda t: torch.save(state_, t))
 
@@ -371,7 +372,7 @@ def train(args, rank, world, device):
     prune_at = max(1, int(args.dmep_warmup * total)) if dmep else None
     for step in range(start, end):
         if step == prune_at:  # DMEP: prune under-used LoRA experts per module, then go on without balancing
-            params = dmep_prune(model, opt, args, n_train, log)
+            params = dmep_prune(model, opt, args, n_unpruned, log)
         aux_coef = args.perft_aux_coef if adapter_config["method"] == "perft-r" else (
             args.dmep_aux_coef if dmep and step < prune_at else 0.0)
         t0 = time.time()
@@ -448,11 +449,12 @@ def train(args, rank, world, device):
     size = os.path.getsize(os.path.join(args.out, "model", "model-00001-of-00001.safetensors") if full
                            else os.path.join(args.out, "adapter.safetensors"))
     if dmep and prune_at is not None:  # throughput before and after pruning (DMEP reports ~10% more)
-        speed = lambda rows: sum(e["tok_s"] for e in rows) / max(1, len(rows))
-        before, after = speed(log[1:prune_at]), speed(log[prune_at + 1:])
-        print(f"dmep: {before:,.0f} tok/s before pruning, {after:,.0f} after (first step of each phase left out); "
+        speed = lambda rows: round(sum(e["tok_s"] for e in rows) / len(rows), 1) if rows else None
+        before, after = speed(log[1:prune_at]), speed(log[prune_at + 1:])  # None: no step left to measure
+        show = lambda v: "(no step to measure)" if v is None else f"{v:,.0f}"
+        print(f"dmep: {show(before)} tok/s before pruning, {show(after)} after (first step of each phase left out); "
               f"trainable now {lora.count_trainable(model):,}")
-        extra = dict(tok_s_before_prune=round(before, 1), tok_s_after_prune=round(after, 1), trainable_before_prune=n_train)
+        extra = dict(tok_s_before_prune=before, tok_s_after_prune=after, trainable_before_prune=n_unpruned)
     else:
         extra = {}
     summary = dict(**extra, method=adapter_config["method"], trainable_params=n_train if full else lora.count_trainable(model), adapter_bytes=size, steps=total,

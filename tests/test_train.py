@@ -90,6 +90,10 @@ def test_resume_reproduces_the_loss_curve_bit_for_bit(ckpt, train_file, tmp_path
     from safetensors.torch import load_file
     a, b = load_file(tmp_path / "full" / "adapter.safetensors"), load_file(tmp_path / "cut" / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if method == "dmep":  # the summary's before/after report survives the resume (pruned at step 1 of 6)
+        full, cut = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("full", "cut"))
+        assert full["trainable_before_prune"] == cut["trainable_before_prune"] > full["trainable_params"]
+        assert full["tok_s_before_prune"] is None  # step 1 is the first step, left out: nothing to measure
 
 
 def test_merged_export_loads_and_equals_the_adapter(ckpt, train_file, tmp_path):
