@@ -153,7 +153,8 @@ def build_ours(cdict, method, args, device, dtype, ids):
         note = f"{len(plan[prof['layers'][0]])}/{cfg.num_experts} experts, coverage {sieve.plan_coverage(prof, plan)[1]:.0%}"
     lora.attach(model, method.removesuffix("-pruned"), args.rank, args.alpha, plan=plan)
     model.grad_checkpoint = args.grad_checkpoint
-    if args.compile:
+    if args.compile:  # afresh for each row: dynamo keeps 8 graphs per function, and once the rows before have
+        torch._dynamo.reset()  # filled them the blocks of the later rows would silently run eagerly
         for block in model.model.layers:
             block.compile()
     return model.train(), note

@@ -75,6 +75,18 @@ def test_methods_selects_rows_and_rejects_unknown(capsys):
         bench.main(["--tiny", "--methods", "attn,nope"])
 
 
+def test_compiled_rows_each_compile_their_own_blocks(monkeypatch, caplog):
+    """--compile over many rows: each row compiles its blocks afresh, so no row finds dynamo's cache (8 graphs per
+    function) filled by the rows before it and silently runs eagerly. (Dynamo's eager backend: tracing only.)"""
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
+    result = bench.main(["--device", "cpu", "--tiny", "--compile", "--steps", "1", "--warmup", "1",
+                         "--methods", "attn,lora,perft-e,perft-r,dmep"])
+    torch._dynamo.reset()
+    assert all(r["status"] == "ok" for r in result["rows"])
+    assert "recompile_limit" not in caplog.text and "cache_size_limit" not in caplog.text
+
+
 def test_flop_count_of_olmoe_matches_design():
     """OLMoE-1B-7B at T=2048: about 5.5 GFLOP per token for forward + activation backward (DESIGN.md §6)."""
     cfg = moe.Config.from_json(bench.OLMOE)
