@@ -22,8 +22,10 @@ utilization is SET so that `--dmep-keep` (60%) of its experts survive, an emulat
 fewer, then sieve.dmep_prune slices parameters and AdamW state; no balancing, no tracking); and peft's
 `peft-attn` (LoRA on q/k/v/o via target_modules) and `peft-lora` (the same + router + every expert through
 target_parameters on mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj: peft's ParamWrapper;
-plus dense/shared MLP linears where the model has them). Ratio: to `peft-attn` for the attention-only
-adapters (attn, dmep, dmep-pruned), to `peft-lora` for the rest.
+plus dense/shared MLP linears where the model has them). peft's rank r on the fused gate_up_proj is one
+A (r, D) and one B (2I, r) per expert, fewer parameters than our rank r on gate and on up each (the `trainable`
+column shows it): the comparison favours peft. Ratio: to `peft-attn` for the attention-only adapters (attn,
+dmep, dmep-pruned), to `peft-lora` for the rest.
 
 MFU uses model FLOPs per token = 4 A + 12 L T H S: A = the base's active matmul parameters per token
 (q/k/v/o, router, K routed experts' gate/up/down, shared expert, dense MLPs, lm_head; not the embedding);

@@ -29,6 +29,15 @@ import router_profile
 import sieve
 
 
+# what defines a run: a checkpoint records them and --resume refuses other values (the rest may change: paths,
+# devices, logging, checkpointing, --compile, --grad-checkpoint)
+RUN_ARGS = ("method", "rank", "alpha", "rslora", "dropout", "sieve_frac", "sieve_k", "coverage_p",
+            "budget_kmin", "adapter_act", "perft_experts", "perft_topk", "perft_shared", "perft_renorm", "perft_aux_coef",
+            "dmep_experts", "dmep_topk", "dmep_targets", "dmep_warmup", "dmep_tau", "dmep_aux_coef", "dmep_ema",
+            "lr", "weight_decay", "warmup", "grad_clip", "epochs", "steps", "batch_size", "grad_accum",
+            "seq_len", "pack", "aux_coef", "aux_per_layer", "z_coef", "seed", "dtype")
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Fine-tune an MoE checkpoint with LoRA / MoE-Sieve.")
     # inputs and outputs
@@ -102,12 +111,18 @@ def parse_args(argv):
     for flag, ok in (("rank", args.rank >= 1), ("lr", args.lr > 0), ("batch-size", args.batch_size >= 1),
                      ("grad-accum", args.grad_accum >= 1), ("seq-len", args.seq_len >= 2),
                      ("epochs", args.epochs > 0), ("steps", args.steps is None or args.steps >= 1),
-                     ("dropout", 0 <= args.dropout < 1), ("calib-samples", args.calib_samples >= 1)):
+                     ("dropout", 0 <= args.dropout < 1), ("calib-samples", args.calib_samples >= 1),
+                     ("warmup", 0 <= args.warmup < 1), ("dmep-warmup", 0 <= args.dmep_warmup < 1),
+                     ("log-every", args.log_every >= 1), ("save-every", args.save_every >= 0),
+                     ("stop-after", args.stop_after is None or args.stop_after >= 1)):
         if not ok:
             ap.error(f"--{flag} has an invalid value: {getattr(args, flag.replace('-', '_'))}")
     if (args.export_peft or args.export_merged) and args.method not in lora.LORA_METHODS and not args.adapter:
         ap.error(f"--export-peft / --export-merged: {args.method} adapters depend on the input (their own routers "
                  "or per-expert outputs), so they cannot become PEFT LoRA or merged weights; use the adapter format")
+    unknown = set(args.dmep_targets.split(",")) - set(lora.ATTN + ("dense",))
+    if unknown:
+        ap.error(f"--dmep-targets: unknown {sorted(unknown)}; choose from {','.join(lora.ATTN + ('dense',))}")
     if args.init_config and args.method != "full":
         ap.error("--init-config goes with --method full")
     if args.init_config:
@@ -158,13 +173,17 @@ def plan_for(args, model, tok):
     return plan, prof
 
 
-def step_schedule(n_examples, args):
-    """Micro-batches of every step, as lists of example indices: epochs reshuffled with seed + epoch."""
+def step_schedule(n_examples, args, world=1):
+    """Micro-batches of every step, as lists of example indices: epochs reshuffled with seed + epoch. Under
+    torchrun an epoch's last micro-batch is dropped if it has fewer sequences than processes (a process
+    without a share would fail while the others wait for it in the gradient's all-reduce)."""
+    if n_examples < world:
+        raise ValueError(f"--data: {n_examples} sequences, fewer than the {world} processes")
     per_step = args.batch_size * args.grad_accum
     steps = args.steps or max(1, math.ceil(args.epochs * n_examples / per_step))
     micro, epoch = [], 0
     while len(micro) < steps * args.grad_accum:
-        micro += list(data.batches(list(range(n_examples)), args.batch_size, args.seed + epoch))
+        micro += [mb for mb in data.batches(list(range(n_examples)), args.batch_size, args.seed + epoch) if len(mb) >= world]
         epoch += 1
     return [micro[s * args.grad_accum:(s + 1) * args.grad_accum] for s in range(steps)]
 
@@ -282,6 +301,12 @@ def train(args, rank, world, device):
             raise ValueError(f"--resume: {ckpt_path} not found")
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         adapter_config, plan, prof = ckpt["adapter_config"], None, None
+        changed = [k for k, v in ckpt.get("args", {}).items() if getattr(args, k) != v]
+        if changed:  # they define the adapter, the data order, the lr curve, when DMEP prunes
+            raise ValueError("--resume: the checkpoint was made with other values of " + ", ".join(
+                f"--{k.replace('_', '-')} ({ckpt['args'][k]!r}, now {getattr(args, k)!r})" for k in changed))
+        if args.stop_after is not None and args.stop_after <= ckpt["step"]:
+            raise ValueError(f"--stop-after {args.stop_after}: the checkpoint is already at step {ckpt['step']}")
     if full:
         adapter_config, plan, prof = dict(method="full"), None, None
     elif ckpt is not None:
@@ -309,7 +334,7 @@ def train(args, rank, world, device):
     top = max(max(ids) for ids, _ in examples)
     if top >= cfg.vocab_size:
         raise ValueError(f"{args.model}: the tokenizer gives id {top} >= vocab_size {cfg.vocab_size}")
-    schedule = step_schedule(len(examples), args)
+    schedule = step_schedule(len(examples), args, world)
     total = len(schedule)
     print(f"data: {len(records)} records -> {len(examples)} sequences; {total} steps of "
           f"{args.grad_accum} x {args.batch_size} sequences")
@@ -324,10 +349,11 @@ def train(args, rank, world, device):
         for block in model.model.layers:
             block.compile()
     start, log = 0, []
+    weights_path = os.path.join(args.out, ckpt["weights"]) if ckpt is not None else None
     if ckpt is not None and full and world > 1:  # whole tensors from the file, each rank keeps its shards
-        parallel.load_full_state(model, opt, load_file(os.path.join(args.out, "checkpoint.safetensors")), ckpt["optimizer"])
+        parallel.load_full_state(model, opt, load_file(weights_path), ckpt["optimizer"])
     elif ckpt is not None:
-        lora.load_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"), state)
+        lora.load_adapter_tensors(model, weights_path, state)
         opt.load_state_dict(ckpt["optimizer"])
     if ckpt is not None:
         torch.set_rng_state(ckpt["rng"])
@@ -354,12 +380,19 @@ def train(args, rank, world, device):
             weights, opt_state = (state if full else None), opt.state_dict()
         if not main:
             return
-        lora.save_adapter_tensors(model, os.path.join(args.out, "checkpoint.safetensors"), weights)
-        state_ = dict(step=step, optimizer=opt_state, rng=torch.get_rng_state(), log=log,
+        # the tensors go to a file named for the step, and checkpoint.pt, written last, names it: a run killed
+        # between the two writes resumes from the previous pair (both files are written atomically)
+        name = f"checkpoint-{step}.safetensors"
+        lora.save_adapter_tensors(model, os.path.join(args.out, name), weights)
+        state_ = dict(step=step, weights=name, args={k: getattr(args, k) for k in RUN_ARGS},
+                     optimizer=opt_state, rng=torch.get_rng_state(), log=log,
                      cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
                      adapter_config=lora.current_config(model, adapter_config), trainable_before_prune=n_unpruned,
                      dmep_util={n: m.util for n, m in model.named_modules() if isinstance(m, lora.LoRAMoELinear)})
         lora.atomic_write(ckpt_path, lambda t: torch.save(state_, t))
+        for f in os.listdir(args.out):  # the previous pair's tensors
+            if f.startswith("checkpoint-") and f.endswith(".safetensors") and f != name:
+                os.remove(os.path.join(args.out, f))
 
     # ------------------------------------------------------------------ loop
     model.train()

@@ -96,6 +96,48 @@ def test_resume_reproduces_the_loss_curve_bit_for_bit(ckpt, train_file, tmp_path
         assert full["tok_s_before_prune"] is None  # step 1 is the first step, left out: nothing to measure
 
 
+def test_resume_survives_a_kill_between_the_checkpoint_writes(ckpt, train_file, tmp_path):
+    """A run killed after writing a step's tensors but before checkpoint.pt resumes from the previous, consistent
+    pair (checkpoint.pt names its tensor file), and ends with the uninterrupted run's loss curve; the stale
+    tensor files are removed."""
+    common = ["--model", ckpt, "--data", train_file, "--method", "lora", "--rank", 4, "--batch-size", 4,
+              "--lr", 1e-2, "--steps", 4, "--dropout", 0]
+    assert run(*common, "--out", tmp_path / "full") == 0
+    cut = tmp_path / "cut"
+    assert run(*common, "--out", cut, "--save-every", 2, "--stop-after", 2) == 0
+    from safetensors.torch import load_file, save_file
+    save_file({k: v + 1 for k, v in load_file(cut / "checkpoint-2.safetensors").items()}, cut / "checkpoint-3.safetensors")
+    assert run(*common, "--out", cut, "--resume") == 0  # the half-written step 3 is ignored
+    curves = [[json.loads(x)["loss"] for x in (d / "log.jsonl").read_text().splitlines()] for d in (tmp_path / "full", cut)]
+    assert curves[0] == curves[1]
+    assert sorted(f.name for f in cut.glob("checkpoint*")) == ["checkpoint-4.safetensors", "checkpoint.pt"]
+
+
+def test_resume_refuses_other_run_arguments(ckpt, train_file, tmp_path, capsys):
+    """--resume with another learning rate (or any argument that defines the run) or a --stop-after the checkpoint
+    has already passed: a clear error naming the flag, exit 1, the checkpoint untouched."""
+    common = ["--model", ckpt, "--data", train_file, "--method", "attn", "--rank", 4, "--steps", 4]
+    out = tmp_path / "run"
+    assert run(*common, "--out", out, "--lr", 1e-2, "--save-every", 2, "--stop-after", 2) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    assert run(*common, "--out", out, "--lr", 2e-2, "--resume") == 1
+    assert "--lr (0.01, now 0.02)" in capsys.readouterr().err
+    assert run(*common, "--out", out, "--lr", 1e-2, "--resume", "--stop-after", 2) == 1
+    assert "already at step 2" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_torchrun_schedule_gives_every_process_a_share():
+    """Under torchrun an epoch's last micro-batch is dropped when it has fewer sequences than processes (21
+    sequences in micro-batches of 4 leave 1: a second process would have nothing and the first would wait for it)."""
+    args = train.parse_args(["--model", "m", "--data", "d", "--batch-size", "4", "--epochs", "3"])
+    one, two = train.step_schedule(21, args), train.step_schedule(21, args, world=2)
+    assert min(len(mb) for step in one for mb in step) == 1
+    assert min(len(mb) for step in two for mb in step) >= 2 and len(two) == len(one)
+    with pytest.raises(ValueError, match="fewer than the 2 processes"):
+        train.step_schedule(1, args, world=2)
+
+
 def test_merged_export_loads_and_equals_the_adapter(ckpt, train_file, tmp_path):
     """--export-merged writes a checkpoint whose logits equal base + adapter (here loaded by our loader)."""
     out = tmp_path / "run"
@@ -155,9 +197,12 @@ def test_adapter_for_another_base_is_refused_by_the_script(ckpt, train_file, tmp
     assert "fingerprint" in capsys.readouterr().err and not (out / "merged").exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--rank", "0"), ("--lr", "-1")])
+@pytest.mark.parametrize("flag,value", [("--rank", "0"), ("--lr", "-1"), ("--warmup", "1.5"), ("--dmep-warmup", "1"),
+                                        ("--log-every", "0"), ("--save-every", "-1"), ("--stop-after", "0"),
+                                        ("--dmep-targets", "q_prj,v_proj")])
 def test_bad_hyperparameters_are_refused(ckpt, train_file, tmp_path, capsys, flag, value):
-    """Rank 0 or a negative learning rate: argparse-style error naming the flag, exit code 2, no output."""
+    """Rank 0, a negative learning rate, a warm-up fraction of 1 or more, no log interval, a misspelled DMEP
+    target (it would be silently left out): argparse-style error naming the flag, exit code 2, no output."""
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         run("--model", ckpt, "--data", train_file, flag, value, "--out", out)
