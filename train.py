@@ -349,7 +349,7 @@ def train(args, rank, world, device):
         for block in model.model.layers:
             block.compile()
     start, log = 0, []
-    weights_path = os.path.join(args.out, ckpt["weights"]) if ckpt is not None else None
+    weights_path = os.path.join(args.out, ckpt.get("weights", "checkpoint.safetensors")) if ckpt is not None else None
     if ckpt is not None and full and world > 1:  # whole tensors from the file, each rank keeps its shards
         parallel.load_full_state(model, opt, load_file(weights_path), ckpt["optimizer"])
     elif ckpt is not None:
