@@ -355,9 +355,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.traffic:
         return main_traffic(args, config_dict(args), argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.py: --device cuda, but CUDA is not available")
+    try:
+        device = moe.pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"bench.py: {e}") from None
     dtype = torch.bfloat16 if device.type == "cuda" or args.compile else torch.float32  # compiled grouped_mm: bf16 only
     peak = args.peak_tflops or (989.0 if device.type == "cuda" else None)
     cdict = config_dict(args)

@@ -80,8 +80,14 @@ class Tokenizer:
 def _read_json(path):
     if not os.path.exists(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def _first(x):
@@ -99,7 +105,10 @@ def load_tokenizer(model_dir):
     if "tokenizer.model" in files:
         import sentencepiece
 
-        sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(model_dir, "tokenizer.model"))
+        try:
+            sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(model_dir, "tokenizer.model"))
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"{os.path.join(model_dir, 'tokenizer.model')}: cannot load ({e})") from None
         bos_id = sp.bos_id() if sp.bos_id() >= 0 else None  # sentencepiece says -1 for "none"
         eos_id = sp.eos_id()
         pad_id = _first(config.get("pad_token_id"))
@@ -111,7 +120,10 @@ def load_tokenizer(model_dir):
     if "tokenizer.json" in files:
         import tokenizers
 
-        tk = tokenizers.Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+        try:
+            tk = tokenizers.Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+        except Exception as e:  # tokenizers raises its own exception type
+            raise DataError(f"{os.path.join(model_dir, 'tokenizer.json')}: cannot load ({e})") from None
 
         def token_id(key):
             # config.json's id when it has the key (null: the model has none), else the token string
@@ -150,6 +162,13 @@ def read_jsonl(path):
     path = str(path)
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
+    try:
+        return _read_records(path)
+    except (UnicodeDecodeError, OSError, EOFError) as e:  # not UTF-8 text, not gzip, truncated
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def _read_records(path):
     records = []
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -172,6 +191,11 @@ def record_kind(rec):
     """The kind of a record, "text", "prompt", "mc" or "qa"; ValueError naming its keys if none fits."""
     for kind, keys in KINDS.items():
         if all(k in rec for k in keys):
+            for k in set(keys) & {"text", "prompt", "completion", "query", "question"}:
+                if not isinstance(rec[k], str):
+                    raise ValueError(f"{kind} record: {k!r} must be a string, not {type(rec[k]).__name__}")
+            if kind == "mc" and not (isinstance(rec["choices"], list) and all(isinstance(c, str) for c in rec["choices"])):
+                raise ValueError(f"mc record: 'choices' must be a list of strings, not {rec['choices']!r}")
             if kind == "mc":  # a bad gold would silently train on (or score) the wrong answer
                 gold, n = rec["gold"], len(rec["choices"])
                 if not (isinstance(gold, int) and 0 <= gold < n):

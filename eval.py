@@ -294,9 +294,7 @@ def run(args):
     # ---- model
     if not os.path.isdir(args.model):
         raise OSError(f"{args.model}: model directory not found")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available")
+    device = moe.pick_device(args.device)
     auto = torch.bfloat16 if device.type == "cuda" else torch.float32
     dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     model = moe.load_model(args.model, dtype=dtype, device=device)

@@ -26,6 +26,8 @@ def _base_param(params, name):  # "…q_proj.weight" lives at "…q_proj.base.we
 
 def _write_dir(out_dir, fill):
     """Build a directory under a temporary name, then swap it in: no half-written output."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OSError(f"{out_dir}: exists and is not a directory")
     tmp = f"{out_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

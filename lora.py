@@ -454,9 +454,19 @@ def read_adapter_config(path):
         raise AdapterError(f"{f}: adapter_config.json not found")
     try:
         with open(f) as fh:
-            return json.load(fh)
-    except json.JSONDecodeError as e:
+            config = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{f}: expected a JSON object, got {type(config).__name__}")
+    for key, ok in (("method", isinstance(config.get("method"), str)),
+                    ("r", isinstance(config.get("r"), int) and not isinstance(config.get("r"), bool)),
+                    ("alpha", isinstance(config.get("alpha"), (int, float)) and not isinstance(config.get("alpha"), bool)),
+                    ("options", isinstance(config.get("options", {}), dict)), ("base", isinstance(config.get("base", {}), dict)),
+                    ("plan", isinstance(config.get("plan") or {}, dict))):
+        if not ok:
+            raise AdapterError(f"{f}: {key!r} is missing or has the wrong type ({config.get(key)!r})")
+    return config
 
 
 def load_adapter(model, path):
@@ -467,8 +477,11 @@ def load_adapter(model, path):
     if base.get("model_type") != cfg.model_type or base.get("fingerprint") != cfg.fingerprint():
         raise AdapterError(f"{path}: adapter was made for a {base.get('model_type')} base with config fingerprint "
                            f"{base.get('fingerprint')}, but this model is {cfg.model_type} {cfg.fingerprint()}")
-    attach(model, config["method"], config["r"], config["alpha"], config.get("dropout", 0.0),
-           config.get("rslora", False), plan=config.get("plan"), **config.get("options", {}))
+    try:
+        attach(model, config["method"], config["r"], config["alpha"], config.get("dropout", 0.0),
+               config.get("rslora", False), plan=config.get("plan"), **config.get("options", {}))
+    except (AdapterError, ValueError, TypeError) as e:  # the values came from the file, not from flags
+        raise AdapterError(f"{os.path.join(path, 'adapter_config.json')}: {e}") from None
     load_adapter_tensors(model, os.path.join(path, "adapter.safetensors"))
     return config
 

@@ -86,12 +86,24 @@ class Config:
             try:
                 with open(where) as f:
                     src = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(src, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(src).__name__}")
         try:
-            return Config._parse(src, where)
+            cfg = Config._parse(src, where)
         except KeyError as e:
             raise ConfigError(f"{where}: required key {e} is missing") from None
+        except TypeError as e:
+            raise ConfigError(f"{where}: a value has the wrong type ({e})") from None
+        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "intermediate_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok"):
+            v = getattr(cfg, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{where}: {k} = {v!r} is not a positive integer")
+        if cfg.num_experts_per_tok > cfg.num_experts:
+            raise ConfigError(f"{where}: num_experts_per_tok {cfg.num_experts_per_tok} > {cfg.num_experts} experts")
+        return cfg
 
     @staticmethod
     def _parse(c, where):
@@ -620,15 +632,27 @@ def checkpoint_files(path):
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
     else:
         files = [os.path.join(path, "model.safetensors")]
     for f in files:
         if not os.path.isfile(f):
             raise CheckpointError(f"{f}: checkpoint file not found")
     return files
+
+
+def pick_device(name=None):
+    """The device a script's --device names (None: cuda if available, else cpu); a clear error for a name
+    torch does not know or a CUDA device on a machine without one."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available")
+    return device
 
 
 def load_model(path, dtype=None, device=None, shard=None):
@@ -640,7 +664,10 @@ def load_model(path, dtype=None, device=None, shard=None):
         raise CheckpointError(f"{path}: model directory not found")
     cfg = Config.from_json(path)
     files = checkpoint_files(path)
-    device = torch.device(device or "cpu")
+    try:
+        device = torch.device(device or "cpu")
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r}: {e}") from None
     names = checkpoint_names(cfg)
     if dtype is None:
         dtype = _read_dtype(files, "model.embed_tokens.weight")

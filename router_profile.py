@@ -220,6 +220,8 @@ def run(args):
     for out in (args.out, args.plot):  # fail before the long run, not after it
         if out is not None and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise OSError(f"{out}: the output directory does not exist")
+        if out is not None and os.path.isdir(out):
+            raise OSError(f"{out}: is a directory, not a file name")
     # ---- data
     records = data.read_jsonl(args.data)
     data.check_records(records, args.data)
@@ -231,9 +233,7 @@ def run(args):
     seqs = [data.encode_example(tok, rec, args.seq_len)[0] for rec in records]
     seqs.sort(key=len)  # less padding; the profile does not depend on the order
     # ---- model
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available")
+    device = moe.pick_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = moe.load_model(args.model, dtype=dtype, device=device)
     cfg = model.config

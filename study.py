@@ -49,6 +49,10 @@ def parse_args(argv):
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--report", default=None, help="print the table and claims again from a study's JSON (no runs)")
     args = ap.parse_args(argv)
+    for flag, ok in (("seeds", args.seeds >= 1), ("steps", args.steps >= 1), ("batch-size", args.batch_size >= 1),
+                     ("rank", args.rank >= 1), ("lr", args.lr > 0), ("limit", args.limit is None or args.limit >= 1)):
+        if not ok:
+            ap.error(f"--{flag} has an invalid value: {getattr(args, flag.replace('-', '_'))}")
     if args.default:
         args.methods, args.seeds = "attn,lora,sieve,random", 1
     if args.quick:
@@ -90,10 +94,15 @@ def paired_interval(xs, ys):
 def main(argv=None):
     args = parse_args(argv)
     if args.report:
-        with open(args.report) as f:
-            res = json.load(f)
-        args.task, args.seeds, args.steps, args.rank = res["task"], res["seeds"], res["steps"], res.get("rank", args.rank)
-        report(args, res["base"], res["runs"])
+        try:
+            with open(args.report) as f:
+                res = json.load(f)
+            args.task, args.seeds, args.steps, args.rank = res["task"], res["seeds"], res["steps"], res.get("rank", args.rank)
+            base, runs = res["base"], res["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, not a study's result
+            print(f"study: error: --report {args.report}: not a study result ({type(e).__name__}: {e})", file=sys.stderr)
+            return 1
+        report(args, base, runs)
         return 0
     train_file = os.path.join(args.tasks_dir, f"{args.task}.train.jsonl")
     val_file = os.path.join(args.tasks_dir, f"{args.task}.val.jsonl")

@@ -259,9 +259,7 @@ def train(args, rank, world, device):
         raise ValueError("--export-* / --adapter: run them in one process (python train.py --adapter OUT ...)")
     if world > 1 and args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes (the global batch)")
-    device = device or torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available")
+    device = device or moe.pick_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
     if args.compile and dtype != torch.bfloat16:
         raise ValueError(f"--compile needs --dtype bfloat16 (torch compiles grouped_mm for bf16 only), not {dtype}")
@@ -506,6 +504,9 @@ def to_device(t, device):
 
 
 def write_exports(args, model, adapter_config):
+    for flag, name in ((args.export_peft, "peft"), (args.export_merged, "merged")):  # both checked before either is written
+        if flag and os.path.exists(os.path.join(args.out, name)) and not os.path.isdir(os.path.join(args.out, name)):
+            raise OSError(f"{os.path.join(args.out, name)}: exists and is not a directory")
     if args.export_peft:
         export.export_peft(model, adapter_config, os.path.join(args.out, "peft"))
         print(f"wrote {os.path.join(args.out, 'peft')}")

@@ -37,7 +37,8 @@ def test_tiny_cpu_run_gives_every_row_table_and_json(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["table"] == result["table"] and saved["argv"][:2] == ["--device", "cpu"]
     assert {"torch", "transformers", "peft"} <= set(saved["versions"]) and saved["date"] and saved["command"]
-    assert [t["target"] for t in saved["targets"]] == ["lora tok/s / peft-lora tok/s", "sieve's expert-LoRA time / lora's"]
+    # the sieve's target is judged only when lora's step is slower than attn's: one CPU step of a tiny model may not be
+    assert [t["target"] for t in saved["targets"]][0] == "lora tok/s / peft-lora tok/s"
     assert "target: lora tok/s / peft-lora tok/s" in printed
 
 

@@ -216,6 +216,28 @@ def test_record_kinds():
     assert data.record_kind({"question": "q", "answer": "4", "solution": "s"}) == "qa"
     with pytest.raises(ValueError, match="gold=2"):
         data.record_kind({"query": "q", "choices": ["a", "b"], "gold": 2})
+    with pytest.raises(ValueError, match="'choices' must be a list of strings"):
+        data.record_kind({"query": "q", "choices": 5, "gold": 0})
+    with pytest.raises(ValueError, match="'text' must be a string"):
+        data.record_kind({"text": 5})
+
+
+def test_unreadable_files_are_named(tmp_path):
+    """A .jsonl that is not UTF-8, a .jsonl.gz that is not gzip, a malformed tokenizer_config.json and a
+    corrupt tokenizer.model each raise DataError naming the file."""
+    bad_utf8 = tmp_path / "x.jsonl"
+    bad_utf8.write_bytes(b'{"text": "\xff"}\n')
+    not_gz = write(tmp_path / "y.jsonl.gz", '{"text": "a"}\n')
+    for path in (str(bad_utf8), not_gz):
+        with pytest.raises(data.DataError, match=re.escape(f"{path}: cannot read")):
+            data.read_jsonl(path)
+    (tmp_path / "tokenizer_config.json").write_text("{oops")
+    with pytest.raises(data.DataError, match="tokenizer_config.json: not valid JSON"):
+        data.load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(data.DataError, match="tokenizer.model: cannot load"):
+        data.load_tokenizer(str(tmp_path))
 
 
 def test_check_records_names_file_line_and_keys(tmp_path):

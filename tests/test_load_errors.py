@@ -156,3 +156,30 @@ def test_mixtral_active_sliding_window_refused(ckpt_copy):
     path = ckpt_copy("mixtral")
     write_json(path / "config.json", dict(read_json(path / "config.json"), sliding_window=16))
     assert "sliding" in error_message(moe.ConfigError, lambda: moe.load_model(path)).lower()
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda c: c.update(num_experts_per_tok=c["num_experts"] + 1), "num_experts_per_tok"),
+    (lambda c: c.update(hidden_size=str(c["hidden_size"])), "config.json"),
+    (lambda c: c.update(num_hidden_layers=0), "num_hidden_layers"),
+])
+def test_config_values_of_the_wrong_type_or_range_are_refused(ckpt_copy, change, needle):
+    """More experts per token than experts, a size written as a string, zero layers: a ConfigError naming
+    config.json and the key, not a failure deep in the forward pass."""
+    path = ckpt_copy("olmoe")
+    c = read_json(path / "config.json")
+    change(c)
+    write_json(path / "config.json", c)
+    error_message(moe.ConfigError, lambda: moe.load_model(path), "config.json", needle)
+
+
+def test_index_that_is_not_an_object_names_it(ckpt_copy):
+    """A model.safetensors.index.json holding a list gives a CheckpointError naming the index."""
+    path = ckpt_copy("olmoe_norm_sharded")
+    (path / "model.safetensors.index.json").write_text("[]")
+    error_message(moe.CheckpointError, lambda: moe.load_model(path), "model.safetensors.index.json")
+
+
+def test_unknown_device_names_the_flag():
+    """--device bogus: a ValueError naming the flag (torch's own message is a RuntimeError traceback)."""
+    error_message(ValueError, lambda: moe.pick_device("bogus"), "--device bogus")

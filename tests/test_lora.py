@@ -233,6 +233,22 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         lora.load_adapter(tiny_model("mixtral"), tmp_path / "a")
 
 
+@pytest.mark.parametrize("broken", ["no method", "a list", "rank a string", "unknown method"])
+def test_broken_adapter_config_names_the_file(tmp_path, broken):
+    """An adapter_config.json with a key missing or of the wrong type, or a value attach refuses: an AdapterError
+    naming the file (not a KeyError / TypeError traceback, nor a flag the loading command does not have)."""
+    import json
+    m = tiny_model("olmoe")
+    lora.save_adapter(m, tmp_path / "a", lora.attach(m, "attn", r=4, alpha=8))
+    f = tmp_path / "a" / "adapter_config.json"
+    c = json.loads(f.read_text())
+    c = {"no method": lambda: {k: v for k, v in c.items() if k != "method"}, "a list": lambda: [1],
+         "rank a string": lambda: dict(c, r="4"), "unknown method": lambda: dict(c, method="dora")}[broken]()
+    f.write_text(json.dumps(c))
+    with pytest.raises(lora.AdapterError, match="adapter_config.json"):
+        lora.load_adapter(tiny_model("olmoe"), tmp_path / "a")
+
+
 def test_bad_rank_and_method_are_refused():
     """Rank 0 and an unknown method raise errors naming the flag."""
     with pytest.raises(lora.AdapterError, match="--rank"):

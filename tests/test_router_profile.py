@@ -186,6 +186,17 @@ def test_cli_errors_leave_no_output(ckpt_copy, tmp_path, capsys, broken):
     assert {"data": "nope.jsonl", "model": "no_model", "record": "calib.jsonl:6"}[broken] in err
 
 
+def test_plot_path_that_is_a_directory_is_refused_before_writing(ckpt_copy, tmp_path, capsys):
+    """--plot naming an existing directory: refused before the run, so no profile JSON is left behind."""
+    model_dir = tiny_model_dir(ckpt_copy)
+    out, plot = tmp_path / "profile.json", tmp_path / "plots"
+    plot.mkdir()
+    with pytest.raises(SystemExit) as e:
+        rp.main(["--model", str(model_dir), "--data", str(write_jsonl(tmp_path / "c.jsonl", RECORDS)), "--out", str(out),
+                 "--plot", str(plot), "--device", "cpu"])
+    assert e.value.code != 0 and not out.exists() and "is a directory" in capsys.readouterr().err
+
+
 def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     """Without matplotlib the heatmap is skipped with a one-line note, and no file is written."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` raise ImportError

@@ -54,3 +54,16 @@ def test_report_reprints_a_saved_study_with_paired_intervals(tmp_path, capsys):
     assert "toy: 3 seed(s), 5 steps, r=4" in out
     assert "random 25% about 2.5 pp worse than top-25% -> -2.0 pp [±0.0] (gold nll/char +0.1000 [±0.0000])" in out
     assert "70.0% fewer" in out
+
+
+def test_bad_flags_and_report_files_are_refused(tmp_path, capsys):
+    """--seeds 0 or --limit 0: an argparse error (exit 2); --report on a missing file or a JSON that is not a
+    study's result: an error naming the file, exit 1, no traceback."""
+    for flag in (["--seeds", "0"], ["--limit", "0"]):
+        with pytest.raises(SystemExit) as e:
+            study.main(["--quick", "--out", str(tmp_path), *flag])
+        assert e.value.code == 2 and flag[0] in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"task": "t"}')
+    for f in (tmp_path / "missing.json", tmp_path / "other.json"):
+        assert study.main(["--report", str(f)]) == 1
+        assert str(f) in capsys.readouterr().err

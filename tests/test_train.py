@@ -219,6 +219,17 @@ def test_exports_from_a_saved_adapter_without_training(ckpt, train_file, tmp_pat
     assert (out / "merged" / "config.json").exists() and not (out / "summary.json").exists()
 
 
+def test_export_onto_a_file_writes_neither_export(ckpt, train_file, tmp_path, capsys):
+    """--export-peft --export-merged where OUT/merged is an existing file: refused before either is written."""
+    a = tmp_path / "a"
+    assert run("--model", ckpt, "--data", train_file, "--method", "lora", "--rank", 4, "--steps", 1, "--out", a) == 0
+    out = tmp_path / "exports"
+    out.mkdir()
+    (out / "merged").write_text("a file")
+    assert run("--model", ckpt, "--adapter", a, "--export-peft", "--export-merged", "--out", out) == 1
+    assert "merged: exists and is not a directory" in capsys.readouterr().err and not (out / "peft").exists()
+
+
 def test_compile_in_fp32_is_refused(ckpt, train_file, tmp_path, capsys):
     """--compile with an fp32 base (the CPU default): a clear error naming the flag, exit 1, nothing written."""
     out = tmp_path / "run"
