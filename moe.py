@@ -664,10 +664,7 @@ def load_model(path, dtype=None, device=None, shard=None):
         raise CheckpointError(f"{path}: model directory not found")
     cfg = Config.from_json(path)
     files = checkpoint_files(path)
-    try:
-        device = torch.device(device or "cpu")
-    except RuntimeError as e:
-        raise ValueError(f"device {device!r}: {e}") from None
+    device = torch.device(device or "cpu")  # the scripts' --device is checked by pick_device first
     names = checkpoint_names(cfg)
     if dtype is None:
         dtype = _read_dtype(files, "model.embed_tokens.weight")
