@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import kernels
 import lora
 import moe
 from tiny import expert_layer_inputs, kept_for_backward, tiny_model
@@ -118,7 +119,7 @@ def test_expert_lora_keeps_no_row_sized_input(ids_):
         for p in experts.adapter.parameters():
             p.normal_(0, 0.1)
     x, idx, w = expert_layer_inputs(N, K, E, D)
-    y, kept = kept_for_backward(lambda: experts.forward_fast(x, idx, w), experts.gate_up_proj, experts.down_proj)
+    y, kept = kept_for_backward(lambda: kernels.grouped_experts(x, idx, w, experts.gate_up_proj, experts.down_proj, experts.adapter), experts.gate_up_proj, experts.down_proj)
     P, n = N * K, int(torch.isin(idx, torch.tensor(list(ids_))).sum())
     assert sorted(s for s in kept if s[0] in (P, n) and s[1] > 2 * 8) == [(P, D), (P, 2 * I)], kept  # 2r padded: 16
     y.sum().backward()
@@ -162,14 +163,14 @@ def test_tokens_routed_to_frozen_experts_cost_no_lora_work(monkeypatch):
     plan = {0: [1, 5, 6], 1: [3]}
     lora.attach(m, "sieve", r=8, alpha=16, plan=plan)
     calls = []
-    real = moe._grouped_mm
+    real = kernels.grouped_mm
 
     def spy(a, b, offs):
         assert a.shape[0] == int(offs[-1])  # the input holds exactly the rows multiplied
         calls.append((b.shape[0], a.shape[0]))  # (groups, rows multiplied)
         return real(a, b, offs=offs)
 
-    monkeypatch.setattr(moe, "_grouped_mm", spy)
+    monkeypatch.setattr(kernels, "grouped_mm", spy)
     _, routing = m(ids(), return_routing=True)
     for r in routing:
         routed = int(torch.isin(r.topk_idx, torch.tensor(plan[r.layer])).sum())
@@ -191,7 +192,7 @@ def test_no_token_routed_to_an_adapted_expert_gives_the_base_output():
     with torch.no_grad():
         experts.adapter.gate_B.fill_(1.0), experts.adapter.up_B.fill_(1.0), experts.adapter.down_B.fill_(1.0)
     for path in ("fast", "loop"):
-        experts.path = path
+        moe.set_reference(experts, path == "loop")
         assert torch.equal(experts(x, idx, w), base), path
 
 

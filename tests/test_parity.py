@@ -14,6 +14,8 @@ from conftest import (FP32_VARIANTS, VARIANTS, assert_logits_close, hf_topk, loa
 from tiny import expert_layer_inputs, kept_for_backward
 from safetensors import safe_open
 
+import hub
+import kernels
 import moe
 
 ALL = list(VARIANTS)
@@ -23,7 +25,7 @@ MOE_LAYERS = {"qwen2_moe": [0, 2], "qwen2_moe_step2": [1]}
 
 def load_ours(ck, path="fast"):
     """Our model in fp32 (a bf16 file is upcast, exactly, like HF's reference)."""
-    model = moe.load_model(ck.path, dtype=None if ck.file_dtype == torch.float32 else torch.float32)
+    model = hub.load_model(ck.path, dtype=None if ck.file_dtype == torch.float32 else torch.float32)
     model.set_expert_path(path)
     return model
 
@@ -92,7 +94,7 @@ def test_fast_equals_loop_fp32(checkpoints, name):
 def test_bf16_fast_matches_loop(checkpoints, name):
     """In bf16 the fast path equals the loop within 2e-2 of the logit scale, routing identical in layer 0."""
     ck = checkpoints(name)
-    model = moe.load_model(ck.path, dtype=torch.bfloat16)
+    model = hub.load_model(ck.path, dtype=torch.bfloat16)
     ids = make_ids(2, 16, seed=3)
     model.set_expert_path("loop")
     loop, r_loop = model(ids, return_routing=True)
@@ -108,7 +110,7 @@ def test_bf16_fast_matches_loop(checkpoints, name):
 def test_bf16_file_loads_as_bf16(checkpoints):
     """dtype=None takes the dtype from the file: a bf16 checkpoint gives bf16 parameters and logits."""
     ck = checkpoints("mixtral_bf16")
-    model = moe.load_model(ck.path)
+    model = hub.load_model(ck.path)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model(make_ids(1, 8)).dtype == torch.bfloat16
 
@@ -120,7 +122,7 @@ def test_bf16_close_to_hf_bf16(checkpoints):
     hf = load_hf(ck.path, dtype=torch.bfloat16)
     ids = make_ids(2, 16, seed=4)
     ref = hf(ids).logits.float()
-    ours = moe.load_model(ck.path)(ids).float()
+    ours = hub.load_model(ck.path)(ids).float()
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
     assert (ours - ref).abs().median() < 0.05
 
@@ -130,7 +132,7 @@ def test_bf16_close_to_hf_bf16(checkpoints):
 def test_topk_weight_dtype_follows_hf(checkpoints, name):
     """In a bf16 model the top-k weights are fp32 for Mixtral (HF v5 keeps them fp32), bf16 for OLMoE/Qwen."""
     ck = checkpoints(name)
-    model = moe.load_model(ck.path, dtype=torch.bfloat16)
+    model = hub.load_model(ck.path, dtype=torch.bfloat16)
     _, routing = model(make_ids(1, 8), return_routing=True)
     expected = torch.float32 if name == "mixtral" else torch.bfloat16
     assert routing[0].topk_w.dtype == expected
@@ -201,13 +203,13 @@ def test_v4_config_spelling_matches_hf(checkpoints, ckpt_copy, name):
     path = ckpt_copy(name)
     write_json(path / "config.json", v4_spelling(read_json(path / "config.json")))
     ids = make_ids(2, 12)
-    assert_logits_close(moe.load_model(path)(ids), hf_forward(ck.hf, ids).logits)
+    assert_logits_close(hub.load_model(path)(ids), hf_forward(ck.hf, ids).logits)
 
 
 def test_config_from_dict_equals_from_file(checkpoints):
     """Config.from_json gives the same frozen config from a path and from the parsed dict."""
     ck = checkpoints("qwen2_moe")
-    a = moe.Config.from_json(ck.path)
+    a = hub.read_config(ck.path)
     b = moe.Config.from_json(read_json(ck.path / "config.json"))
     assert a == b
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -216,7 +218,7 @@ def test_config_from_dict_equals_from_file(checkpoints):
 
 def test_load_model_is_eval(checkpoints):
     """load_model returns a model in eval mode."""
-    assert not moe.load_model(checkpoints("olmoe").path).training
+    assert not hub.load_model(checkpoints("olmoe").path).training
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -226,7 +228,7 @@ def test_swiglu_backward_bitwise_equals_autograd(dtype):
     gu = torch.randn(50, 64, generator=g).to(dtype).requires_grad_()
     gh = torch.randn(50, 32, generator=g).to(dtype)
     grads = []
-    for f in (moe.SwiGLUFn.apply, moe.swiglu):
+    for f in (kernels.SwiGLUFn.apply, moe.swiglu):
         gu.grad = None
         f(gu).backward(gh)
         grads.append(gu.grad)
@@ -246,7 +248,7 @@ def test_rope_bitwise_equals_hf(dtype):
     cos, sin = torch.cat((ang, ang), -1).cos().to(dtype), torch.cat((ang, ang), -1).sin().to(dtype)
     gq, gk = torch.randn(q.shape, generator=g).to(dtype), torch.randn(k.shape, generator=g).to(dtype)
     results = []
-    for rope in (lambda q, k: (moe.RoPEFn.apply(q, cos[:, None], sin[:, None]), moe.RoPEFn.apply(k, cos[:, None], sin[:, None])),
+    for rope in (lambda q, k: (kernels.RoPEFn.apply(q, cos[:, None], sin[:, None]), kernels.RoPEFn.apply(k, cos[:, None], sin[:, None])),
                  lambda q, k: apply_rotary_pos_emb(q, k, cos, sin)):
         qi, ki = q.detach().requires_grad_(), k.detach().requires_grad_()
         qo, ko = rope(qi, ki)
@@ -286,7 +288,7 @@ def test_rmsnorm_fused_backward_reference_equals_ours():
     g = torch.Generator().manual_seed(15)
     x = (3 * torch.randn(4, 7, 64, generator=g)).requires_grad_()
     gy = torch.randn(4, 7, 64, generator=g)
-    moe.RMSNormFn.apply(x, torch.ones(64), 1e-5).backward(gy)
+    kernels.RMSNormFn.apply(x, torch.ones(64), 1e-5).backward(gy)
     _, r = torch.ops.aten._fused_rms_norm(x.detach(), [64], None, 1e-5)
     ref = _fused_rms_norm_backward(gy, x.detach(), [64], r, None, [True, False])[0]
     torch.testing.assert_close(x.grad, ref, atol=1e-6, rtol=1e-5)
@@ -323,7 +325,7 @@ def test_expert_layer_keeps_only_its_two_product_outputs():
         experts.gate_up_proj.normal_(0, 0.1)
         experts.down_proj.normal_(0, 0.1)
     x, idx, w = expert_layer_inputs(N, K, E, D)
-    y, kept = kept_for_backward(lambda: experts.forward_fast(x, idx, w), experts.gate_up_proj, experts.down_proj)
+    y, kept = kept_for_backward(lambda: kernels.grouped_experts(x, idx, w, experts.gate_up_proj, experts.down_proj, experts.adapter), experts.gate_up_proj, experts.down_proj)
     P = N * K
     assert sorted(s for s in kept if s[0] == P) == [(P, 1), (P, D), (P, 2 * I)], kept
     y.sum().backward()
