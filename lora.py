@@ -14,9 +14,11 @@ Adapter weights are kept in fp32 and cast to the activations' dtype for the prod
 
 Shape letters: D hidden, I expert width, E experts, m adapted experts of a layer, r rank, P sorted rows.
 """
+import hashlib
 import json
 import math
 import os
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -37,6 +39,13 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 class AdapterError(ValueError):
     pass
+
+
+def fingerprint(cfg):
+    """A short hash of a moe.Config's architecture (adapters record it to refuse another base); the storage
+    dtype and the aux-loss coefficient are left out: they do not change what an adapter applies to."""
+    arch = {k: v for k, v in asdict(cfg).items() if k not in ("torch_dtype", "router_aux_loss_coef")}
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def lora_scale(r, alpha, rslora):
@@ -352,7 +361,7 @@ def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None, **opti
     return dict(format=1, method=method, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
                 plan={str(i): ids for i, ids in sorted(plan.items())} if method in EXPERT_METHODS else {},
                 options={k: v for k, v in o.items() if k.startswith(method.split("-")[0]) or k == "act"},
-                base=dict(model_type=cfg.model_type, fingerprint=cfg.fingerprint()))
+                base=dict(model_type=cfg.model_type, fingerprint=fingerprint(cfg)))
 
 
 ADAPTERS = (LoRALinear, ExpertLoRA, ParallelAdapter, ExpertAdapter, LoRAMoELinear)
@@ -450,9 +459,9 @@ def load_adapter(model, path):
     Refuses an adapter made for another base model."""
     config = read_adapter_config(path)
     base, cfg = config.get("base", {}), model.config
-    if base.get("model_type") != cfg.model_type or base.get("fingerprint") != cfg.fingerprint():
+    if base.get("model_type") != cfg.model_type or base.get("fingerprint") != fingerprint(cfg):
         raise AdapterError(f"{path}: adapter was made for a {base.get('model_type')} base with config fingerprint "
-                           f"{base.get('fingerprint')}, but this model is {cfg.model_type} {cfg.fingerprint()}")
+                           f"{base.get('fingerprint')}, but this model is {cfg.model_type} {fingerprint(cfg)}")
     try:
         attach(model, config["method"], config["r"], config["alpha"], config.get("dropout", 0.0),
                config.get("rslora", False), plan=config.get("plan"), **config.get("options", {}))

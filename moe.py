@@ -1,21 +1,14 @@
-"""A Mixture-of-Experts decoder (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE) in plain PyTorch.
-
-The model as a reader expects it: config, RMSNorm, RoPE, SwiGLU, attention, router -> top-k -> the loop
-over experts -> combine, block, model, losses. It gives the logits of Hugging Face transformers' eager
-forward, with its roundings (tests/test_parity.py). Loading and writing checkpoints is hub.py's job,
-generation generate.py's.
-
-Speed: RMSNorm, RoPE, the experts (with their LoRA adapters) and the loss each have a fast twin in
-kernels.py that computes the same thing in fewer passes over memory. Each such module here checks its
-`reference` flag: `model.set_reference(True)` runs the whole step on the plain code of this file; by
-default (False) the fast twins run. tests/test_kernels.py proves each pair equal.
+"""A Mixture-of-Experts decoder (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE) in plain PyTorch, as a reader
+expects it: config, RMSNorm, RoPE, SwiGLU, attention, router -> top-k -> the loop over experts -> combine,
+block, model, losses. It gives the logits of transformers' eager forward, with its roundings. Files are
+hub.py's job, generation generate.py's. Speed: RMSNorm, RoPE, the experts (and their LoRA) and the loss
+have fast twins in kernels.py; each such module checks its `reference` flag, and
+`model.set_reference(True)` runs the whole step on the plain code here (default False: the fast twins).
 
 Shape letters: B batch, T time, D hidden, H query heads, G kv heads, S head size, E experts, K top-k,
 I expert width, N tokens (B*T), P (token, slot) pairs (N*K), V vocabulary.
 """
-import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -69,12 +62,6 @@ class Config:
         # Qwen's rule; OLMoE and Mixtral have step 1 and no mlp_only_layers, so every layer is MoE.
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
 
-    def fingerprint(self):
-        """A short hash of the architecture (adapters record it to refuse another base); the storage dtype
-        and the aux-loss coefficient are left out: they do not change what an adapter applies to."""
-        arch = {k: v for k, v in asdict(self).items() if k not in ("torch_dtype", "router_aux_loss_coef")}
-        return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
-
     @staticmethod
     def from_json(src, where="config dict"):
         """Fill from a parsed config.json (v4 or v5 keys); `where` names it in errors (hub.read_config: the file)."""
@@ -115,25 +102,19 @@ class Config:
         qwen = mt.startswith("qwen")
         eos = c.get("eos_token_id")
         return Config(
-            model_type=mt,
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            num_hidden_layers=c["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=c.get("num_key_value_heads") or heads,
+            model_type=mt, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             intermediate_size=c["intermediate_size"],
             moe_intermediate_size=c["moe_intermediate_size"] if qwen else c["intermediate_size"],
             shared_expert_intermediate_size=c.get("shared_expert_intermediate_size", 0) if mt == "qwen2_moe" else 0,
-            num_experts=experts,
-            num_experts_per_tok=c["num_experts_per_tok"],
+            num_experts=experts, num_experts_per_tok=c["num_experts_per_tok"],
             norm_topk_prob=True if mt == "mixtral" else bool(c.get("norm_topk_prob", False)),
             topk_weights_fp32=mt == "mixtral",
             decoder_sparse_step=c.get("decoder_sparse_step", 1) if qwen else 1,
             mlp_only_layers=tuple(c.get("mlp_only_layers") or ()) if qwen else (),
             rms_norm_eps=c.get("rms_norm_eps", 1e-5 if mt in ("olmoe", "mixtral") else 1e-6),
-            rope_theta=float(theta),
-            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            rope_theta=float(theta), max_position_embeddings=c.get("max_position_embeddings", 4096),
             attention_bias=bool(c.get("attention_bias", False)) if mt in ("olmoe", "qwen3_moe") else False,
             qkv_bias=bool(c.get("qkv_bias", True)) if mt == "qwen2_moe" else False,
             qk_norm={"olmoe": "full", "qwen3_moe": "head"}.get(mt, ""),
@@ -141,8 +122,7 @@ class Config:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             router_aux_loss_coef=c.get("router_aux_loss_coef", 0.01 if mt == "olmoe" else 0.001),
             torch_dtype=c.get("dtype") or c.get("torch_dtype") or "float32",
-            pad_token_id=c.get("pad_token_id"),
-            bos_token_id=c.get("bos_token_id"),
+            pad_token_id=c.get("pad_token_id"), bos_token_id=c.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
         )
 
@@ -206,12 +186,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, self.G * self.S, bias=qkv_bias)
         self.o_proj = nn.Linear(self.H * self.S, D, bias=cfg.attention_bias)
         self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
-        if cfg.qk_norm == "full":
-            self.q_norm = RMSNorm(self.H * self.S, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.G * self.S, cfg.rms_norm_eps)
-        elif cfg.qk_norm == "head":
-            self.q_norm = RMSNorm(self.S, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.S, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # "full": over all heads' projection (OLMoE); "head": over each head (Qwen3-MoE)
+            q, k = (self.H * self.S, self.G * self.S) if cfg.qk_norm == "full" else (self.S, self.S)
+            self.q_norm, self.k_norm = RMSNorm(q, cfg.rms_norm_eps), RMSNorm(k, cfg.rms_norm_eps)
         self.reference = False  # RoPE: the plain apply_rope (True) or kernels.RoPEFn
 
     def forward(self, x, cos, sin, mask, cache):
@@ -255,21 +232,18 @@ def route(logits, cfg):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I).
+    """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I). The
+    reference is the loop below; kernels.grouped_experts, the same as grouped products over all (token, slot)
+    pairs sorted by expert, runs where grouped_mm can (`groupable`).
 
-    The reference is the loop over experts below; kernels.grouped_experts computes the same with grouped
-    products over all (token, slot) pairs sorted by expert (where grouped_mm can run: `groupable`).
-
-    The adapter hook (lora.ExpertLoRA, PERFT's ExpertAdapter; None here) adds its updates inside the
-    expert computation. Both paths call it the same way, on rows sorted by expert described by a
-    kernels.ExpertGroups: the grouped path's holds every (token, slot) pair of the layer, the loop's the
-    rows of one expert (so its token, expert, counts and offs mean the same in both):
+    The adapter hook (lora.ExpertLoRA, PERFT's ExpertAdapter; None here) adds updates inside the experts.
+    Both paths call it alike, on rows sorted by expert described by a kernels.ExpertGroups (the grouped
+    path's: every pair of the layer; the loop's: the rows of one expert):
         at = adapter.prepare(groups, x)      x the layer input (N, D); once per groups
         gu = adapter.gate_up(gu, xs, at)     gate_up_proj's output (rows, 2I) + its update from xs (rows, D)
         y = adapter.down(y, h, gu, xs, at)   down_proj's output (rows, D) + its update from h = swiglu(gu) or xs
-    The adapter follows the same `reference` flag: plain per-expert products, or grouped ones (which may
-    add in place: gu and y are then grouped_mm outputs held by nothing else).
-    """
+    The adapter follows the same `reference` flag (plain per-expert products, or grouped ones that may add
+    in place: gu and y are then grouped_mm outputs held by nothing else)."""
 
     def __init__(self, E, D, I):
         super().__init__()
@@ -370,16 +344,11 @@ class Transformer(nn.Module):
         self.grad_checkpoint = False  # recompute each block in the backward pass (train.py --grad-checkpoint)
         self.reference = False  # the loss: plain cross-entropy (True) or kernels' chunked one
 
-    def set_reference(self, flag=True):
-        """The whole step (norms, RoPE, experts and their LoRA, the loss) on this file's plain code (True),
-        or on kernels.py's fast twins where they help (False, the default)."""
+    def set_reference(self, flag=True):  # the whole step on this file's plain code, or (False) kernels.py's twins
         set_reference(self, flag)
 
-    def set_expert_path(self, path):
-        """Only the experts (and their adapters): "loop" (the reference) or "fast" (grouped products)."""
+    def set_expert_path(self, path):  # only the experts and their adapters: "loop" (plain) or "fast"
         assert path in ("fast", "loop"), path
-        if path == "fast" and kernels.grouped_mm is None:
-            raise RuntimeError("this torch has no grouped_mm; only the loop expert path is available")
         for m in self.modules():
             if isinstance(m, Experts):
                 set_reference(m, path == "loop")
