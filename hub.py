@@ -116,24 +116,36 @@ def pick_dtype(name, device):
     return getattr(torch, name)
 
 
-def build_empty(cfg, dtype, device, shard=None):
+def build_empty(cfg, dtype, device, shard=None, free_bytes=None, where="the model"):
     """A Transformer of `cfg` built on the meta device (no memory, no init), `shard(model)` applied there
     (parallel.py: FSDP2), then given uninitialised storage on `device`: fill it before use. Its RoPE
-    frequencies, the one tensor not read from a checkpoint, are computed."""
+    frequencies, the one tensor not read from a checkpoint, are computed. On CUDA (or with `free_bytes`
+    given) a model whose weights cannot fit the free memory is refused before anything is allocated."""
+    device = torch.device(device)
     with torch.device("meta"):
         model = moe.Transformer(cfg).to(dtype)
     if shard is not None:
         shard(model)
+    if device.type == "cuda" or free_bytes is not None:
+        local = lambda p: p.to_local() if type(p).__name__ == "DTensor" else p  # FSDP2: this rank's rows
+        need = sum(local(p).numel() * p.element_size() for p in model.parameters())
+        free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
+        if need > free:
+            raise CheckpointError(f"{where}: its weights need {need / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')} "
+                                  f"on {device}, which has {free / 2**30:.2f} GiB free; shard it with torchrun over "
+                                  "more cards (train.py), or pick a smaller --dtype")
     model.to_empty(device=device)
     model.inv_freq = moe.rope_inv_freq(cfg).to(device)
     return model
 
 
-def load_model(path, dtype=None, device=None, shard=None):
+def load_model(path, dtype=None, device=None, shard=None, free_bytes=None):
     """Build on the meta device, then fill tensor by tensor from the safetensors straight onto `device`
     (host memory peaks at about one tensor). Strict: every tensor present, none left over, shapes checked.
     dtype None: the dtype of the embedding tensor in the file. `shard(model)` runs on the meta model
-    before it is materialised (parallel.py: FSDP2); each rank then copies only the rows it holds."""
+    before it is materialised (parallel.py: FSDP2); each rank then copies only the rows it holds. Refused
+    early: weights that cannot fit the device (free_bytes: the free memory, for tests; CUDA: measured) and
+    tensors with non-finite values (named)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: model directory not found")
     cfg = read_config(path)
@@ -142,7 +154,7 @@ def load_model(path, dtype=None, device=None, shard=None):
     names = checkpoint_names(cfg)
     if dtype is None:
         dtype = _read_dtype(files, "model.embed_tokens.weight")
-    model = build_empty(cfg, dtype, device, shard)
+    model = build_empty(cfg, dtype, device, shard, free_bytes, where=path)
     params = dict(model.named_parameters())
     seen = set()
     for f in files:
@@ -158,6 +170,8 @@ def load_model(path, dtype=None, device=None, shard=None):
                     t = sf.get_tensor(name)
                     if t.shape != want:
                         raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(want)}")
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        raise CheckpointError(f"{f}: tensor {name!r} has non-finite values (inf or NaN)")
                     fill_rows(params[pname], t, index)
                     seen.add(name)
         except CheckpointError:

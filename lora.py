@@ -484,6 +484,8 @@ def load_adapter_tensors(model, file, state=None):
                 t = f.get_tensor(n)
                 if t.shape != p.shape:
                     raise AdapterError(f"{file}: tensor {n!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                if not torch.isfinite(t).all():
+                    raise AdapterError(f"{file}: tensor {n!r} has non-finite values (inf or NaN)")
                 with torch.no_grad():
                     p.copy_(t)
     except AdapterError:

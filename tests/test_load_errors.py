@@ -184,3 +184,24 @@ def test_index_that_is_not_an_object_names_it(ckpt_copy):
 def test_unknown_device_names_the_flag():
     """--device bogus: a ValueError naming the flag (torch's own message is a RuntimeError traceback)."""
     error_message(ValueError, lambda: hub.pick_device("bogus"), "--device bogus")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_names_tensor(ckpt_copy, bad):
+    """A weight with a NaN or an inf gives a CheckpointError naming the file and the tensor."""
+    path = ckpt_copy("olmoe")
+    key = "model.layers.1.mlp.experts.2.up_proj.weight"
+    rewrite(path, lambda t: t[key].view(-1).__setitem__(5, bad))
+    error_message(hub.CheckpointError, lambda: hub.load_model(path), key, "model.safetensors", "non-finite")
+
+
+def test_weights_that_cannot_fit_the_device_are_refused(checkpoints):
+    """Weights larger than the device's free memory are refused before anything is allocated, with the
+    GiB needed and free and the way out (torchrun over more cards); the free figure is injected here, as
+    on CUDA it comes from torch.cuda.mem_get_info."""
+    path = checkpoints("olmoe").path
+    need = sum(p.numel() * 4 for p in hub.load_model(path, dtype=torch.float32).parameters())
+    msg = error_message(hub.CheckpointError, lambda: hub.load_model(path, dtype=torch.float32, free_bytes=need - 1),
+                        str(path), "GiB", "torchrun")
+    assert f"{need / 2**30:.2f}" in msg
+    assert hub.load_model(path, dtype=torch.float32, free_bytes=need) is not None  # exactly enough: loads

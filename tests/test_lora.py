@@ -234,6 +234,32 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         lora.load_adapter(tiny_model("mixtral"), tmp_path / "a")
 
 
+@pytest.mark.parametrize("broken", ["rank", "nan", "truncated", "missing"])
+def test_broken_adapter_tensors_name_the_file_and_tensor(tmp_path, broken):
+    """adapter.safetensors that does not match its adapter_config.json (another rank, a tensor missing), is
+    cut short, or holds a NaN: an AdapterError naming the file (and the tensor, where there is one)."""
+    import json
+    from safetensors.torch import load_file, save_file
+    m = tiny_model("olmoe")
+    lora.save_adapter(m, tmp_path / "a", lora.attach(m, "lora", r=4, alpha=8))
+    f, c = tmp_path / "a" / "adapter.safetensors", tmp_path / "a" / "adapter_config.json"
+    t = load_file(f)
+    name = "model.layers.0.mlp.experts.adapter.down_B"
+    if broken == "rank":  # the config says r=8, the tensors have rank 4
+        c.write_text(json.dumps(dict(json.loads(c.read_text()), r=8)))
+    elif broken == "nan":
+        t[name][0, 0, 0] = float("nan")
+    elif broken == "missing":
+        del t[name]
+    if broken in ("nan", "missing"):
+        save_file(t, f)
+    if broken == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(lora.AdapterError, match="adapter.safetensors") as info:
+        lora.load_adapter(tiny_model("olmoe"), tmp_path / "a")
+    assert broken == "truncated" or "model.layers." in str(info.value), str(info.value)
+
+
 @pytest.mark.parametrize("broken", ["no method", "a list", "rank a string", "unknown method"])
 def test_broken_adapter_config_names_the_file(tmp_path, broken):
     """An adapter_config.json with a key missing or of the wrong type, or a value attach refuses: an AdapterError
