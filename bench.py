@@ -53,6 +53,7 @@ import types
 
 import torch
 
+import hub
 import lora
 import moe
 import router_profile
@@ -356,7 +357,7 @@ def main(argv=None):
     if args.traffic:
         return main_traffic(args, config_dict(args), argv)
     try:
-        device = moe.pick_device(args.device)
+        device = hub.pick_device(args.device)
     except ValueError as e:
         raise SystemExit(f"bench.py: {e}") from None
     dtype = torch.bfloat16 if device.type == "cuda" or args.compile else torch.float32  # compiled grouped_mm: bf16 only

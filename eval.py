@@ -11,7 +11,7 @@ are data.py's formats, and `evaluate` checks they are the kind the task reads.
        len(choice) in characters. Exactly which length: lm-eval's `completion_len = [len(i) for i in
        choices]` over doc_to_choice, i.e. WITHOUT the continuation's leading space (old MultipleChoiceTask
        and v0.4 ConfigurableTask alike). Ties go to the first choice, as np.argmax.
-  gen  {"question", "answer"} (GSM8K style): greedy generation (moe.generate, left padding) until EOS, then
+  gen  {"question", "answer"} (GSM8K style): greedy generation (generate.generate, left padding) until EOS, then
        exact match of the final number: the one after the last "####", else the last in the text; commas
        dropped, "3.50" == "3.5". The gold answer is read alike. No stop strings: the model ends with EOS.
 
@@ -30,8 +30,9 @@ from decimal import Decimal
 import torch
 
 import data
+import generate
+import hub
 import lora
-import moe
 
 TASKS = {"ppl": "text", "mc": "mc", "gen": "qa"}  # task -> the data.py record kind it reads
 
@@ -197,8 +198,8 @@ def generation(model, tok, records, batch_size=8, max_new_tokens=256, seq_len=20
             js = order[i:i + batch_size]
             ids, mask, _ = data.pad_batch([prompts[j] for j in js], [[0] * len(prompts[j]) for j in js],
                                           tok.pad_id, side="left")  # (B, T) prompts end at the same column
-            out = moe.generate(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
-                               eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # (B, T + new)
+            out = generate.generate(model, ids.to(dev), mask.to(dev), max_new_tokens=max_new_tokens,
+                                    eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)  # (B, T + new)
             for b, j in enumerate(js):
                 new = out[b, ids.shape[1]:].tolist()
                 outputs[j] = tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
@@ -262,6 +263,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="model dtype (auto: bfloat16 on CUDA, float32 on the CPU, as train.py)")
+    ap.add_argument("--reference", action="store_true",
+                    help="run the model on its plain reference code (moe.py), not the fast kernels (kernels.py)")
     # output
     ap.add_argument("--out", default=None, help="also write the results JSON here (atomically)")
     args = ap.parse_args(argv)
@@ -294,10 +297,10 @@ def run(args):
     # ---- model
     if not os.path.isdir(args.model):
         raise OSError(f"{args.model}: model directory not found")
-    device = moe.pick_device(args.device)
-    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = moe.load_model(args.model, dtype=dtype, device=device)
+    device = hub.pick_device(args.device)
+    dtype = hub.pick_dtype(args.dtype, device)
+    model = hub.load_model(args.model, dtype=dtype, device=device)
+    model.set_reference(args.reference)
     tok = data.load_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{args.model}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")

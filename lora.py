@@ -2,20 +2,23 @@
 
 - `LoRALinear` wraps a frozen nn.Linear: y = W x + scale * B A x, A (r, in) kaiming, B (out, r) zeros,
   scale = alpha / r (rsLoRA: alpha / sqrt(r)).
-- `ExpertLoRA` holds A/B for gate, up and down of a chosen subset of one layer's stacked experts. Its
-  update is computed inside moe.Experts' fast path as grouped products over the same sorted rows, and
-  only on the rows routed to adapted experts: tokens routed to frozen experts cost no LoRA work, and
-  B·A is never formed (MoE-Sieve's savings made real, DESIGN.md §5-6).
-- `attach` places LoRA by method (DESIGN.md §1): attention q/k/v/o always; for the expert methods also
-  the router, the shared expert, dense MLP layers and the planned routed experts. The whole network is
-  frozen once; only adapter tensors train. Adapters save as adapter.safetensors + adapter_config.json.
+- `ExpertLoRA` holds A/B for gate, up and down of a chosen subset of one layer's stacked experts, and adds
+  their updates inside moe.Experts (its adapter hook). Plain: x @ A[e].T @ B[e].T * scale, expert by
+  expert. Fast (kernels.py): grouped products over the layer's rows sorted by expert, on the rows routed
+  to adapted experts only, so tokens routed to frozen experts cost no LoRA work and B·A is never formed:
+  adapting only the most-routed experts (MoE-Sieve) really saves the work of the others.
+- `attach` places LoRA by method: attention q/k/v/o always; for the expert methods also the router, the
+  shared expert, dense MLP layers and the planned routed experts. The whole network is frozen once; only
+  adapter tensors train. Adapters save as adapter.safetensors + adapter_config.json.
 Adapter weights are kept in fp32 and cast to the activations' dtype for the products (mixed precision).
 
 Shape letters: D hidden, I expert width, E experts, m adapted experts of a layer, r rank, P sorted rows.
 """
+import hashlib
 import json
 import math
 import os
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -23,18 +26,26 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import kernels
 import moe
 
 LORA_METHODS = ("lora", "attn", "sieve", "random", "coverage", "budget")  # plain LoRA: mergeable, exportable
 EXPERT_METHODS = ("lora", "sieve", "random", "coverage", "budget")  # LoRA on routed experts
 METHODS = LORA_METHODS + ("perft-s", "perft-d", "perft-r", "perft-e", "dmep")
-OPTIONS = dict(act="identity", perft_experts=4, perft_topk=2, perft_shared=2, perft_renorm=False,  # PERFT (§3)
-               dmep_experts=8, dmep_topk=2, dmep_targets="q_proj,k_proj,v_proj,o_proj,dense", dmep_counts=None)  # DMEP (§4)
+OPTIONS = dict(act="identity", perft_experts=4, perft_topk=2, perft_shared=2, perft_renorm=False,  # PERFT
+               dmep_experts=8, dmep_topk=2, dmep_targets="q_proj,k_proj,v_proj,o_proj,dense", dmep_counts=None)  # DMEP
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class AdapterError(ValueError):
     pass
+
+
+def fingerprint(cfg):
+    """A short hash of a moe.Config's architecture (adapters record it to refuse another base); the storage
+    dtype and the aux-loss coefficient are left out: they do not change what an adapter applies to."""
+    arch = {k: v for k, v in asdict(cfg).items() if k not in ("torch_dtype", "router_aux_loss_coef")}
+    return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def lora_scale(r, alpha, rslora):
@@ -72,54 +83,16 @@ class LoRALinear(nn.Module):
         self.merged = sign > 0
 
 
-def _grouped_factors(A, B, scale, dt):
-    """A and scale * B (scale folded into the small factor) in dtype dt, for the grouped products. grouped_mm
-    wants 16-byte rows: the rank is padded to a multiple of 8 with zeros (exact: zero rows of A meet zero
-    columns of B). A (m, r, in), B (m, out, r)."""
-    A, B, pad = A.to(dt), (B * scale).to(dt), -A.shape[1] % 8
-    return (A, B) if pad == 0 else (F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad)))
-
-
-class RegatheredProduct(torch.autograd.Function):
-    """z = grouped_mm(xr, A^T) (n, r), LoRA's A product, with its input rows xr (n, in) NOT kept for backward
-    but made again there from a tensor that is kept anyway: xr = src[index], the layer input's rows (K copies
-    of each token), or, with `swiglu`, xr = swiglu(src[index]), the down input made from the gate_up output
-    that moe.SwiGLUFn keeps (index None: all rows). These rows are the largest things a LoRA step would keep
-    per layer, for A's gradient alone; making them again costs one pass over them in backward."""
-
-    @staticmethod
-    def forward(ctx, xr, A, offs, src, index, swiglu):  # A (m, r, in), offs (m,) group ends over the n rows
-        ctx.save_for_backward(A, offs, src, index)
-        ctx.swiglu = swiglu
-        return moe._grouped_mm(xr, A.transpose(1, 2), offs=offs)
-
-    @staticmethod
-    def backward(ctx, dz):
-        A, offs, src, index = ctx.saved_tensors
-        xr = src if index is None else src.index_select(0, index)
-        xr = moe.swiglu(xr) if ctx.swiglu else xr
-        dxr = moe._grouped_mm(dz, A, offs=offs) if ctx.needs_input_grad[0] else None  # (n, in)
-        dA = moe._grouped_mm(dz.t(), xr, offs=offs)  # (m, r, in): one product per expert
-        return dxr, dA, None, None, None, None
-
-
-def _a_product(dropout, xr, A, offs, src, index, swiglu=False):
-    """An adapter's A product on the fast path, grouped_mm(dropout(xr), A^T) with xr = src[index] (or its
-    swiglu): the rows are made again in backward, unless dropout is active (then autograd keeps them)."""
-    if isinstance(dropout, nn.Dropout) and dropout.training:
-        return moe._grouped_mm(dropout(xr), A.transpose(1, 2), offs=offs)
-    return RegatheredProduct.apply(xr, A, offs, src, index, swiglu)
-
-
 class ExpertLoRA(nn.Module):
-    """LoRA on gate, up and down of the experts `ids` of one layer (the adapter hook of moe.Experts)."""
+    """LoRA on gate, up and down of the experts `ids` of one layer: the adapter hook of moe.Experts (its
+    docstring has the protocol). `reference` (moe.set_reference): the plain per-expert products, else the
+    grouped ones of kernels.py, as its experts compute."""
 
     def __init__(self, experts, ids, r, alpha, dropout=0.0, rslora=False):
         super().__init__()
         E, I, D = experts.E, experts.I, experts.gate_up_proj.shape[-1]
         dev = experts.gate_up_proj.device
         self.ids, self.E, self.r = sorted(int(e) for e in ids), E, r
-        self.slot = {e: j for j, e in enumerate(self.ids)}
         m = len(self.ids)
         self.gate_A, self.up_A, self.down_A = _kaiming((m, r, D), dev), _kaiming((m, r, D), dev), _kaiming((m, r, I), dev)
         self.gate_B = nn.Parameter(torch.zeros(m, I, r, device=dev))
@@ -131,15 +104,19 @@ class ExpertLoRA(nn.Module):
         adapted[self.ids] = True
         self.register_buffer("adapted", adapted, persistent=False)  # (E,)
         self.register_buffer("expert_ids", torch.tensor(self.ids, dtype=torch.long, device=dev), persistent=False)
+        self.groupable, self.reference = kernels.can_group(D, I), experts.reference
         self.merged = False
 
     def prepare(self, g, x):
-        """Once per layer, fast path: (rows, offs, x, index), the sorted rows that carry LoRA work, the group
-        ends of the adapted experts, the layer input x (N, D) and the token of each of those rows. Every expert
-        adapted: all rows (None). Otherwise the rows routed to adapted experts, ascending, so still grouped by
-        expert; None if there are none. Finding them is one host sync per layer (nonzero); in exchange every
-        LoRA tensor has those rows only. (Masking full (P, width) tensors instead, as a sync-free version
-        must, costs more memory traffic than full LoRA's work: the sieve would be slower.)"""
+        """Once per kernels.ExpertGroups g. Plain: [(j, lo, hi)], the rows lo:hi of each adapted expert
+        ids[j] that has rows. Grouped: (rows, offs, x, index), the sorted rows that carry LoRA work, the
+        group ends of the adapted experts, the layer input x (N, D) and the token of each of those rows.
+        Every expert adapted: all rows (None). Otherwise the rows routed to adapted experts, ascending, so
+        still grouped by expert; None if there are none. Finding them is one host sync per layer (nonzero);
+        in exchange every LoRA tensor has those rows only. (Masking full (P, width) tensors instead, as a
+        sync-free version must, costs more memory traffic than full LoRA's work: the sieve would be slower.)"""
+        if self.reference or not self.groupable:
+            return g.spans(self.ids)
         if len(self.ids) == self.E:
             return None, g.offs, x, g.token
         rows = self.adapted[g.expert].nonzero().squeeze(1)  # (n,)
@@ -148,41 +125,44 @@ class ExpertLoRA(nn.Module):
         offs = g.counts[self.expert_ids].cumsum(0).to(torch.int32)  # (m,) ends, the last one n
         return rows, offs, x, g.token[rows]
 
-    def _one(self, x, j, A, B):  # loop path: scale * B_j A_j x for the rows of one expert
-        return F.linear(F.linear(x, A[j].to(x.dtype)), B[j].to(x.dtype)) * self.scale
+    def _one(self, x, j, A, B):  # plain LoRA for the rows of expert ids[j]: x @ A_j^T @ B_j^T * scale
+        return x @ A[j].T.to(x.dtype) @ B[j].T.to(x.dtype) * self.scale
 
-    def _idle(self, at):  # merged, a frozen expert (loop path), or no adapted row in the layer (fast path)
-        return self.merged or at is None or (isinstance(at, int) and at not in self.slot)
+    def _plain(self, x, spans, A, B):  # _one on the rows of each adapted expert, 0 on the other rows
+        out = x.new_zeros(x.shape[0], B.shape[1])
+        for j, lo, hi in spans:
+            out[lo:hi] = self._one(x[lo:hi], j, A, B)
+        return out
 
     @staticmethod
-    def _add(base, y, rows):  # fast path: base[rows] += y in place (base is a grouped_mm output held by nothing else)
+    def _add(base, y, rows):  # grouped: base[rows] += y in place (base is a grouped_mm output held by nothing else)
         # index_put_, not index_add_: autograd's index_add keeps its (rows, width) source for backward
         return base.add_(y) if rows is None else base.index_put_((rows,), y, accumulate=True)
 
     def gate_up(self, gu, x, at):  # gu (rows, 2I) + scale [B_g A_g x, B_u A_u x], x (rows, D)
-        if self._idle(at):
+        if self.merged or not at:  # merged, or no row of an adapted expert
             return gu
-        if isinstance(at, int):
-            x, j = self.dropout(x), self.slot[at]  # one dropout mask for gate and up: they read the same x
-            return gu + torch.cat([self._one(x, j, self.gate_A, self.gate_B), self._one(x, j, self.up_A, self.up_B)], -1)
+        if self.reference or not self.groupable:
+            x = self.dropout(x)  # one dropout mask for gate and up: they read the same x
+            return gu + torch.cat([self._plain(x, at, self.gate_A, self.gate_B), self._plain(x, at, self.up_A, self.up_B)], -1)
         rows, offs, src, index = at
-        gA, gB = _grouped_factors(self.gate_A, self.gate_B, self.scale, x.dtype)
-        uA, uB = _grouped_factors(self.up_A, self.up_B, self.scale, x.dtype)
+        gA, gB = kernels.grouped_lora_factors(self.gate_A, self.gate_B, self.scale, x.dtype)
+        uA, uB = kernels.grouped_lora_factors(self.up_A, self.up_B, self.scale, x.dtype)
         rp = gA.shape[1]
         A = torch.cat([gA, uA], 1)  # (m, 2rp, D): gate's and up's A in one product
         B = torch.cat([F.pad(gB, (0, rp)), F.pad(uB, (rp, 0))], 1)  # (m, 2I, 2rp) block diagonal: one product writes [gate, up]
-        z = _a_product(self.dropout, x if rows is None else x[rows], A, offs, src, index)  # (n, 2rp)
-        return self._add(gu, moe._grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
+        z = kernels.a_product(self.dropout, x if rows is None else x[rows], A, offs, src, index)  # (n, 2rp)
+        return self._add(gu, kernels.grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
 
     def down(self, y, h, gu, x, at):  # y (rows, D) + scale B_d A_d h, h (rows, I) = swiglu(gu)
-        if self._idle(at):
+        if self.merged or not at:
             return y
-        if isinstance(at, int):
-            return y + self._one(self.dropout(h), self.slot[at], self.down_A, self.down_B)
+        if self.reference or not self.groupable:
+            return y + self._plain(self.dropout(h), at, self.down_A, self.down_B)
         rows, offs = at[:2]
-        A, B = _grouped_factors(self.down_A, self.down_B, self.scale, h.dtype)
-        z = _a_product(self.dropout, h if rows is None else h[rows], A, offs, gu, rows, swiglu=True)  # (n, rp)
-        return self._add(y, moe._grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
+        A, B = kernels.grouped_lora_factors(self.down_A, self.down_B, self.scale, h.dtype)
+        z = kernels.a_product(self.dropout, h if rows is None else h[rows], A, offs, gu, rows, swiglu=True)  # (n, rp)
+        return self._add(y, kernels.grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
 
     @torch.no_grad()
     def merge(self, experts, sign=1):
@@ -252,21 +232,26 @@ class ExpertAdapter(nn.Module):
         self.A, self.B = _kaiming((E, r, D), dev), nn.Parameter(torch.zeros(E, D, r, device=dev))
         self.act, self.scale = ACTS[act](), lora_scale(r, alpha, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.groupable, self.reference = kernels.can_group(D, experts.I), experts.reference
 
-    def prepare(self, g, x):
+    def prepare(self, g, x):  # moe.Experts' protocol; plain: the rows lo:hi of each expert e with rows
+        if self.reference or not self.groupable:
+            return g.spans(range(len(g.counts)))
         return g.offs, x, g.token
 
     def gate_up(self, gu, x, at):
         return gu
 
     def down(self, y, h, gu, x, at):  # y (rows, D) + scale B_e act(A_e x), x (rows, D); act(0) = 0: rank padding is exact
-        if isinstance(at, int):
-            x = self.dropout(x)
-            return y + F.linear(self.act(F.linear(x, self.A[at].to(x.dtype))), self.B[at].to(x.dtype)) * self.scale
+        if self.reference or not self.groupable:
+            x, out = self.dropout(x), torch.zeros_like(y)
+            for e, lo, hi in at:
+                out[lo:hi] = F.linear(self.act(F.linear(x[lo:hi], self.A[e].to(x.dtype))), self.B[e].to(x.dtype)) * self.scale
+            return y + out
         offs, src, token = at
-        A, B = _grouped_factors(self.A, self.B, self.scale, x.dtype)
-        z = self.act(_a_product(self.dropout, x, A, offs, src, token))  # (P, rp)
-        return y.add_(moe._grouped_mm(z, B.transpose(1, 2), offs=offs))  # in place: y is a grouped_mm output
+        A, B = kernels.grouped_lora_factors(self.A, self.B, self.scale, x.dtype)
+        z = self.act(kernels.a_product(self.dropout, x, A, offs, src, token))  # (P, rp)
+        return y.add_(kernels.grouped_mm(z, B.transpose(1, 2), offs=offs))  # in place: y is a grouped_mm output
 
 
 class LoRAMoELinear(nn.Module):
@@ -376,7 +361,7 @@ def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None, **opti
     return dict(format=1, method=method, r=r, alpha=alpha, dropout=dropout, rslora=rslora,
                 plan={str(i): ids for i, ids in sorted(plan.items())} if method in EXPERT_METHODS else {},
                 options={k: v for k, v in o.items() if k.startswith(method.split("-")[0]) or k == "act"},
-                base=dict(model_type=cfg.model_type, fingerprint=cfg.fingerprint()))
+                base=dict(model_type=cfg.model_type, fingerprint=fingerprint(cfg)))
 
 
 ADAPTERS = (LoRALinear, ExpertLoRA, ParallelAdapter, ExpertAdapter, LoRAMoELinear)
@@ -474,9 +459,9 @@ def load_adapter(model, path):
     Refuses an adapter made for another base model."""
     config = read_adapter_config(path)
     base, cfg = config.get("base", {}), model.config
-    if base.get("model_type") != cfg.model_type or base.get("fingerprint") != cfg.fingerprint():
+    if base.get("model_type") != cfg.model_type or base.get("fingerprint") != fingerprint(cfg):
         raise AdapterError(f"{path}: adapter was made for a {base.get('model_type')} base with config fingerprint "
-                           f"{base.get('fingerprint')}, but this model is {cfg.model_type} {cfg.fingerprint()}")
+                           f"{base.get('fingerprint')}, but this model is {cfg.model_type} {fingerprint(cfg)}")
     try:
         attach(model, config["method"], config["r"], config["alpha"], config.get("dropout", 0.0),
                config.get("rslora", False), plan=config.get("plan"), **config.get("options", {}))
@@ -499,6 +484,8 @@ def load_adapter_tensors(model, file, state=None):
                 t = f.get_tensor(n)
                 if t.shape != p.shape:
                     raise AdapterError(f"{file}: tensor {n!r} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                if not torch.isfinite(t).all():
+                    raise AdapterError(f"{file}: tensor {n!r} has non-finite values (inf or NaN)")
                 with torch.no_grad():
                     p.copy_(t)
     except AdapterError:

@@ -1,33 +1,26 @@
-"""A Mixture-of-Experts decoder (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE) in plain PyTorch.
-
-It loads hub checkpoints straight from config.json + *.safetensors and gives the logits of Hugging Face
-transformers' eager forward (DESIGN.md §2). The experts of a layer are stored stacked, and run either
-as the obvious loop over experts (the reference, as in mistral's moe.py) or as grouped matrix products
-over the (token, slot) pairs sorted by expert once per layer (the fast path). A test proves them equal.
+"""A Mixture-of-Experts decoder (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE) in plain PyTorch, as a reader
+expects it: config, RMSNorm, RoPE, SwiGLU, attention, router -> top-k -> the loop over experts -> combine,
+block, model, losses. It gives the logits of transformers' eager forward, with its roundings. Files are
+hub.py's job, generation generate.py's. Speed: RMSNorm, RoPE, the experts (and their LoRA) and the loss
+have fast twins in kernels.py; each such module checks its `reference` flag, and
+`model.set_reference(True)` runs the whole step on the plain code here (default False: the fast twins).
 
 Shape letters: B batch, T time, D hidden, H query heads, G kv heads, S head size, E experts, K top-k,
 I expert width, N tokens (B*T), P (token, slot) pairs (N*K), V vocabulary.
 """
-import hashlib
-import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+
+import kernels
 
 MODEL_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
-_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 class ConfigError(ValueError):
-    pass
-
-
-class CheckpointError(ValueError):
     pass
 
 
@@ -69,25 +62,9 @@ class Config:
         # Qwen's rule; OLMoE and Mixtral have step 1 and no mlp_only_layers, so every layer is MoE.
         return i not in self.mlp_only_layers and self.num_experts > 0 and (i + 1) % self.decoder_sparse_step == 0
 
-    def fingerprint(self):
-        """A short hash of the architecture (adapters record it to refuse another base); the storage dtype
-        and the aux-loss coefficient are left out: they do not change what an adapter applies to."""
-        arch = {k: v for k, v in asdict(self).items() if k not in ("torch_dtype", "router_aux_loss_coef")}
-        return hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
-
     @staticmethod
-    def from_json(src):
-        """Fill from a config.json path (file or directory) or an already parsed dict (v4 or v5 keys)."""
-        where = "config dict"
-        if not isinstance(src, dict):
-            where = os.path.join(src, "config.json") if os.path.isdir(src) else str(src)
-            if not os.path.isfile(where):
-                raise ConfigError(f"{where}: config.json not found")
-            try:
-                with open(where) as f:
-                    src = json.load(f)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{where}: not valid JSON ({e})") from None
+    def from_json(src, where="config dict"):
+        """Fill from a parsed config.json (v4 or v5 keys); `where` names it in errors (hub.read_config: the file)."""
         if not isinstance(src, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(src).__name__}")
         try:
@@ -125,25 +102,19 @@ class Config:
         qwen = mt.startswith("qwen")
         eos = c.get("eos_token_id")
         return Config(
-            model_type=mt,
-            vocab_size=c["vocab_size"],
-            hidden_size=c["hidden_size"],
-            num_hidden_layers=c["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=c.get("num_key_value_heads") or heads,
+            model_type=mt, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads,
             intermediate_size=c["intermediate_size"],
             moe_intermediate_size=c["moe_intermediate_size"] if qwen else c["intermediate_size"],
             shared_expert_intermediate_size=c.get("shared_expert_intermediate_size", 0) if mt == "qwen2_moe" else 0,
-            num_experts=experts,
-            num_experts_per_tok=c["num_experts_per_tok"],
+            num_experts=experts, num_experts_per_tok=c["num_experts_per_tok"],
             norm_topk_prob=True if mt == "mixtral" else bool(c.get("norm_topk_prob", False)),
             topk_weights_fp32=mt == "mixtral",
             decoder_sparse_step=c.get("decoder_sparse_step", 1) if qwen else 1,
             mlp_only_layers=tuple(c.get("mlp_only_layers") or ()) if qwen else (),
             rms_norm_eps=c.get("rms_norm_eps", 1e-5 if mt in ("olmoe", "mixtral") else 1e-6),
-            rope_theta=float(theta),
-            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            rope_theta=float(theta), max_position_embeddings=c.get("max_position_embeddings", 4096),
             attention_bias=bool(c.get("attention_bias", False)) if mt in ("olmoe", "qwen3_moe") else False,
             qkv_bias=bool(c.get("qkv_bias", True)) if mt == "qwen2_moe" else False,
             qk_norm={"olmoe": "full", "qwen3_moe": "head"}.get(mt, ""),
@@ -151,8 +122,7 @@ class Config:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             router_aux_loss_coef=c.get("router_aux_loss_coef", 0.01 if mt == "olmoe" else 0.001),
             torch_dtype=c.get("dtype") or c.get("torch_dtype") or "float32",
-            pad_token_id=c.get("pad_token_id"),
-            bos_token_id=c.get("bos_token_id"),
+            pad_token_id=c.get("pad_token_id"), bos_token_id=c.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
         )
 
@@ -164,39 +134,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.reference = False  # True: the plain code below; False: kernels.RMSNormFn, the same fused
 
     def forward(self, x):
-        return RMSNormFn.apply(x, self.weight, self.eps)
-
-
-class RMSNormFn(torch.autograd.Function):
-    """HF's RMSNorm, weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype). The normalisation is
-    torch's fused norm without a weight (one kernel on CUDA; fp32 inside, cast once: HF's result bit for bit),
-    then HF's separate multiply by the weight. Eager HF makes ~5 passes over an fp32 copy of x forward and
-    ~10 backward, for each of a layer's two to four norms. The backward keeps x in its own dtype and the fp32
-    1/rms of each row (autograd would keep fp32 x) and is torch's fused kernel on CUDA, where it has one; the
-    same formula written out elsewhere."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        n, r = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, eps)  # x's dtype; fp32 1/rms
-        r = r.reshape(*x.shape[:-1], 1)
-        ctx.save_for_backward(x, weight, r)
-        return weight * n
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, r = ctx.saved_tensors
-        gw = None
-        if ctx.needs_input_grad[1]:  # as autograd: gy * the normalised x in x's dtype, summed over the rows
-            gw = (gy * (x.float() * r).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
-        gn = (gy * weight).to(x.dtype)  # through the scale, to the normalised x (x's dtype)
-        if x.is_cuda:
-            gx = torch.ops.aten._fused_rms_norm_backward(gn, x, [x.shape[-1]], r, None, [True, False])[0]
-        else:  # d(h * r)/dh with h = x in fp32, r = 1/rms(h)
-            h, gh = x.float() * r, gn.float()
-            gx = (r * (gh - h * (gh * h).mean(-1, keepdim=True))).to(x.dtype)
-        return gx, gw, None
+        if not self.reference:
+            return kernels.RMSNormFn.apply(x, self.weight, self.eps)
+        h = x.float()  # HF's roundings: normalise in fp32, cast back to x's dtype, then scale
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 def rope_inv_freq(cfg):
@@ -204,34 +149,18 @@ def rope_inv_freq(cfg):
     return 1.0 / (cfg.rope_theta ** (torch.arange(0, S, 2, dtype=torch.float) / S))  # (S/2,) fp32, on the CPU as HF
 
 
-class RoPEFn(torch.autograd.Function):
-    """HF's RoPE, x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1], with HF's roundings (each
-    product, then the sum) and without the negated half and the cat: out = x * cos, then in place
-    out1 -= x2 * sin1 and out2 += x1 * sin2. The backward has the same form (the rotation transposed):
-    autograd's gradient bit for bit, in fewer passes."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin, inverse=False)
-
-    @staticmethod
-    def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        return _rotate(g, cos, sin, inverse=True), None, None
+def rotate_half(x):  # [x1, x2] -> [-x2, x1]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
-def _rotate(x, cos, sin, inverse):
-    (x1, x2), (s1, s2) = x.chunk(2, dim=-1), sin.chunk(2, dim=-1)
-    out = x * cos
-    o1, o2 = out.chunk(2, dim=-1)
-    if inverse:  # [g1 c1 + g2 s2, g2 c2 - g1 s1]
-        o1.add_(x2 * s2)
-        o2.sub_(x1 * s1)
-    else:  # [x1 c1 - x2 s1, x2 c2 + x1 s2]
-        o1.sub_(x2 * s1)
-        o2.add_(x1 * s2)
-    return out
+def apply_rope(x, cos, sin, reference=True):  # x (B, H, T, S), cos and sin (B, 1, T, S)
+    return x * cos + rotate_half(x) * sin if reference else kernels.RoPEFn.apply(x, cos, sin)
+
+
+def swiglu(gu):  # gu = [g, u] (rows, 2I) -> silu(g) * u (rows, I)
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
 
 
 class MLP(nn.Module):
@@ -257,12 +186,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, self.G * self.S, bias=qkv_bias)
         self.o_proj = nn.Linear(self.H * self.S, D, bias=cfg.attention_bias)
         self.qk_norm, self.clip = cfg.qk_norm, cfg.clip_qkv
-        if cfg.qk_norm == "full":
-            self.q_norm = RMSNorm(self.H * self.S, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.G * self.S, cfg.rms_norm_eps)
-        elif cfg.qk_norm == "head":
-            self.q_norm = RMSNorm(self.S, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.S, cfg.rms_norm_eps)
+        if cfg.qk_norm:  # "full": over all heads' projection (OLMoE); "head": over each head (Qwen3-MoE)
+            q, k = (self.H * self.S, self.G * self.S) if cfg.qk_norm == "full" else (self.S, self.S)
+            self.q_norm, self.k_norm = RMSNorm(q, cfg.rms_norm_eps), RMSNorm(k, cfg.rms_norm_eps)
+        self.reference = False  # RoPE: the plain apply_rope (True) or kernels.RoPEFn
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
@@ -278,7 +205,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, S), (B, G, T, S)
         v = v.view(B, T, self.G, self.S).transpose(1, 2)  # (B, G, T, S)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, S)
-        q, k = RoPEFn.apply(q, cos, sin), RoPEFn.apply(k, cos, sin)  # HF: x * cos + rotate_half(x) * sin
+        q, k = apply_rope(q, cos, sin, self.reference), apply_rope(k, cos, sin, self.reference)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, G, T_past + T, S)
         # GQA: each kv head serves H/G consecutive query heads (enable_gqa = repeat_interleave semantics)
@@ -305,27 +232,32 @@ def route(logits, cfg):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I).
+    """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I). The
+    reference is the loop below; kernels.grouped_experts, the same as grouped products over all (token, slot)
+    pairs sorted by expert, runs where grouped_mm can (`groupable`).
 
-    `adapter` (set by lora.py, None here) adds its updates inside the expert computation:
-    `gate_up(gu, x, at)` returns gate_up_proj's output gu (rows, 2I) plus its update from the expert input x,
-    `down(y, h, gu, x, at)` down_proj's output y (rows, D) plus its update from h = swiglu(gu) or from x.
-    `at` is the expert id in the loop path; in the fast path, what `adapter.prepare(groups, x)` made of the
-    layer's sorted rows and input (N, D) once (so the adapter can work on the rows of its own experts only,
-    and make its input rows again in backward instead of keeping them), and the adapter may add in place.
-    """
+    The adapter hook (lora.ExpertLoRA, PERFT's ExpertAdapter; None here) adds updates inside the experts.
+    Both paths call it alike, on rows sorted by expert described by a kernels.ExpertGroups (the grouped
+    path's: every pair of the layer; the loop's: the rows of one expert):
+        at = adapter.prepare(groups, x)      x the layer input (N, D); once per groups
+        gu = adapter.gate_up(gu, xs, at)     gate_up_proj's output (rows, 2I) + its update from xs (rows, D)
+        y = adapter.down(y, h, gu, xs, at)   down_proj's output (rows, D) + its update from h = swiglu(gu) or xs
+    The adapter follows the same `reference` flag (plain per-expert products, or grouped ones that may add
+    in place: gu and y are then grouped_mm outputs held by nothing else)."""
 
     def __init__(self, E, D, I):
         super().__init__()
         self.E, self.I = E, I
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
-        aligned = D % 8 == 0 and I % 8 == 0  # grouped_mm wants 16-byte aligned rows
-        self.path = "fast" if _grouped_mm is not None and aligned else "loop"
+        self.groupable = kernels.can_group(D, I)
+        self.reference = False
         self.adapter = None
 
     def forward(self, x, idx, w):  # x (N, D), idx (N, K), w (N, K) -> (N, D)
-        return self.forward_fast(x, idx, w) if self.path == "fast" else self.forward_loop(x, idx, w)
+        if self.reference or not self.groupable:
+            return self.forward_loop(x, idx, w)
+        return kernels.grouped_experts(x, idx, w, self.gate_up_proj, self.down_proj, self.adapter)
 
     def forward_loop(self, x, idx, w):
         out = torch.zeros_like(x)
@@ -336,95 +268,19 @@ class Experts(nn.Module):
             xe = x[tok]  # (n, D)
             gu = F.linear(xe, self.gate_up_proj[e])  # (n, 2I)
             if self.adapter is not None:
-                gu = self.adapter.gate_up(gu, xe, e)
+                at = self.adapter.prepare(kernels.ExpertGroups.single(e, tok, self.E), x)
+                gu = self.adapter.gate_up(gu, xe, at)
             h = swiglu(gu)  # (n, I)
             y = F.linear(h, self.down_proj[e])  # (n, D)
             if self.adapter is not None:
-                y = self.adapter.down(y, h, gu, xe, e)
-            out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))
+                y = self.adapter.down(y, h, gu, xe, at)
+            out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))  # weighted with HF's rounding
         return out
-
-    def forward_fast(self, x, idx, w):
-        N, K = idx.shape
-        groups = ExpertGroups.sort(idx, self.E)
-        at = self.adapter.prepare(groups, x) if self.adapter is not None else None
-        xs = x[groups.token]  # (P, D) token rows in expert order
-        gu = _grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=groups.offs)  # (P, 2I)
-        if self.adapter is not None:
-            gu = self.adapter.gate_up(gu, xs, at)
-        h = SwiGLUFn.apply(gu)  # (P, I) silu(g) * u, keeping gu only
-        ys = _grouped_mm(h, self.down_proj.transpose(1, 2), offs=groups.offs)  # (P, D)
-        if self.adapter is not None:
-            ys = self.adapter.down(ys, h, gu, xs, at)
-        y = Unsort.apply(ys, groups).view(N, K, -1)  # (N, K, D) back in (token, slot) order
-        return (y * w[..., None]).to(x.dtype).sum(dim=1)  # (N, D): weighted as HF (its rounding), summed over slots
-
-
-def swiglu(gu):  # gu = [g, u] (rows, 2I) -> silu(g) * u (rows, I)
-    g, u = gu.chunk(2, dim=-1)
-    return F.silu(g) * u
-
-
-class SwiGLUFn(torch.autograd.Function):
-    """swiglu(gu), with autograd's own backward ops, but keeping gu only (autograd keeps silu(g) too:
-    another (rows, I))."""
-
-    @staticmethod
-    def forward(ctx, gu):
-        ctx.save_for_backward(gu)
-        return swiglu(gu)
-
-    @staticmethod
-    def backward(ctx, gh):
-        gu = ctx.saved_tensors[0]
-        g, u = gu.chunk(2, dim=-1)
-        if torch.compiler.is_compiling():  # the compiler fuses the cat (and refuses out= into half a tensor)
-            return torch.cat([torch.ops.aten.silu_backward(gh * u, g), gh * F.silu(g)], dim=-1)
-        dgu = torch.empty_like(gu)  # eager: both halves written in place (a cat is one more pass over (rows, 2I))
-        dg, du = dgu.chunk(2, dim=-1)
-        torch.ops.aten.silu_backward.grad_input(gh * u, g, grad_input=dg)
-        torch.mul(gh, F.silu(g), out=du)
-        return dgu
-
-
-class Unsort(torch.autograd.Function):
-    """rows.index_select(0, groups.inverse): the layer's sorted rows back in (token, slot) order. A permutation's
-    gradient is the gather by its inverse, `order`; autograd's index_select backward would instead zero a
-    (P, D) tensor and scatter-add into it (index_copy_ forward would keep the rows for backward)."""
-
-    @staticmethod
-    def forward(ctx, rows, groups):
-        ctx.order = groups.order
-        return rows.index_select(0, groups.inverse)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.index_select(0, ctx.order), None
-
-
-class ExpertGroups(NamedTuple):
-    """The (token, slot) pairs of a layer sorted by expert once; reused by every product of the layer."""
-    order: torch.Tensor  # (P,) pair index (token * K + slot) of each sorted row
-    token: torch.Tensor  # (P,) token of each sorted row
-    expert: torch.Tensor  # (P,) expert of each sorted row (ascending)
-    counts: torch.Tensor  # (E,) rows per expert
-    offs: torch.Tensor  # (E,) int32 end offset of each expert's rows, as grouped_mm wants
-    inverse: torch.Tensor  # (P,) sorted row of each pair: order's inverse permutation
-
-    @staticmethod
-    def sort(idx, E):
-        flat = idx.reshape(-1)  # (P,)
-        expert, order = torch.sort(flat, stable=True)
-        # end offsets by binary search on the sorted ids: no host sync (CUDA bincount reads its max to the host)
-        ends = torch.searchsorted(expert, torch.arange(E, device=flat.device, dtype=flat.dtype), right=True)
-        counts = torch.diff(ends, prepend=ends.new_zeros(1))
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        return ExpertGroups(order, order // idx.shape[1], expert, counts, ends.to(torch.int32), inverse)
 
 
 class MoE(nn.Module):
     """Router + routed experts (+ Qwen2-MoE's sigmoid-gated shared expert), reading h (N, D).
-    `adapter` (lora.py's PERFT adapters, None here) runs beside the whole block: y += adapter(h)."""
+    `adapter` (PERFT's adapters, None here) runs beside the whole block: y += adapter(h)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -440,8 +296,8 @@ class MoE(nn.Module):
     def forward(self, x):  # x (B, T, D)
         h = x.reshape(-1, x.shape[-1])  # (N, D)
         logits = self.gate(h)  # (N, E)
-        w, idx = route(logits, self.cfg)
-        y = self.experts(h, idx, w)
+        w, idx = route(logits, self.cfg)  # (N, K), (N, K)
+        y = self.experts(h, idx, w)  # (N, D)
         if self.cfg.shared_expert_intermediate_size:
             y = y + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
         if self.adapter is not None:
@@ -468,6 +324,13 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- model
 
+def set_reference(module, flag=True):
+    """Every layer under `module` runs its plain code (True) or its fast twin in kernels.py (False)."""
+    for m in module.modules():
+        if hasattr(m, "reference"):
+            m.reference = flag
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -479,14 +342,16 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.grad_checkpoint = False  # recompute each block in the backward pass (train.py --grad-checkpoint)
+        self.reference = False  # the loss: plain cross-entropy (True) or kernels' chunked one
 
-    def set_expert_path(self, path):
+    def set_reference(self, flag=True):  # the whole step on this file's plain code, or (False) kernels.py's twins
+        set_reference(self, flag)
+
+    def set_expert_path(self, path):  # only the experts and their adapters: "loop" (plain) or "fast"
         assert path in ("fast", "loop"), path
-        if path == "fast" and _grouped_mm is None:
-            raise RuntimeError("this torch has no grouped_mm; only the loop expert path is available")
         for m in self.modules():
             if isinstance(m, Experts):
-                m.path = path
+                set_reference(m, path == "loop")
 
     def body(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Final-normed hidden states (B, T, D) and the routing of every MoE layer."""
@@ -526,18 +391,6 @@ class Transformer(nn.Module):
         return (out, routing) if return_routing else out
 
 
-def cross_entropy_sum(model, h, labels, chunk=2048, ignore_index=-100):
-    """Sum of next-token losses over the labelled positions, without keeping (N, V) fp32 logits: each
-    chunk's logits are made in fp32 and, when training, recomputed in backward instead of stored."""
-    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-    ce = lambda hc, lc: F.cross_entropy(model.head(hc).float(), lc, ignore_index=ignore_index, reduction="sum")
-    total = 0.0
-    for i in range(0, h.shape[0], chunk):
-        hc, lc = h[i:i + chunk], labels[i:i + chunk]
-        total = total + (torch.utils.checkpoint.checkpoint(ce, hc, lc, use_reentrant=False) if h.requires_grad else ce(hc, lc))
-    return total
-
-
 def attention_mask_4d(attention_mask, B, T, past, device):
     """Boolean (B, 1, T, past+T) mask: causal, padding keys hidden. Each token always sees itself, so the
     rows of padding queries are never empty (an empty row would give NaN and spread through the values)."""
@@ -550,6 +403,16 @@ def attention_mask_4d(attention_mask, B, T, past, device):
 
 
 # ----------------------------------------------------------------------------- losses
+
+def cross_entropy_sum(model, h, labels, ignore_index=-100):
+    """Sum of the token losses over the labelled positions (labels already aligned with h (B, T, D)),
+    from the fp32 logits of model.head. The fast twin (model.reference False, or a model without the
+    flag) makes the logits a chunk of rows at a time: kernels.chunked_cross_entropy_sum."""
+    if not getattr(model, "reference", False):
+        return kernels.chunked_cross_entropy_sum(model.head, h, labels, ignore_index=ignore_index)
+    logits = model.head(h.reshape(-1, h.shape[-1])).float()  # (N, V)
+    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
+
 
 def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None, all_sum=None):
     """transformers' load_balancing_loss_func: E * sum_e f_e * P_e, pooled over all layers; padding masked.
@@ -584,205 +447,3 @@ def router_z_loss(router_logits, attention_mask=None, all_sum=None):
     m = torch.ones(z.shape[1], device=z.device) if attention_mask is None else attention_mask.reshape(-1).float()
     rows = m.sum() if all_sum is None else all_sum(m.sum())
     return (z * m).sum() / (rows * z.shape[0])
-
-
-# ----------------------------------------------------------------------------- loading
-
-def checkpoint_names(cfg):
-    """The one explicit map: on-disk tensor name -> (our parameter name, index into it or None)."""
-    names = {"model.embed_tokens.weight": ("model.embed_tokens.weight", None), "model.norm.weight": ("model.norm.weight", None)}
-    if not cfg.tie_word_embeddings:
-        names["lm_head.weight"] = ("lm_head.weight", None)
-    I = cfg.moe_intermediate_size
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        own = [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            own.append(f"{p}self_attn.{proj}.weight")
-            if cfg.attention_bias or (cfg.qkv_bias and proj != "o_proj"):
-                own.append(f"{p}self_attn.{proj}.bias")
-        if cfg.qk_norm:
-            own += [f"{p}self_attn.q_norm.weight", f"{p}self_attn.k_norm.weight"]
-        if not cfg.is_moe_layer(i):
-            own += [f"{p}mlp.{w}_proj.weight" for w in ("gate", "up", "down")]
-        elif cfg.model_type == "mixtral":  # block_sparse_moe.experts.E.w1 (gate), w3 (up), w2 (down)
-            names[f"{p}block_sparse_moe.gate.weight"] = (f"{p}mlp.gate.weight", None)
-            for e in range(cfg.num_experts):
-                q = f"{p}block_sparse_moe.experts.{e}."
-                names[q + "w1.weight"] = (f"{p}mlp.experts.gate_up_proj", (e, slice(0, I)))
-                names[q + "w3.weight"] = (f"{p}mlp.experts.gate_up_proj", (e, slice(I, 2 * I)))
-                names[q + "w2.weight"] = (f"{p}mlp.experts.down_proj", (e,))
-        else:
-            own.append(f"{p}mlp.gate.weight")
-            for e in range(cfg.num_experts):
-                q = f"{p}mlp.experts.{e}."
-                names[q + "gate_proj.weight"] = (f"{p}mlp.experts.gate_up_proj", (e, slice(0, I)))
-                names[q + "up_proj.weight"] = (f"{p}mlp.experts.gate_up_proj", (e, slice(I, 2 * I)))
-                names[q + "down_proj.weight"] = (f"{p}mlp.experts.down_proj", (e,))
-            if cfg.shared_expert_intermediate_size:
-                own += [f"{p}mlp.shared_expert.{w}_proj.weight" for w in ("gate", "up", "down")]
-                own.append(f"{p}mlp.shared_expert_gate.weight")
-        names.update({n: (n, None) for n in own})
-    return names
-
-
-def checkpoint_files(path):
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-    else:
-        files = [os.path.join(path, "model.safetensors")]
-    for f in files:
-        if not os.path.isfile(f):
-            raise CheckpointError(f"{f}: checkpoint file not found")
-    return files
-
-
-def pick_device(name=None):
-    """The device a script's --device names (None: cuda if available, else cpu); a clear error for a name
-    torch does not know or a CUDA device on a machine without one."""
-    try:
-        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ValueError(f"--device {name}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available")
-    return device
-
-
-def load_model(path, dtype=None, device=None, shard=None):
-    """Build on the meta device, then fill tensor by tensor from the safetensors straight onto `device`
-    (host memory peaks at about one tensor). Strict: every tensor present, none left over, shapes checked.
-    dtype None: the dtype of the embedding tensor in the file. `shard(model)` runs on the meta model
-    before it is materialised (parallel.py: FSDP2); each rank then copies only the rows it holds."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: model directory not found")
-    cfg = Config.from_json(path)
-    files = checkpoint_files(path)
-    device = torch.device(device or "cpu")  # the scripts' --device is checked by pick_device first
-    names = checkpoint_names(cfg)
-    if dtype is None:
-        dtype = _read_dtype(files, "model.embed_tokens.weight")
-    with torch.device("meta"):
-        model = Transformer(cfg).to(dtype)
-    if shard is not None:
-        shard(model)
-    model.to_empty(device=device)
-    model.inv_freq = rope_inv_freq(cfg).to(device)
-    params = dict(model.named_parameters())
-    seen = set()
-    for f in files:
-        try:
-            with safe_open(f, framework="pt", device="cpu") as sf:
-                for name in sf.keys():
-                    if name.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and name == "lm_head.weight"):
-                        continue  # derived or tied: transformers ignores these too
-                    if name not in names:
-                        raise CheckpointError(f"{f}: unexpected tensor {name!r} for a {cfg.model_type} model")
-                    pname, index = names[name]
-                    want = params[pname].shape if index is None else torch.empty(params[pname].shape, device="meta")[index].shape
-                    t = sf.get_tensor(name)
-                    if t.shape != want:
-                        raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(want)}")
-                    fill_rows(params[pname], t, index)
-                    seen.add(name)
-        except CheckpointError:
-            raise
-        except Exception as e:  # safetensors' own errors: truncated file, bad header
-            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
-    missing = sorted(set(names) - seen)
-    if missing:
-        raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    return model.eval()
-
-
-@torch.no_grad()
-def fill_rows(param, t, index=None):
-    """param[index] = t, where param may be an FSDP2 shard (a DTensor split along dim 0): then only the
-    rows this rank holds are written (torch.chunk's split: ceil(n / world) rows per rank)."""
-    local, lo = param, 0
-    if type(param).__name__ == "DTensor":
-        local, world, rank = param.to_local(), param.device_mesh.size(), param.device_mesh.get_local_rank()
-        lo = min(rank * -(-param.shape[0] // world), param.shape[0])
-    hi = lo + local.shape[0]
-    if index is None:
-        local.copy_(t[lo:hi])
-    elif lo <= index[0] < hi:  # one expert's slice of a stacked tensor
-        local[(index[0] - lo, *index[1:])].copy_(t)
-
-
-def _read_dtype(files, name):
-    for f in files:
-        try:
-            with safe_open(f, framework="pt", device="cpu") as sf:
-                if name in sf.keys():
-                    return _ST_DTYPES[sf.get_slice(name).get_dtype()]
-        except Exception as e:
-            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
-    raise CheckpointError(f"{os.path.dirname(files[0])}: missing tensor {name!r}")
-
-
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-
-
-# ----------------------------------------------------------------------------- generation
-
-class KVCache:
-    """Preallocated keys and values for every layer: (L, B, G, T_max, S); `pos` tokens filled so far."""
-
-    def __init__(self, cfg, B, max_len, device, dtype):
-        shape = (cfg.num_hidden_layers, B, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
-
-    def update(self, layer, k, v):  # k, v (B, G, T, S) -> the whole prefix (B, G, pos+T, S)
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
-@torch.no_grad()
-def generate(model, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
-             eos_token_id=None, pad_token_id=None, generator=None):
-    """Greedy (temperature 0) or sampled generation with a KV cache; prompts left-padded.
-    Positions follow the attention mask (HF: cumsum - 1), so padding does not shift real tokens."""
-    B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
-    p = next(model.parameters())
-    cache = KVCache(model.config, B, T + max_new_tokens, p.device, p.dtype)
-    pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
-    logits = model(input_ids, attention_mask, pos, cache)[:, -1]  # (B, V)
-    out, done = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        nxt = sample(logits, temperature, top_p, generator)  # (B,)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            done = done | (nxt == eos_token_id)
-        out = torch.cat([out, nxt[:, None]], dim=1)
-        if eos_token_id is not None and bool(done.all()):
-            break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], dim=1)
-        pos = pos[:, -1:] + 1
-        logits = model(nxt[:, None], attention_mask, pos, cache)[:, -1]
-    return out
-
-
-def sample(logits, temperature, top_p, generator=None):
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = F.softmax(logits.float() / temperature, dim=-1)  # (B, V)
-    if top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p (at least one)
-        sp, si = probs.sort(dim=-1, descending=True)
-        drop = sp.cumsum(-1) - sp >= top_p  # the mass before a token already reaches top_p (HF's rule)
-        drop[..., 0] = False
-        probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 4 train.py --model DIR --data train.jsonl --method sieve --batch-size 16 ...
 
-- The frozen base is sharded with FSDP2 (`fully_shard` per transformer block, then the root); moe.load_model
+- The frozen base is sharded with FSDP2 (`fully_shard` per transformer block, then the root); hub.load_model
   reads each tensor once and copies only the rows a rank holds, so no rank ever holds the whole model.
 - The adapters are small: every rank keeps them whole (same seed, same init) and their gradients are
   summed over ranks before each step, so every rank takes the same optimizer step. In full training

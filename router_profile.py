@@ -25,8 +25,8 @@ import time
 import torch
 
 import data
+import hub
 import lora
-import moe
 
 COLD_FRACTION = 0.5  # cold: count < 0.5 * total / E (MoE-Sieve's companion notebook, its Table 2)
 # MoE-Sieve's OLMoE-1B-7B numbers, printed next to ours: layer CV 0.876, cold 28.5%, coverage@25% 53.0%
@@ -233,9 +233,9 @@ def run(args):
     seqs = [data.encode_example(tok, rec, args.seq_len)[0] for rec in records]
     seqs.sort(key=len)  # less padding; the profile does not depend on the order
     # ---- model
-    device = moe.pick_device(args.device)
+    device = hub.pick_device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = moe.load_model(args.model, dtype=dtype, device=device)
+    model = hub.load_model(args.model, dtype=dtype, device=device)
     cfg = model.config
     top = max(max(s) for s in seqs)
     if top >= cfg.vocab_size:

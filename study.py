@@ -22,8 +22,8 @@ import torch
 
 import data
 import eval as evaluation
+import hub
 import lora
-import moe
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,7 +73,7 @@ def fine_tune(args, method, seed, train_file, out):
 
 
 def accuracy(args, tok, records, adapter=None):
-    model = moe.load_model(args.model, dtype=torch.float32, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = hub.load_model(args.model, dtype=torch.float32, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if adapter:
         lora.load_adapter(model, adapter)
     return evaluation.multiple_choice(model, tok, records, batch_size=32, seq_len=512)

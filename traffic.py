@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import hub
 import lora
 import moe
 
@@ -59,7 +60,7 @@ class FlashModel(torch.autograd.Function):
 
 
 class NormModel(torch.autograd.Function):
-    """RMSNorm's fused CUDA kernels' traffic (moe.RMSNormFn multiplies by the weight after it)."""
+    """RMSNorm's fused CUDA kernels' traffic (kernels.RMSNormFn multiplies by the weight after it)."""
 
     @staticmethod
     def forward(ctx, x, counter):
@@ -88,9 +89,7 @@ def count_layer(method, cdict, batch, seq, rank, alpha):
 def count_body(method, cdict, batch, seq, rank, alpha):
     """Bytes by (phase, op) of one forward + backward of the body with `method`'s adapters, on meta tensors."""
     cfg = moe.Config.from_json(cdict)
-    with torch.device("meta"):
-        model = moe.Transformer(cfg).to(torch.bfloat16)
-    model.inv_freq = moe.rope_inv_freq(cfg).to("meta")
+    model = hub.build_empty(cfg, torch.bfloat16, "meta")
     lora.attach(model, method, rank, alpha)
     counter, sdpa, norm = Traffic(), F.scaled_dot_product_attention, moe.RMSNorm.forward
     F.scaled_dot_product_attention = lambda q, k, v, **kw: FlashModel.apply(q, k, v, counter)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import export
+import hub
 import lora
 import moe
 import parallel
@@ -259,7 +259,7 @@ def train(args, rank, world, device):
         raise ValueError("--export-* / --adapter: run them in one process (python train.py --adapter OUT ...)")
     if world > 1 and args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes (the global batch)")
-    device = device or moe.pick_device(args.device)
+    device = device or hub.pick_device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
     if args.compile and dtype != torch.bfloat16:
         raise ValueError(f"--compile needs --dtype bfloat16 (torch compiles grouped_mm for bf16 only), not {dtype}")
@@ -269,17 +269,17 @@ def train(args, rank, world, device):
     full = args.method == "full"
     if args.dry_run:
         with torch.device("meta"):
-            model = moe.Transformer(moe.Config.from_json(args.init_config or args.model))
+            model = moe.Transformer(hub.read_config(args.init_config or args.model))
         tok = None
     elif args.init_config:  # pretraining from scratch (every rank draws the same weights, then shards them)
-        model = moe.Transformer(moe.Config.from_json(args.init_config)).to(dtype=dtype)
+        model = moe.Transformer(hub.read_config(args.init_config)).to(dtype=dtype)
         init_weights(model)
         if world > 1:
             parallel.shard(model)
         model.to(device)
         tok = data.load_tokenizer(args.model)
     else:
-        model = moe.load_model(args.model, dtype=dtype, device=device, shard=parallel.shard if world > 1 else None)
+        model = hub.load_model(args.model, dtype=dtype, device=device, shard=parallel.shard if world > 1 else None)
         tok = data.load_tokenizer(args.model)
     cfg = model.config
     print(f"train.py: {cfg.model_type} {cfg.num_hidden_layers} layers x {cfg.num_experts} experts top-{cfg.num_experts_per_tok}"
@@ -469,10 +469,10 @@ def train(args, rank, world, device):
         print(f"stopped after step {end}/{total}; continue with --resume")
         return 0
     if full:  # a hub-style checkpoint: OUT/model (every rank helps gather the shards, rank 0 writes)
-        tensors = export.model_tensors(model)
+        tensors = hub.model_tensors(model)
         with open(args.init_config or os.path.join(args.model, "config.json")) as f:
             if main:
-                export.write_checkpoint(tensors, os.path.join(args.out, "model"), json.load(f), args.model)
+                hub.write_checkpoint(tensors, os.path.join(args.out, "model"), json.load(f), args.model)
     elif main:
         lora.save_adapter(model, args.out, adapter_config)
     if not main:
@@ -508,10 +508,10 @@ def write_exports(args, model, adapter_config):
         if flag and os.path.exists(os.path.join(args.out, name)) and not os.path.isdir(os.path.join(args.out, name)):
             raise OSError(f"{os.path.join(args.out, name)}: exists and is not a directory")
     if args.export_peft:
-        export.export_peft(model, adapter_config, os.path.join(args.out, "peft"))
+        hub.export_peft(model, adapter_config, os.path.join(args.out, "peft"))
         print(f"wrote {os.path.join(args.out, 'peft')}")
     if args.export_merged:
-        export.export_merged(model, args.model, os.path.join(args.out, "merged"))
+        hub.export_merged(model, args.model, os.path.join(args.out, "merged"))
         print(f"wrote {os.path.join(args.out, 'merged')}")
 
 

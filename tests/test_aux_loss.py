@@ -5,11 +5,12 @@ import torch
 from conftest import make_ids
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+import hub
 import moe
 
 
 def routing_logits(checkpoints, name, ids, mask=None):
-    model = moe.load_model(checkpoints(name).path)
+    model = hub.load_model(checkpoints(name).path)
     with torch.no_grad():
         _, routing = model(ids, attention_mask=mask, return_routing=True)
     cfg = model.config

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hub
 import lora
-import moe
 import train
 from test_train import ckpt, train_file  # noqa: F401  (module-scoped fixtures)
 
@@ -47,7 +47,7 @@ def test_two_processes_follow_the_single_process_loss_curve(ckpt, train_file, tm
     for k in a:  # Adam divides by sqrt(v): float-sum noise in tiny gradients (k_proj) shows up at ~1e-5 of lr 1e-2
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
     x = torch.randint(3, 300, (2, 12))
-    one, two = moe.load_model(ckpt), moe.load_model(ckpt)
+    one, two = hub.load_model(ckpt), hub.load_model(ckpt)
     lora.load_adapter(one, tmp_path / "one")
     lora.load_adapter(two, tmp_path / "two")
     torch.testing.assert_close(two(x), one(x), rtol=1e-5, atol=1e-5)
@@ -86,7 +86,7 @@ def test_full_training_under_torchrun_writes_one_checkpoint(ckpt, train_file, tm
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=TOL)  # the aux loss is global too
     aux = [[json.loads(line)["aux"] for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")]
     assert aux[1] == pytest.approx(aux[0], rel=TOL)
-    model = moe.load_model(str(tmp_path / "two" / "model"))
+    model = hub.load_model(str(tmp_path / "two" / "model"))
     assert sum(p.numel() for p in model.parameters()) > 0
     # checkpoints: stopped after step 2 and resumed, under torchrun; the checkpoint has the one-process layout
     torchrun(*flags, "--out", tmp_path / "cut", "--save-every", 1, "--stop-after", 2)

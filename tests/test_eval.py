@@ -9,9 +9,8 @@ import torch
 
 import data
 import eval as ev
-import export
+import hub
 import lora
-import moe
 from tiny import tiny_checkpoint, tiny_model
 
 # ----------------------------------------------------------------------------- fakes
@@ -38,7 +37,7 @@ def uniform_model(ids, mask):
 
 
 class Emitter(torch.nn.Module):
-    """A fake model for moe.generate: after a prompt it emits the tokens scripted for that prompt, then EOS."""
+    """A fake model for generate.generate: after a prompt it emits the tokens scripted for that prompt, then EOS."""
 
     def __init__(self, script):  # {prompt text: text to emit}
         super().__init__()
@@ -156,7 +155,7 @@ def files(tmp_path_factory):
         out[name] = str(d / f"{name}.jsonl")
         with open(out[name], "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in recs))
-    model = moe.load_model(ckpt)  # an adapter with non-zero B, saved, and the same folded into a checkpoint
+    model = hub.load_model(ckpt)  # an adapter with non-zero B, saved, and the same folded into a checkpoint
     config = lora.attach(model, "lora", r=4, alpha=8)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -164,7 +163,7 @@ def files(tmp_path_factory):
             if n.endswith("_B"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     lora.save_adapter(model, str(d / "adapter"), config)
-    export.export_merged(model, ckpt, str(d / "merged"))
+    hub.export_merged(model, ckpt, str(d / "merged"))
     out.update(adapter=str(d / "adapter"), merged=str(d / "merged"), dir=d)
     return out
 
@@ -185,8 +184,8 @@ def test_adapter_equals_merged_checkpoint(files):
           ((f["ckpt"], ("--adapter", f["adapter"])), (f["merged"], ()))]
     assert (mc[0]["acc"], mc[0]["acc_norm"], mc[0]["n"]) == (mc[1]["acc"], mc[1]["acc_norm"], 3)
     tok = data.load_tokenizer(f["ckpt"])
-    lls = [ev.choice_logliks(moe.load_model(f["merged"]), tok, MC)]
-    model = moe.load_model(f["ckpt"])
+    lls = [ev.choice_logliks(hub.load_model(f["merged"]), tok, MC)]
+    model = hub.load_model(f["ckpt"])
     lora.load_adapter(model, f["adapter"])
     lls.append(ev.choice_logliks(model, tok, MC))
     for a, b in zip(*lls):
@@ -195,7 +194,7 @@ def test_adapter_equals_merged_checkpoint(files):
 
 def test_batch_size_does_not_change_the_numbers(files):
     """Right padding is invisible: perplexity and choice log-likelihoods are the same at batch size 1 and 4."""
-    model, tok = moe.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"])
+    model, tok = hub.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"])
     p1, p4 = (ev.perplexity(model, tok, TEXT, batch_size=b, seq_len=8) for b in (1, 4))
     assert p1["tokens"] == p4["tokens"] and p1["nll"] == pytest.approx(p4["nll"], rel=1e-5)
     for a, b in zip(ev.choice_logliks(model, tok, MC, batch_size=1), ev.choice_logliks(model, tok, MC, batch_size=4)):
@@ -215,7 +214,7 @@ def test_cli_generation_end_to_end(files, capsys):
 
 def test_generation_matches_moe_generate_row_by_row(files):
     """Batched left-padded generation gives each record the answer it gets alone (greedy, cut at EOS)."""
-    model, tok = moe.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"])
+    model, tok = hub.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"])
     together = ev.generation(model, tok, QA, batch_size=2, max_new_tokens=5)["samples"]
     alone = [ev.generation(model, tok, [q], batch_size=1, max_new_tokens=5)["samples"][0] for q in QA]
     assert [s["output"] for s in together] == [s["output"] for s in alone]

@@ -3,16 +3,15 @@ import pytest
 import torch
 from conftest import load_hf, make_ids
 
-import export
+import hub
 import lora
-import moe
 
 CASES = [("olmoe", False), ("mixtral", True), ("qwen2_moe", False), ("qwen3_moe", False)]
 
 
 def adapted(path, rslora, seed=0):
     """Our model with a sieve-style adapter on a different subset of experts per layer, B non-zero."""
-    model = moe.load_model(path)
+    model = hub.load_model(path)
     cfg = model.config
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     plan = {i: [(3 * n + 1) % cfg.num_experts, (5 * n + 6) % cfg.num_experts] for n, i in enumerate(layers)}
@@ -36,7 +35,7 @@ def test_peft_loads_our_export_and_gives_our_logits(checkpoints, tmp_path, name,
     model, config = adapted(ck.path, rslora)
     x = make_ids(2, 12)
     ours = model(x)
-    export.export_peft(model, config, tmp_path / "peft")
+    hub.export_peft(model, config, tmp_path / "peft")
     ref = PeftModel.from_pretrained(load_hf(ck.path), tmp_path / "peft").eval()
     with torch.no_grad():
         theirs = ref(x).logits
@@ -51,7 +50,7 @@ def test_merged_checkpoint_loads_in_transformers(checkpoints, tmp_path, name):
     model, _ = adapted(ck.path, rslora=False)
     x = make_ids(2, 12)
     ours = model(x)
-    export.export_merged(model, ck.path, tmp_path / "merged", shard_bytes=64 << 10)
+    hub.export_merged(model, ck.path, tmp_path / "merged", shard_bytes=64 << 10)
     assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) > 1
     with torch.no_grad():
         theirs = load_hf(tmp_path / "merged")(x).logits
@@ -68,7 +67,7 @@ def test_adapter_gradients_match_peft_on_transformers(checkpoints, tmp_path, nam
     from peft import PeftModel
     ck = checkpoints(name)
     model, config = adapted(ck.path, rslora=False)
-    export.export_peft(model, config, tmp_path / "peft")
+    hub.export_peft(model, config, tmp_path / "peft")
     ref = PeftModel.from_pretrained(load_hf(ck.path), tmp_path / "peft", is_trainable=True)
     x = make_ids(2, 12)
     probe = torch.randn(2, 12, model.config.vocab_size, generator=torch.Generator().manual_seed(5))

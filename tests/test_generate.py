@@ -5,7 +5,8 @@ import torch
 from conftest import assert_logits_close, make_ids
 from transformers import GenerationConfig
 
-import moe
+import generate
+import hub
 
 NAMES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"]
 PAD = 0
@@ -39,7 +40,7 @@ def test_greedy_single_prompt_matches_hf(checkpoints, name):
     ids = make_ids(1, 8, seed=6)
     ref = hf_greedy(ck.hf, ids, torch.ones_like(ids), new=12)
     assert ref.shape == (1, 20)
-    out = moe.generate(moe.load_model(ck.path), ids, max_new_tokens=12)
+    out = generate.generate(hub.load_model(ck.path), ids, max_new_tokens=12)
     assert torch.equal(out, ref)
 
 
@@ -50,20 +51,20 @@ def test_greedy_left_padded_batch_matches_hf(checkpoints, name):
     ids, mask = left_padded_batch()
     ref = hf_greedy(ck.hf, ids, mask, new=10)
     assert ref.shape == (3, 20)
-    out = moe.generate(moe.load_model(ck.path), ids, attention_mask=mask, max_new_tokens=10, pad_token_id=PAD)
+    out = generate.generate(hub.load_model(ck.path), ids, attention_mask=mask, max_new_tokens=10, pad_token_id=PAD)
     assert torch.equal(out, ref)
 
 
 def test_eos_then_pad_matches_hf(checkpoints):
     """A row that emits EOS keeps emitting pad, and generation stops as HF's does when every row is done."""
     ck = checkpoints("mixtral")
-    model = moe.load_model(ck.path)
+    model = hub.load_model(ck.path)
     ids, mask = left_padded_batch()
     free = hf_greedy(ck.hf, ids, mask, new=10)
     eos = int(free[0, 12])  # row 0's third new token: row 0 stops early, other rows (likely) later
     ref = hf_greedy(ck.hf, ids, mask, new=10, eos=eos)
     assert (ref[0, 13:] == PAD).all() and ref.shape[1] > 13  # the fixture really exercises "pad after EOS"
-    out = moe.generate(model, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD)
+    out = generate.generate(model, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=PAD)
     assert torch.equal(out[:, : ref.shape[1]], ref)
     assert (out[:, ref.shape[1]:] == PAD).all()
 
@@ -72,10 +73,10 @@ def test_eos_then_pad_matches_hf(checkpoints):
 @torch.no_grad()
 def test_kv_cache_matches_full_forward(checkpoints, name):
     """Prefill a prompt into the KV cache, feed 4 tokens one by one: each step's logits equal a full forward."""
-    model = moe.load_model(checkpoints(name).path)
+    model = hub.load_model(checkpoints(name).path)
     ids = make_ids(2, 10, seed=8)
     full = model(ids)
-    cache = moe.KVCache(model.config, 2, 10, torch.device("cpu"), torch.float32)
+    cache = generate.KVCache(model.config, 2, 10, torch.device("cpu"), torch.float32)
     steps = [model(ids[:, :6], cache=cache)]
     for t in range(6, 10):
         steps.append(model(ids[:, t:t + 1], cache=cache))
@@ -85,11 +86,11 @@ def test_kv_cache_matches_full_forward(checkpoints, name):
 @torch.no_grad()
 def test_kv_cache_left_padded_matches_full_forward(checkpoints):
     """With left padding and mask-derived positions, cached decoding equals a full forward on real tokens."""
-    model = moe.load_model(checkpoints("olmoe").path)
+    model = hub.load_model(checkpoints("olmoe").path)
     ids, mask = left_padded_batch()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     full = model(ids, attention_mask=mask, position_ids=pos)
-    cache = moe.KVCache(model.config, 3, 10, torch.device("cpu"), torch.float32)
+    cache = generate.KVCache(model.config, 3, 10, torch.device("cpu"), torch.float32)
     steps = [model(ids[:, :8], attention_mask=mask[:, :8], position_ids=pos[:, :8], cache=cache)]
     for t in range(8, 10):
         steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=pos[:, t:t + 1], cache=cache))
@@ -99,12 +100,12 @@ def test_kv_cache_left_padded_matches_full_forward(checkpoints):
 
 def sample(model, ids, seed, **kw):
     g = torch.Generator().manual_seed(seed)
-    return moe.generate(model, ids, max_new_tokens=16, temperature=1.0, generator=g, **kw)
+    return generate.generate(model, ids, max_new_tokens=16, temperature=1.0, generator=g, **kw)
 
 
 def test_sampling_reproducible_with_generator(checkpoints):
     """Sampling with the same seeded torch.Generator gives the same tokens; another seed gives others."""
-    model = moe.load_model(checkpoints("olmoe").path)
+    model = hub.load_model(checkpoints("olmoe").path)
     ids = make_ids(2, 6, seed=9)
     a, b, c = sample(model, ids, 0), sample(model, ids, 0), sample(model, ids, 1)
     assert torch.equal(a, b)
@@ -113,9 +114,9 @@ def test_sampling_reproducible_with_generator(checkpoints):
 
 def test_tiny_top_p_equals_greedy(checkpoints):
     """top_p -> 0 keeps only the most likely token, so sampling equals greedy."""
-    model = moe.load_model(checkpoints("qwen2_moe").path)
+    model = hub.load_model(checkpoints("qwen2_moe").path)
     ids = make_ids(2, 6, seed=10)
-    greedy = moe.generate(model, ids, max_new_tokens=16)
+    greedy = generate.generate(model, ids, max_new_tokens=16)
     assert torch.equal(sample(model, ids, 0, top_p=1e-6), greedy)
 
 
@@ -123,6 +124,6 @@ def test_top_p_keeps_the_smallest_set_reaching_it():
     """Nucleus sampling keeps the fewest most likely tokens whose mass reaches top_p: four equally likely tokens
     (0.25 each, exact in fp32) at top_p 0.5 leave two, not three (the mass before the third is exactly 0.5)."""
     g = torch.Generator().manual_seed(0)
-    drawn = {int(moe.sample(torch.zeros(1, 4), 1.0, 0.5, g)) for _ in range(200)}
+    drawn = {int(generate.sample(torch.zeros(1, 4), 1.0, 0.5, g)) for _ in range(200)}
     assert len(drawn) == 2
-    assert len({int(moe.sample(torch.zeros(1, 4), 1.0, 0.0, g)) for _ in range(50)}) == 1  # top_p 0: still one token
+    assert len({int(generate.sample(torch.zeros(1, 4), 1.0, 0.0, g)) for _ in range(50)}) == 1  # top_p 0: still one token

@@ -10,6 +10,9 @@ from conftest import assert_logits_close, make_ids
 from test_parity import check_rmsnorm_backward
 from test_train import ckpt, train_file  # noqa: F401  (module-scoped fixtures)
 
+import generate
+import hub
+import kernels
 import lora
 import moe
 
@@ -28,7 +31,7 @@ def no_tf32():
 @torch.no_grad()
 def test_cuda_bf16_fast_matches_loop(checkpoints, name):
     """On CUDA in bf16 the grouped_mm path equals the per-expert loop within 2e-2 of the logit scale."""
-    model = moe.load_model(checkpoints(name).path, dtype=torch.bfloat16, device="cuda")
+    model = hub.load_model(checkpoints(name).path, dtype=torch.bfloat16, device="cuda")
     ids = make_ids(4, 64, seed=20).cuda()
     model.set_expert_path("loop")
     loop, r_loop = model(ids, return_routing=True)
@@ -61,7 +64,7 @@ def test_cuda_rmsnorm_fused_kernels_equal_hf(dtype):
 def test_cuda_fp32_matches_hf(checkpoints, name, path):
     """fp32 logits on CUDA equal HF's eager CPU logits within 1e-4 of the logit scale, both expert paths."""
     ck = checkpoints(name)
-    model = moe.load_model(ck.path, device="cuda")
+    model = hub.load_model(ck.path, device="cuda")
     model.set_expert_path(path)
     ids = make_ids(2, 12)
     assert_logits_close(model(ids.cuda()).cpu(), ck.hf(ids).logits, rel=1e-4)
@@ -72,8 +75,8 @@ def test_cuda_greedy_generate_matches_cpu(checkpoints):
     """Greedy generation on CUDA (fp32) gives the same tokens as on the CPU."""
     path = checkpoints("olmoe").path
     ids = make_ids(2, 8, seed=21)
-    cpu = moe.generate(moe.load_model(path), ids, max_new_tokens=12)
-    gpu = moe.generate(moe.load_model(path, device="cuda"), ids.cuda(), max_new_tokens=12)
+    cpu = generate.generate(hub.load_model(path), ids, max_new_tokens=12)
+    gpu = generate.generate(hub.load_model(path, device="cuda"), ids.cuda(), max_new_tokens=12)
     assert torch.equal(gpu.cpu(), cpu)
 
 
@@ -109,7 +112,7 @@ def _fast_matches_loop(device, plan_ids):
     probe = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)
     out = {}
     for path in ("fast", "loop"):
-        experts.path = path
+        moe.set_reference(experts, path == "loop")
         experts.adapter.zero_grad()
         x = x0.clone().requires_grad_(True)
         y = experts(x, idx, w)
@@ -129,7 +132,7 @@ def _lora_rows(device, plan_ids, monkeypatch):
     experts = _medium_experts(device, plan_ids)
     idx, w = _routing(device, 512, experts.E, 4)
     x = torch.randn(512, experts.gate_up_proj.shape[-1], device=device, dtype=torch.bfloat16)
-    rows, real = [], moe._grouped_mm
+    rows, real = [], kernels.grouped_mm
 
     def spy(a, b, offs):
         if min(b.shape[1:]) <= 32:  # a LoRA factor: rank 16, or 2 x 16 (gate and up together); base: 128/256
@@ -137,7 +140,7 @@ def _lora_rows(device, plan_ids, monkeypatch):
             rows.append(a.shape[0])
         return real(a, b, offs=offs)
 
-    monkeypatch.setattr(moe, "_grouped_mm", spy)
+    monkeypatch.setattr(kernels, "grouped_mm", spy)
     experts(x, idx, w)
     return sum(rows), int(torch.isin(idx, torch.tensor(plan_ids, device=device)).sum())
 
@@ -175,6 +178,6 @@ def test_cuda_train_end_to_end(ckpt, train_file, tmp_path, method, extra):
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert summary["device"].startswith("cuda") and summary["dtype"] == "torch.bfloat16"
     assert len(log) == 6 and all(e["loss"] == e["loss"] and e["tok_s"] > 0 for e in log)  # no NaN
-    model = moe.load_model(ckpt, dtype=torch.bfloat16, device="cuda")
+    model = hub.load_model(ckpt, dtype=torch.bfloat16, device="cuda")
     lora.load_adapter(model, str(out))
     assert torch.isfinite(model(make_ids(2, 16).cuda()).float()).all()

@@ -7,6 +7,7 @@ import torch
 from conftest import read_json, write_json
 from safetensors.torch import load_file, save_file
 
+import hub
 import moe
 
 
@@ -33,7 +34,7 @@ def test_missing_shard_names_file(ckpt_copy):
     path = ckpt_copy("olmoe_norm_sharded")
     shard = sorted(set(read_json(path / "model.safetensors.index.json")["weight_map"].values()))[1]
     os.remove(path / shard)
-    error_message((moe.CheckpointError, FileNotFoundError), lambda: moe.load_model(path), shard)
+    error_message((hub.CheckpointError, FileNotFoundError), lambda: hub.load_model(path), shard)
 
 
 def test_truncated_file_names_file(ckpt_copy):
@@ -41,7 +42,7 @@ def test_truncated_file_names_file(ckpt_copy):
     path = ckpt_copy("olmoe")
     f = path / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    error_message(moe.CheckpointError, lambda: moe.load_model(path), "model.safetensors")
+    error_message(hub.CheckpointError, lambda: hub.load_model(path), "model.safetensors")
 
 
 def test_truncated_shard_names_shard(ckpt_copy):
@@ -50,7 +51,7 @@ def test_truncated_shard_names_shard(ckpt_copy):
     shard = sorted(set(read_json(path / "model.safetensors.index.json")["weight_map"].values()))[-1]
     f = path / shard
     f.write_bytes(f.read_bytes()[:100])
-    error_message(moe.CheckpointError, lambda: moe.load_model(path), shard)
+    error_message(hub.CheckpointError, lambda: hub.load_model(path), shard)
 
 
 @pytest.mark.parametrize("name,key", [
@@ -64,7 +65,7 @@ def test_missing_tensor_names_tensor(ckpt_copy, name, key):
     """A checkpoint without one expected tensor gives a CheckpointError naming that tensor."""
     path = ckpt_copy(name)
     rewrite(path, lambda t: t.pop(key))
-    error_message(moe.CheckpointError, lambda: moe.load_model(path), key)
+    error_message(hub.CheckpointError, lambda: hub.load_model(path), key)
 
 
 @pytest.mark.parametrize("name,key", [
@@ -76,7 +77,7 @@ def test_extra_tensor_names_tensor(ckpt_copy, name, key):
     """A checkpoint with a tensor the model does not have gives a CheckpointError naming it."""
     path = ckpt_copy(name)
     rewrite(path, lambda t: t.__setitem__(key, torch.zeros(16, 64)))
-    error_message(moe.CheckpointError, lambda: moe.load_model(path), key)
+    error_message(hub.CheckpointError, lambda: hub.load_model(path), key)
 
 
 def test_wrong_shape_names_tensor_and_shapes(ckpt_copy):
@@ -84,7 +85,7 @@ def test_wrong_shape_names_tensor_and_shapes(ckpt_copy):
     path = ckpt_copy("olmoe")
     key = "model.layers.1.mlp.experts.2.up_proj.weight"  # expected (32, 64)
     rewrite(path, lambda t: t.__setitem__(key, torch.zeros(48, 64)))
-    msg = error_message(moe.CheckpointError, lambda: moe.load_model(path), key, "48", "32")
+    msg = error_message(hub.CheckpointError, lambda: hub.load_model(path), key, "48", "32")
     assert "64" in msg
 
 
@@ -93,21 +94,21 @@ def test_unknown_model_type_names_it(ckpt_copy):
     path = ckpt_copy("olmoe")
     cfg = read_json(path / "config.json")
     write_json(path / "config.json", dict(cfg, model_type="deepseek_v3"))
-    error_message(moe.ConfigError, lambda: moe.load_model(path), "deepseek_v3")
+    error_message(moe.ConfigError, lambda: hub.load_model(path), "deepseek_v3")
 
 
 def test_missing_config_names_config_json(ckpt_copy):
     """A directory without config.json gives an error naming config.json."""
     path = ckpt_copy("olmoe")
     os.remove(path / "config.json")
-    error_message((moe.ConfigError, FileNotFoundError), lambda: moe.load_model(path), "config.json")
+    error_message((moe.ConfigError, FileNotFoundError), lambda: hub.load_model(path), "config.json")
 
 
 def test_invalid_json_config_names_config_json(ckpt_copy):
     """A config.json that is not valid JSON gives a ConfigError naming config.json."""
     path = ckpt_copy("olmoe")
     (path / "config.json").write_text('{"model_type": "olmoe", ')
-    error_message(moe.ConfigError, lambda: moe.load_model(path), "config.json")
+    error_message(moe.ConfigError, lambda: hub.load_model(path), "config.json")
 
 
 @pytest.mark.parametrize("rope", [
@@ -118,7 +119,7 @@ def test_unsupported_rope_type_refused(ckpt_copy, rope):
     """A rope_type other than default is refused with a ConfigError naming it."""
     path = ckpt_copy("mixtral")
     write_json(path / "config.json", dict(read_json(path / "config.json"), rope_parameters=rope))
-    error_message(moe.ConfigError, lambda: moe.load_model(path), rope["rope_type"])
+    error_message(moe.ConfigError, lambda: hub.load_model(path), rope["rope_type"])
 
 
 def test_v4_rope_scaling_refused(ckpt_copy):
@@ -128,7 +129,7 @@ def test_v4_rope_scaling_refused(ckpt_copy):
     cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
     cfg["rope_scaling"] = {"type": "dynamic", "factor": 2.0}
     write_json(path / "config.json", cfg)
-    error_message(moe.ConfigError, lambda: moe.load_model(path), "dynamic")
+    error_message(moe.ConfigError, lambda: hub.load_model(path), "dynamic")
 
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe"])
@@ -137,7 +138,7 @@ def test_qwen_sliding_window_refused(ckpt_copy, name):
     path = ckpt_copy(name)
     write_json(path / "config.json", dict(read_json(path / "config.json"), use_sliding_window=True,
                                          sliding_window=4))
-    msg = error_message(moe.ConfigError, lambda: moe.load_model(path))
+    msg = error_message(moe.ConfigError, lambda: hub.load_model(path))
     assert "sliding" in msg.lower()
 
 
@@ -147,7 +148,7 @@ def test_missing_config_key_names_it(ckpt_copy):
     cfg = read_json(path / "config.json")
     del cfg["hidden_size"]
     write_json(path / "config.json", cfg)
-    msg = error_message(moe.ConfigError, lambda: moe.load_model(path), "hidden_size")
+    msg = error_message(moe.ConfigError, lambda: hub.load_model(path), "hidden_size")
     assert "config.json" in msg
 
 
@@ -155,7 +156,7 @@ def test_mixtral_active_sliding_window_refused(ckpt_copy):
     """Mixtral with a sliding_window set (Mistral-style local attention) is refused, not loaded approximately."""
     path = ckpt_copy("mixtral")
     write_json(path / "config.json", dict(read_json(path / "config.json"), sliding_window=16))
-    assert "sliding" in error_message(moe.ConfigError, lambda: moe.load_model(path)).lower()
+    assert "sliding" in error_message(moe.ConfigError, lambda: hub.load_model(path)).lower()
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -170,16 +171,37 @@ def test_config_values_of_the_wrong_type_or_range_are_refused(ckpt_copy, change,
     c = read_json(path / "config.json")
     change(c)
     write_json(path / "config.json", c)
-    error_message(moe.ConfigError, lambda: moe.load_model(path), "config.json", needle)
+    error_message(moe.ConfigError, lambda: hub.load_model(path), "config.json", needle)
 
 
 def test_index_that_is_not_an_object_names_it(ckpt_copy):
     """A model.safetensors.index.json holding a list gives a CheckpointError naming the index."""
     path = ckpt_copy("olmoe_norm_sharded")
     (path / "model.safetensors.index.json").write_text("[]")
-    error_message(moe.CheckpointError, lambda: moe.load_model(path), "model.safetensors.index.json")
+    error_message(hub.CheckpointError, lambda: hub.load_model(path), "model.safetensors.index.json")
 
 
 def test_unknown_device_names_the_flag():
     """--device bogus: a ValueError naming the flag (torch's own message is a RuntimeError traceback)."""
-    error_message(ValueError, lambda: moe.pick_device("bogus"), "--device bogus")
+    error_message(ValueError, lambda: hub.pick_device("bogus"), "--device bogus")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_names_tensor(ckpt_copy, bad):
+    """A weight with a NaN or an inf gives a CheckpointError naming the file and the tensor."""
+    path = ckpt_copy("olmoe")
+    key = "model.layers.1.mlp.experts.2.up_proj.weight"
+    rewrite(path, lambda t: t[key].view(-1).__setitem__(5, bad))
+    error_message(hub.CheckpointError, lambda: hub.load_model(path), key, "model.safetensors", "non-finite")
+
+
+def test_weights_that_cannot_fit_the_device_are_refused(checkpoints):
+    """Weights larger than the device's free memory are refused before anything is allocated, with the
+    GiB needed and free and the way out (torchrun over more cards); the free figure is injected here, as
+    on CUDA it comes from torch.cuda.mem_get_info."""
+    path = checkpoints("olmoe").path
+    need = sum(p.numel() * 4 for p in hub.load_model(path, dtype=torch.float32).parameters())
+    msg = error_message(hub.CheckpointError, lambda: hub.load_model(path, dtype=torch.float32, free_bytes=need - 1),
+                        str(path), "GiB", "torchrun")
+    assert f"{need / 2**30:.2f}" in msg
+    assert hub.load_model(path, dtype=torch.float32, free_bytes=need) is not None  # exactly enough: loads

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import kernels
 import lora
 import moe
 from tiny import expert_layer_inputs, kept_for_backward, tiny_model
@@ -118,7 +119,7 @@ def test_expert_lora_keeps_no_row_sized_input(ids_):
         for p in experts.adapter.parameters():
             p.normal_(0, 0.1)
     x, idx, w = expert_layer_inputs(N, K, E, D)
-    y, kept = kept_for_backward(lambda: experts.forward_fast(x, idx, w), experts.gate_up_proj, experts.down_proj)
+    y, kept = kept_for_backward(lambda: kernels.grouped_experts(x, idx, w, experts.gate_up_proj, experts.down_proj, experts.adapter), experts.gate_up_proj, experts.down_proj)
     P, n = N * K, int(torch.isin(idx, torch.tensor(list(ids_))).sum())
     assert sorted(s for s in kept if s[0] in (P, n) and s[1] > 2 * 8) == [(P, D), (P, 2 * I)], kept  # 2r padded: 16
     y.sum().backward()
@@ -162,14 +163,14 @@ def test_tokens_routed_to_frozen_experts_cost_no_lora_work(monkeypatch):
     plan = {0: [1, 5, 6], 1: [3]}
     lora.attach(m, "sieve", r=8, alpha=16, plan=plan)
     calls = []
-    real = moe._grouped_mm
+    real = kernels.grouped_mm
 
     def spy(a, b, offs):
         assert a.shape[0] == int(offs[-1])  # the input holds exactly the rows multiplied
         calls.append((b.shape[0], a.shape[0]))  # (groups, rows multiplied)
         return real(a, b, offs=offs)
 
-    monkeypatch.setattr(moe, "_grouped_mm", spy)
+    monkeypatch.setattr(kernels, "grouped_mm", spy)
     _, routing = m(ids(), return_routing=True)
     for r in routing:
         routed = int(torch.isin(r.topk_idx, torch.tensor(plan[r.layer])).sum())
@@ -191,7 +192,7 @@ def test_no_token_routed_to_an_adapted_expert_gives_the_base_output():
     with torch.no_grad():
         experts.adapter.gate_B.fill_(1.0), experts.adapter.up_B.fill_(1.0), experts.adapter.down_B.fill_(1.0)
     for path in ("fast", "loop"):
-        experts.path = path
+        moe.set_reference(experts, path == "loop")
         assert torch.equal(experts(x, idx, w), base), path
 
 
@@ -231,6 +232,32 @@ def test_adapter_for_another_base_is_refused(tmp_path):
         lora.load_adapter(other, tmp_path / "a")
     with pytest.raises(lora.AdapterError, match="mixtral"):
         lora.load_adapter(tiny_model("mixtral"), tmp_path / "a")
+
+
+@pytest.mark.parametrize("broken", ["rank", "nan", "truncated", "missing"])
+def test_broken_adapter_tensors_name_the_file_and_tensor(tmp_path, broken):
+    """adapter.safetensors that does not match its adapter_config.json (another rank, a tensor missing), is
+    cut short, or holds a NaN: an AdapterError naming the file (and the tensor, where there is one)."""
+    import json
+    from safetensors.torch import load_file, save_file
+    m = tiny_model("olmoe")
+    lora.save_adapter(m, tmp_path / "a", lora.attach(m, "lora", r=4, alpha=8))
+    f, c = tmp_path / "a" / "adapter.safetensors", tmp_path / "a" / "adapter_config.json"
+    t = load_file(f)
+    name = "model.layers.0.mlp.experts.adapter.down_B"
+    if broken == "rank":  # the config says r=8, the tensors have rank 4
+        c.write_text(json.dumps(dict(json.loads(c.read_text()), r=8)))
+    elif broken == "nan":
+        t[name][0, 0, 0] = float("nan")
+    elif broken == "missing":
+        del t[name]
+    if broken in ("nan", "missing"):
+        save_file(t, f)
+    if broken == "truncated":
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(lora.AdapterError, match="adapter.safetensors") as info:
+        lora.load_adapter(tiny_model("olmoe"), tmp_path / "a")
+    assert broken == "truncated" or "model.layers." in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("broken", ["no method", "a list", "rank a string", "unknown method"])

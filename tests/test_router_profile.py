@@ -11,7 +11,7 @@ import torch
 from conftest import hf_topk, make_ids
 
 import data
-import moe
+import hub
 import router_profile as rp
 
 MOE_LAYERS = {"olmoe": [0, 1], "qwen2_moe": [0, 2]}  # qwen2_moe: layer 1 is dense (mlp_only_layers)
@@ -34,7 +34,7 @@ def test_counts_and_mass_match_hf(checkpoints, name):
     under the real layer indices (Qwen's dense layer 1 is skipped, not renumbered)."""
     ck = checkpoints(name)
     ids, mask = padded([12, 7, 3], "right")
-    p = rp.profile(moe.load_model(ck.path), [(ids, mask), (ids[:1, :5], None)])  # second batch: no mask
+    p = rp.profile(hub.load_model(ck.path), [(ids, mask), (ids[:1, :5], None)])  # second batch: no mask
     hf = [ck.hf(ids, attention_mask=mask, output_router_logits=True).router_logits,
           ck.hf(ids[:1, :5], output_router_logits=True).router_logits]
     cfg, E = ck.hf.config, ck.hf.config.num_experts
@@ -56,7 +56,7 @@ def test_counts_and_mass_match_hf(checkpoints, name):
 @torch.no_grad()
 def test_padding_side_does_not_matter(checkpoints):
     """Left padding gives the same profile as right padding: positions follow the attention mask."""
-    model = moe.load_model(checkpoints("olmoe").path)
+    model = hub.load_model(checkpoints("olmoe").path)
     right = rp.profile(model, [padded([9, 4, 6], "right")])
     left = rp.profile(model, [padded([9, 4, 6], "left")])
     assert left["counts"] == right["counts"] and left["tokens"] == right["tokens"] == 19

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
+import hub
 import lora
-import moe
 import train
 from tiny import SENTENCES, tiny_checkpoint
 
@@ -59,7 +59,7 @@ def test_every_method_trains_end_to_end(ckpt, train_file, tmp_path, method):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["trainable_params"] > 0
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
-    model = moe.load_model(ckpt)
+    model = hub.load_model(ckpt)
     config = lora.load_adapter(model, out)
     assert config["method"] == method and lora.count_trainable(model) == summary["trainable_params"]
     if method in ("sieve", "random", "coverage", "budget"):
@@ -144,9 +144,9 @@ def test_merged_export_loads_and_equals_the_adapter(ckpt, train_file, tmp_path):
     assert run("--model", ckpt, "--data", train_file, "--method", "sieve", "--rank", 4, "--steps", 3, "--lr", 1e-2,
                "--batch-size", 4, "--out", out, "--export-merged") == 0
     x = torch.randint(3, 300, (2, 16))
-    adapted = moe.load_model(ckpt)
+    adapted = hub.load_model(ckpt)
     lora.load_adapter(adapted, out)
-    merged = moe.load_model(str(out / "merged"))
+    merged = hub.load_model(str(out / "merged"))
     torch.testing.assert_close(merged(x), adapted(x), atol=2e-5, rtol=1e-5)
     assert (out / "merged" / "tokenizer.model").exists() and (out / "merged" / "model.safetensors.index.json").exists()
 

@@ -2,6 +2,7 @@
 Parity with transformers is tested separately (test_parity.py) on models transformers builds."""
 import torch
 
+import hub
 import moe
 
 
@@ -90,7 +91,7 @@ def save_checkpoint(model, config_dict, directory):
     directory.mkdir(parents=True, exist_ok=True)
     params = dict(model.named_parameters())
     tensors = {disk: (params[name] if index is None else params[name][index]).detach().clone().contiguous()
-               for disk, (name, index) in moe.checkpoint_names(model.config).items()}
+               for disk, (name, index) in hub.checkpoint_names(model.config).items()}
     save_file(tensors, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(config_dict))
 

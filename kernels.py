@@ -1,0 +1,243 @@
+"""The fast twins of moe.py's plain code: the same results in fewer passes over memory, or in less of it.
+
+moe.py is the model written plainly; every module there that has a twin here checks its `reference` flag
+(`model.set_reference(True)` sets it everywhere) and runs its plain code when it is set. Each twin below
+names its plain twin and the test that proves the two equal (tests/test_kernels.py; the whole model both
+ways against transformers: tests/test_parity.py). This file imports no other file of the project.
+
+- RMSNormFn: moe.RMSNorm's plain code as torch's fused norm (and its fused backward on CUDA).
+- RoPEFn: moe.apply_rope (x * cos + rotate_half(x) * sin) without the negated copy and the cat.
+- ExpertGroups, grouped_experts, SwiGLUFn, Unsort: moe.Experts.forward_loop (one expert at a time) as
+  grouped matrix products over the (token, slot) pairs sorted by expert once per layer.
+- grouped_lora_factors, RegatheredProduct, a_product: lora.ExpertLoRA's per-expert products, grouped.
+- chunked_cross_entropy_sum: moe.cross_entropy_sum's plain form, without (N, V) fp32 logits at once.
+
+Shape letters: D hidden, I expert width, E experts, K top-k, N tokens, P (token, slot) pairs (N*K), V vocab.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def can_group(*dims):
+    """Whether grouped_mm can run on rows of these widths (it wants 16-byte aligned rows)."""
+    return grouped_mm is not None and all(d % 8 == 0 for d in dims)
+
+
+def _swiglu(gu):  # moe.swiglu (this file cannot import moe: moe imports it)
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
+# ----------------------------------------------------------------------------- norm, RoPE
+
+class RMSNormFn(torch.autograd.Function):
+    """moe.RMSNorm's plain code, weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype): the
+    normalisation is torch's fused norm without a weight (one kernel on CUDA; fp32 inside, cast once: the
+    plain result bit for bit), then the same separate multiply by the weight. The plain code makes ~5 passes
+    over an fp32 copy of x forward and ~10 backward. The backward keeps x in its own dtype and the fp32 1/rms
+    of each row (autograd would keep fp32 x) and is torch's fused kernel on CUDA; the same formula written
+    out elsewhere. Tests: test_kernels.py::test_rmsnorm_*."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        n, r = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, eps)  # x's dtype; fp32 1/rms
+        r = r.reshape(*x.shape[:-1], 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight * n
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, r = ctx.saved_tensors
+        gw = None
+        if ctx.needs_input_grad[1]:  # as autograd: gy * the normalised x in x's dtype, summed over the rows
+            gw = (gy * (x.float() * r).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        gn = (gy * weight).to(x.dtype)  # through the scale, to the normalised x (x's dtype)
+        if x.is_cuda:
+            gx = torch.ops.aten._fused_rms_norm_backward(gn, x, [x.shape[-1]], r, None, [True, False])[0]
+        else:  # d(h * r)/dh with h = x in fp32, r = 1/rms(h)
+            h, gh = x.float() * r, gn.float()
+            gx = (r * (gh - h * (gh * h).mean(-1, keepdim=True))).to(x.dtype)
+        return gx, gw, None
+
+
+class RoPEFn(torch.autograd.Function):
+    """moe.apply_rope, x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1], with its roundings
+    (each product, then the sum) but without the negated half and the cat: out = x * cos, then in place
+    out1 -= x2 * sin1 and out2 += x1 * sin2. The backward has the same form (the rotation transposed):
+    autograd's gradient bit for bit, in fewer passes. Test: test_kernels.py::test_rope_bitwise."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, inverse=False)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return _rotate(g, cos, sin, inverse=True), None, None
+
+
+def _rotate(x, cos, sin, inverse):
+    (x1, x2), (s1, s2) = x.chunk(2, dim=-1), sin.chunk(2, dim=-1)
+    out = x * cos
+    o1, o2 = out.chunk(2, dim=-1)
+    if inverse:  # [g1 c1 + g2 s2, g2 c2 - g1 s1]
+        o1.add_(x2 * s2)
+        o2.sub_(x1 * s1)
+    else:  # [x1 c1 - x2 s1, x2 c2 + x1 s2]
+        o1.sub_(x2 * s1)
+        o2.add_(x1 * s2)
+    return out
+
+
+# ----------------------------------------------------------------------------- grouped experts
+
+class ExpertGroups(NamedTuple):
+    """Rows sorted by expert, as the expert adapters see them (moe.Experts' hook protocol): the (token, slot)
+    pairs of a whole layer sorted once (`sort`, the fast path), or the rows of one expert (`single`, the loop)."""
+    order: torch.Tensor | None  # (P,) pair index (token * K + slot) of each sorted row (None: one expert)
+    token: torch.Tensor  # (P,) token of each sorted row
+    expert: torch.Tensor  # (P,) expert of each sorted row (ascending)
+    counts: torch.Tensor  # (E,) rows per expert
+    offs: torch.Tensor  # (E,) int32 end offset of each expert's rows, as grouped_mm wants
+    inverse: torch.Tensor | None  # (P,) sorted row of each pair: order's inverse permutation
+
+    @staticmethod
+    def sort(idx, E):
+        flat = idx.reshape(-1)  # (P,)
+        expert, order = torch.sort(flat, stable=True)
+        # end offsets by binary search on the sorted ids: no host sync (CUDA bincount reads its max to the host)
+        ends = torch.searchsorted(expert, torch.arange(E, device=flat.device, dtype=flat.dtype), right=True)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        return ExpertGroups(order, order // idx.shape[1], expert, counts, ends.to(torch.int32), inverse)
+
+    @staticmethod
+    def single(e, token, E):
+        """The n rows of expert e (tokens `token`, (n,)), in the loop path's order."""
+        counts = torch.zeros(E, dtype=torch.long, device=token.device)
+        counts[e] = token.numel()
+        return ExpertGroups(None, token, torch.full_like(token, e), counts, counts.cumsum(0).to(torch.int32), None)
+
+    def spans(self, ids):
+        """[(j, lo, hi)]: the rows lo:hi of expert ids[j], for each of `ids` that has rows (one host sync)."""
+        ends = self.offs.tolist()
+        return [(j, ends[e - 1] if e else 0, ends[e]) for j, e in enumerate(ids) if ends[e] > (ends[e - 1] if e else 0)]
+
+
+def grouped_experts(x, idx, w, gate_up_proj, down_proj, adapter=None):
+    """moe.Experts.forward_loop as grouped products: the pairs sorted by expert once, one grouped_mm for
+    gate_up and one for down over all experts, back in (token, slot) order, weighted and summed as the loop.
+    x (N, D), idx (N, K), w (N, K) -> (N, D). Tests: test_kernels.py::test_grouped_experts_*,
+    test_parity.py (the whole model both ways)."""
+    N, K = idx.shape
+    groups = ExpertGroups.sort(idx, gate_up_proj.shape[0])
+    at = adapter.prepare(groups, x) if adapter is not None else None
+    xs = x[groups.token]  # (P, D) token rows in expert order
+    gu = grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=groups.offs)  # (P, 2I)
+    if adapter is not None:
+        gu = adapter.gate_up(gu, xs, at)
+    h = SwiGLUFn.apply(gu)  # (P, I) silu(g) * u, keeping gu only
+    ys = grouped_mm(h, down_proj.transpose(1, 2), offs=groups.offs)  # (P, D)
+    if adapter is not None:
+        ys = adapter.down(ys, h, gu, xs, at)
+    y = Unsort.apply(ys, groups).view(N, K, -1)  # (N, K, D) back in (token, slot) order
+    return (y * w[..., None]).to(x.dtype).sum(dim=1)  # (N, D): weighted with the loop's rounding, summed over slots
+
+
+class SwiGLUFn(torch.autograd.Function):
+    """moe.swiglu(gu) = silu(g) * u with autograd's own backward ops, but keeping gu only (autograd keeps
+    silu(g) too: another (rows, I)). Test: test_kernels.py::test_swiglu_bitwise."""
+
+    @staticmethod
+    def forward(ctx, gu):
+        ctx.save_for_backward(gu)
+        return _swiglu(gu)
+
+    @staticmethod
+    def backward(ctx, gh):
+        gu = ctx.saved_tensors[0]
+        g, u = gu.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # the compiler fuses the cat (and refuses out= into half a tensor)
+            return torch.cat([torch.ops.aten.silu_backward(gh * u, g), gh * F.silu(g)], dim=-1)
+        dgu = torch.empty_like(gu)  # eager: both halves written in place (a cat is one more pass over (rows, 2I))
+        dg, du = dgu.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(gh * u, g, grad_input=dg)
+        torch.mul(gh, F.silu(g), out=du)
+        return dgu
+
+
+class Unsort(torch.autograd.Function):
+    """rows.index_select(0, groups.inverse): the layer's sorted rows back in (token, slot) order. A permutation's
+    gradient is the gather by its inverse, `order`; autograd's index_select backward would instead zero a
+    (P, D) tensor and scatter-add into it. Test: test_kernels.py::test_unsort."""
+
+    @staticmethod
+    def forward(ctx, rows, groups):
+        ctx.order = groups.order
+        return rows.index_select(0, groups.inverse)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.index_select(0, ctx.order), None
+
+
+# ----------------------------------------------------------------------------- grouped LoRA products
+
+def grouped_lora_factors(A, B, scale, dt):
+    """A and scale * B (scale folded into the small factor) in dtype dt, for the grouped products. grouped_mm
+    wants 16-byte rows: the rank is padded to a multiple of 8 with zeros (exact: zero rows of A meet zero
+    columns of B). A (m, r, in), B (m, out, r)."""
+    A, B, pad = A.to(dt), (B * scale).to(dt), -A.shape[1] % 8
+    return (A, B) if pad == 0 else (F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad)))
+
+
+class RegatheredProduct(torch.autograd.Function):
+    """z = grouped_mm(xr, A^T) (n, r), LoRA's A product, with its input rows xr (n, in) NOT kept for backward
+    but made again there from a tensor that is kept anyway: xr = src[index], the layer input's rows (K copies
+    of each token), or, with `swiglu`, xr = swiglu(src[index]), the down input made from the gate_up output
+    that SwiGLUFn keeps (index None: all rows). These rows are the largest things a LoRA step would keep
+    per layer, for A's gradient alone; making them again costs one pass over them in backward. Plain twin:
+    x @ A[e].T per expert (lora.ExpertLoRA in reference mode). Tests: test_lora.py (fast == loop)."""
+
+    @staticmethod
+    def forward(ctx, xr, A, offs, src, index, swiglu):  # A (m, r, in), offs (m,) group ends over the n rows
+        ctx.save_for_backward(A, offs, src, index)
+        ctx.swiglu = swiglu
+        return grouped_mm(xr, A.transpose(1, 2), offs=offs)
+
+    @staticmethod
+    def backward(ctx, dz):
+        A, offs, src, index = ctx.saved_tensors
+        xr = src if index is None else src.index_select(0, index)
+        xr = _swiglu(xr) if ctx.swiglu else xr
+        dxr = grouped_mm(dz, A, offs=offs) if ctx.needs_input_grad[0] else None  # (n, in)
+        dA = grouped_mm(dz.t(), xr, offs=offs)  # (m, r, in): one product per expert
+        return dxr, dA, None, None, None, None
+
+
+def a_product(dropout, xr, A, offs, src, index, swiglu=False):
+    """An adapter's A product on the fast path, grouped_mm(dropout(xr), A^T) with xr = src[index] (or its
+    swiglu): the rows are made again in backward, unless dropout is active (then autograd keeps them)."""
+    if isinstance(dropout, torch.nn.Dropout) and dropout.training:
+        return grouped_mm(dropout(xr), A.transpose(1, 2), offs=offs)
+    return RegatheredProduct.apply(xr, A, offs, src, index, swiglu)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def chunked_cross_entropy_sum(head, h, labels, chunk=2048, ignore_index=-100):
+    """moe.cross_entropy_sum's plain form (all (N, V) logits in fp32 at once), a chunk of rows at a time:
+    each chunk's fp32 logits are made and, when training, recomputed in backward instead of kept. Equal up
+    to the order of the fp32 sum. Test: test_kernels.py::test_chunked_cross_entropy."""
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+    ce = lambda hc, lc: F.cross_entropy(head(hc).float(), lc, ignore_index=ignore_index, reduction="sum")
+    total = 0.0
+    for i in range(0, h.shape[0], chunk):
+        hc, lc = h[i:i + chunk], labels[i:i + chunk]
+        total = total + (torch.utils.checkpoint.checkpoint(ce, hc, lc, use_reentrant=False) if h.requires_grad else ce(hc, lc))
+    return total

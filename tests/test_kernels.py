@@ -1,0 +1,212 @@
+"""Every fast twin in kernels.py equals its plain twin in moe.py / lora.py, forward and backward.
+
+fp32 comparisons: the twins compute the same formula with other groupings of the same fp32 operations, so
+they agree to a few fp32 roundings of the magnitudes compared (values of size ~1-10 here: atol 1e-5, rtol
+1e-5, ~100 ulps of headroom). Where a twin claims bit-equality (RMSNorm forward in bf16, RoPE, SwiGLU's
+backward, Unsort) the test asserts exact equality. Parity of the whole model in both modes with transformers:
+test_parity.py::test_logits_match_hf.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import lora
+import moe
+from tiny import expert_layer_inputs, kept_for_backward, tiny_model
+
+FP32 = dict(atol=1e-5, rtol=1e-5)  # see the module docstring
+
+
+def _grads(fn, *inputs, probe=None):
+    """fn(*inputs) and the gradients of <fn(...), probe> w.r.t. each input (inputs cloned as leaves)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out.dtype) if probe is None else probe
+    out.backward(probe)
+    return (out.detach(), *(t.grad for t in leaves))
+
+
+# ----------------------------------------------------------------------------- norm, RoPE, SwiGLU
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_plain_equals_fused(dtype):
+    """moe.RMSNorm plain vs kernels.RMSNormFn: the forward bit for bit in bf16 (both normalise in fp32 and
+    round once to bf16), to fp32 rounding in fp32; gradients of x and weight within the dtype's rounding."""
+    g = torch.Generator().manual_seed(13)
+    x = (3 * torch.randn(4, 7, 64, generator=g)).to(dtype)
+    w = (0.8 + 0.4 * torch.rand(64, generator=g)).to(dtype)
+    probe = torch.randn(4, 7, 64, generator=g).to(dtype)
+    out = []
+    for reference in (True, False):
+        norm = moe.RMSNorm(64, 1e-5).to(dtype)
+        norm.reference = reference
+        with torch.no_grad():
+            norm.weight.copy_(w)
+        xi = x.clone().requires_grad_()
+        y = norm(xi)
+        y.backward(probe)
+        out.append((y.detach(), xi.grad, norm.weight.grad))
+    (y0, gx0, gw0), (y1, gx1, gw1) = out
+    if dtype == torch.bfloat16:
+        assert torch.equal(y0, y1)
+    # bf16: the gradients' fp32 math is the same up to grouping, then one bf16 rounding each (~0.4% of ~1-10)
+    tol = FP32 if dtype == torch.float32 else dict(atol=5e-2, rtol=1e-2)
+    torch.testing.assert_close(y0.float(), y1.float(), **tol)
+    torch.testing.assert_close(gx0.float(), gx1.float(), **tol)
+    torch.testing.assert_close(gw0.float(), gw1.float(), **tol)
+
+
+def test_rmsnorm_fused_backward_cuda_call_equals_cpu_formula():
+    """The call the CUDA branch makes, _fused_rms_norm_backward(gn, x, [D], r, None, [True, False]), run as
+    torch's reference decomposition of that kernel on the CPU, gives the written-out formula's gradient."""
+    from torch._decomp.decompositions import _fused_rms_norm_backward
+
+    g = torch.Generator().manual_seed(15)
+    x = (3 * torch.randn(4, 7, 64, generator=g)).requires_grad_()
+    gy = torch.randn(4, 7, 64, generator=g)
+    kernels.RMSNormFn.apply(x, torch.ones(64), 1e-5).backward(gy)
+    _, r = torch.ops.aten._fused_rms_norm(x.detach(), [64], None, 1e-5)
+    ref = _fused_rms_norm_backward(gy, x.detach(), [64], r, None, [True, False])[0]
+    torch.testing.assert_close(x.grad, ref, atol=1e-6, rtol=1e-5)  # gradients of size ~0.3: fp32 rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_bitwise(dtype):
+    """kernels.RoPEFn equals moe.apply_rope's plain x * cos + rotate_half(x) * sin bit for bit, forward and
+    backward (same products, same sums; only the negated copy and the cat are gone)."""
+    g = torch.Generator().manual_seed(17)
+    x = (3 * torch.randn(2, 5, 4, 16, generator=g)).to(dtype).transpose(1, 2)  # (B, H, T, S) as attention has it
+    ang = torch.cat([torch.randn(2, 1, 5, 8, generator=g)] * 2, -1)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    plain = _grads(lambda x: moe.apply_rope(x, cos, sin, reference=True), x)
+    fast = _grads(lambda x: moe.apply_rope(x, cos, sin, reference=False), x)
+    assert all(torch.equal(a, b) for a, b in zip(plain, fast))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_bitwise(dtype):
+    """kernels.SwiGLUFn (keeps gu only, writes both gradient halves in place) equals moe.swiglu and its
+    autograd gradient bit for bit."""
+    gu = torch.randn(50, 64, generator=torch.Generator().manual_seed(16)).to(dtype)
+    plain, fast = _grads(moe.swiglu, gu), _grads(kernels.SwiGLUFn.apply, gu)
+    assert all(torch.equal(a, b) for a, b in zip(plain, fast))
+
+
+def test_unsort():
+    """kernels.Unsort equals index_select by the inverse permutation, and its gradient autograd's."""
+    idx = torch.stack([torch.randperm(8, generator=torch.Generator().manual_seed(i))[:2] for i in range(20)])
+    groups = kernels.ExpertGroups.sort(idx, 8)
+    rows = torch.randn(40, 16)
+    plain = _grads(lambda r: r.index_select(0, groups.inverse), rows)
+    fast = _grads(lambda r: kernels.Unsort.apply(r, groups), rows)
+    assert all(torch.equal(a, b) for a, b in zip(plain, fast))
+    assert torch.equal(groups.expert, idx.reshape(-1)[groups.order])  # sorted rows are the pairs by expert
+
+
+# ----------------------------------------------------------------------------- experts and their LoRA
+
+def _experts(ids=None, r=4, seed=0):
+    E, D, I = 8, 48, 32
+    experts = moe.Experts(E, D, I).requires_grad_(False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(0.1 * torch.randn(E, 2 * I, D, generator=g))
+        experts.down_proj.copy_(0.1 * torch.randn(E, D, I, generator=g))
+    if ids is not None:
+        experts.adapter = lora.ExpertLoRA(experts, ids, r, 2 * r)
+        with torch.no_grad():
+            for p in experts.adapter.parameters():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return experts
+
+
+@pytest.mark.parametrize("ids", [None, [1, 5, 6], list(range(8))], ids=["frozen", "sieve", "all"])
+def test_grouped_experts_equal_loop(ids):
+    """kernels.grouped_experts (and ExpertLoRA's grouped products) equal moe.Experts.forward_loop (and
+    ExpertLoRA's plain per-expert x @ A.T @ B.T * scale): output, input and routing-weight gradients, and
+    the LoRA gradients. One expert (3) gets no rows: an empty group."""
+    experts = _experts(ids)
+    x, idx, w = expert_layer_inputs(40, 2, 8, 48)
+    others = torch.tensor([0, 1, 2, 4, 5, 6, 7])  # no row for expert 3
+    idx = torch.stack([others[torch.randperm(7, generator=torch.Generator().manual_seed(i))[:2]] for i in range(40)])
+    res = {}
+    for reference in (True, False):
+        moe.set_reference(experts, reference)
+        experts.zero_grad()
+        y, gx, gw = _grads(lambda x, w: experts(x, idx, w), x, w)
+        res[reference] = [y, gx, gw] + [p.grad for p in experts.parameters() if p.requires_grad]
+    for plain, fast in zip(res[True], res[False]):
+        torch.testing.assert_close(fast, plain, **FP32)
+    assert len(res[True]) == (3 if ids is None else 9)
+
+
+def test_reference_reaches_the_adapter():
+    """set_reference on a model sets the expert adapters too, and an adapter attached later follows its experts."""
+    m = tiny_model("olmoe")
+    m.set_reference(True)
+    lora.attach(m, "lora", r=4, alpha=8)
+    assert all(mod.reference for mod in m.modules() if isinstance(mod, lora.ExpertLoRA))
+    m.set_reference(False)
+    assert not any(getattr(mod, "reference", False) for mod in m.modules())
+
+
+def test_expert_layer_keeps_only_its_two_product_outputs():
+    """Memory: for backward, a frozen expert layer on the fast path keeps the gate_up output (P, 2I) and the
+    down output (P, D) (for the routing weights' gradient) and nothing else with a row per (token, slot)
+    pair but the (P, 1) weights: not the gathered rows, not silu(gate), not a second copy of the down output."""
+    N, K, E, D, I = 40, 2, 8, 48, 32
+    experts = _experts()
+    x, idx, w = expert_layer_inputs(N, K, E, D)
+    y, kept = kept_for_backward(lambda: kernels.grouped_experts(x, idx, w, experts.gate_up_proj, experts.down_proj),
+                                experts.gate_up_proj, experts.down_proj)
+    P = N * K
+    assert sorted(s for s in kept if s[0] == P) == [(P, 1), (P, D), (P, 2 * I)], kept
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0 and w.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- loss and the whole model
+
+def test_chunked_cross_entropy_equals_plain():
+    """kernels.chunked_cross_entropy_sum (chunks of 7 rows of 30, one label ignored) equals moe's plain
+    cross_entropy_sum, the loss and the gradients of h and of the head (fp32 sums of ~30 terms of ~5)."""
+    g = torch.Generator().manual_seed(4)
+    h, W = torch.randn(2, 15, 16, generator=g), torch.randn(50, 16, generator=g)
+    labels = torch.randint(0, 50, (2, 15), generator=g)
+    labels[0, 3] = -100
+    plain = _grads(lambda h, W: moe.cross_entropy_sum(_Head(W, True), h, labels), h, W, probe=torch.tensor(1.0))
+    fast = _grads(lambda h, W: kernels.chunked_cross_entropy_sum(lambda x: F.linear(x, W), h, labels, chunk=7), h, W,
+                  probe=torch.tensor(1.0))
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(b, a, **FP32)
+
+
+class _Head:
+    def __init__(self, W, reference):
+        self.W, self.reference = W, reference
+
+    def head(self, x):
+        return F.linear(x, self.W)
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe"])
+def test_whole_model_reference_equals_fast(model_type):
+    """The whole step both ways: set_reference(True) (plain norms, RoPE, experts loop, plain expert LoRA,
+    plain cross-entropy) equals the default fast twins: the loss and every adapter gradient."""
+    m = tiny_model(model_type)
+    lora.attach(m, "sieve", r=4, alpha=8, plan={0: [1, 5, 6], 1: [0, 7]})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora.adapter_state(m).values():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    ids = torch.randint(3, 96, (3, 24), generator=g)
+    res = {}
+    for reference in (True, False):
+        m.set_reference(reference)
+        m.zero_grad()
+        loss = m(ids, labels=ids)
+        loss.backward()
+        res[reference] = [loss.detach()] + [p.grad for p in lora.adapter_state(m).values()]
+    for plain, fast in zip(res[True], res[False]):
+        torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-5)  # loss: a sum of 72 terms of ~5: ~400
