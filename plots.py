@@ -28,7 +28,7 @@ def heatmap(path, values, title, xlabel, ylabel, rows, cbar, marks=(), dots=(), 
         return False
     from matplotlib.patches import Rectangle
     n_cols = len(values[0])
-    fig = Figure(figsize=(min(18, 2.5 + 0.28 * n_cols), 1.6 + 0.3 * len(values)))
+    fig = Figure(figsize=(min(18, max(8, 2.5 + 0.28 * n_cols)), 1.8 + 0.3 * len(values)))
     ax = fig.add_subplot()
     im = ax.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -75,9 +75,8 @@ def dmep(report, path):
     values = [v + [float("nan")] * (width - len(v)) for v in values]
     dots = [(i, j) for i, n in enumerate(names) for j in range(report[n]["before"]) if j not in report[n]["keep"]]
     tau = next(iter(report.values()))["tau"]
-    note = (f"x: pruned; red line on the colour bar: tau/N = {tau}/{width} = {tau / width:.3f} "
-            "(below it an expert is pruned, but each module keeps at least its top-K)")
+    note = f"x: pruned. Red line on the colour bar: tau/N = {tau}/{width} = {tau / width:.3f} (each module keeps >= K)"
     before, after = sum(r["before"] for r in report.values()), sum(r["after"] for r in report.values())
     return heatmap(path, values, f"DMEP utilization at pruning: {after} of {before} LoRA experts kept",
                    "LoRA expert", "module", [n.removeprefix("model.layers.") for n in names],
-                   "share of the module's top-K assignments", dots=dots, note=note, cbar_line=tau / width)
+                   "share of top-K assignments", dots=dots, note=note, cbar_line=tau / width)

@@ -186,3 +186,14 @@ def test_dmep_utilization_over_a_stage_is_the_share_of_its_assignments():
     got = report["model.layers.1.self_attn.v_proj"]
     assert got["util"] == pytest.approx([round(u, 4) for u in want], abs=1e-12)
     assert got["keep"] == dmep.keep(want, 0.5, 2) and got["after"] == len(got["keep"])
+
+
+def test_plots_mark_the_plan_and_the_pruned_experts(tmp_path):
+    """Both pictures are written (with matplotlib); the DMEP report carries what the picture marks."""
+    pytest.importorskip("matplotlib")
+    import plots
+    p = {"model_type": "olmoe", "layers": [0, 2], "counts": [[5, 1, 0, 2], [1, 1, 6, 0]], "tokens": 8, "top_k": 2}
+    assert plots.routing(p, tmp_path / "r.png", plan={0: [0], 2: [2]})
+    report = {"a.q_proj": dict(before=4, after=2, util=[0.5, 0.45, 0.05, 0.0], keep=[0, 1], tau=0.5)}
+    assert plots.dmep(report, tmp_path / "d.png")
+    assert all((tmp_path / f).read_bytes()[:4] == b"\x89PNG" for f in ("r.png", "d.png"))
