@@ -5,7 +5,7 @@
 - `ExpertLoRA` holds A/B for gate, up and down of a chosen subset of one layer's stacked experts. Its
   update is computed inside moe.Experts' fast path as grouped products over the same sorted rows, and
   only on the rows routed to adapted experts: tokens routed to frozen experts cost no LoRA work, and
-  B·A is never formed (MoE-Sieve's savings made real, DESIGN.md §5-6).
+  B·A is never formed (so the sieve saves compute, not only parameters).
 - `attach` places the adapters of every method: for the LoRA methods attention q/k/v/o always, and for the
   expert methods also the router, the shared expert, dense MLP layers and the planned routed experts; PERFT's
   adapters (perft.py; PERFT-E's ExpertAdapter here) and DMEP's LoRA-MoE modules (dmep.py). The whole network is
