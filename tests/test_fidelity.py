@@ -109,7 +109,7 @@ def test_perft_init_is_the_public_codes():
     assert ad.router.std().item() == pytest.approx(0.02, rel=0.05)  # n*D = 8,192 draws: 0.8% standard error
     A, B = perft.init_factors(n, r, D, D, "kaiming")
     assert A.abs().max().item() <= 1 / math.sqrt(D) and torch.count_nonzero(B) == 0
-    m = tiny_model("olmoe")  # PERFT-E's adapters through attach, and S / D, default init "theirs"
+    # PERFT-E's adapters through attach, and S / D: the default init is "theirs"
     for method in ("perft-e", "perft-s", "perft-d"):
         m = tiny_model("olmoe")
         lora.attach(m, method, r=16, alpha=32)
