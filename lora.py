@@ -7,9 +7,10 @@
   expert. Fast (kernels.py): grouped products over the layer's rows sorted by expert, on the rows routed
   to adapted experts only, so tokens routed to frozen experts cost no LoRA work and B·A is never formed:
   adapting only the most-routed experts (MoE-Sieve) really saves the work of the others.
-- `attach` places LoRA by method: attention q/k/v/o always; for the expert methods also the router, the
-  shared expert, dense MLP layers and the planned routed experts. The whole network is frozen once; only
-  adapter tensors train. Adapters save as adapter.safetensors + adapter_config.json.
+- `attach` places the adapters of every method: for the LoRA methods attention q/k/v/o always, and for the
+  expert methods also the router, the shared expert, dense MLP layers and the planned routed experts; PERFT's
+  adapters (perft.py; PERFT-E's ExpertAdapter here) and DMEP's LoRA-MoE modules (dmep.py). The whole network is
+  frozen once; only adapter tensors train. Adapters save as adapter.safetensors + adapter_config.json.
 Adapter weights are kept in fp32 and cast to the activations' dtype for the products (mixed precision).
 
 Shape letters: D hidden, I expert width, E experts, m adapted experts of a layer, r rank, P sorted rows.
@@ -26,14 +27,19 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import dmep
 import kernels
 import moe
+import perft
+from dmep import LoRAMoELinear  # noqa: F401  (lora.LoRAMoELinear, as train.py and bench.py name it)
+from perft import ParallelAdapter  # noqa: F401
 
 LORA_METHODS = ("lora", "attn", "sieve", "random", "coverage", "budget")  # plain LoRA: mergeable, exportable
 EXPERT_METHODS = ("lora", "sieve", "random", "coverage", "budget")  # LoRA on routed experts
 METHODS = LORA_METHODS + ("perft-s", "perft-d", "perft-r", "perft-e", "dmep")
-OPTIONS = dict(act="identity", perft_experts=4, perft_topk=2, perft_shared=2, perft_renorm=False,  # PERFT
-               dmep_experts=8, dmep_topk=2, dmep_targets="q_proj,k_proj,v_proj,o_proj,dense", dmep_counts=None)  # DMEP
+# PERFT's shapes (perft_renorm None: as the base model's norm_topk_prob; perft_init: perft.INITS) and DMEP's
+OPTIONS = dict(act="identity", perft_experts=4, perft_topk=2, perft_shared=2, perft_renorm=None, perft_init="theirs",
+               dmep_experts=8, dmep_topk=2, dmep_targets="q_proj,k_proj,v_proj,o_proj,dense", dmep_counts=None)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -175,62 +181,20 @@ class ExpertLoRA(nn.Module):
         self.merged = sign > 0
 
 
-# ----------------------------------------------------------------------------- PERFT and DMEP (DESIGN.md §3, §4)
-
-ACTS = {"identity": nn.Identity, "silu": nn.SiLU, "relu": nn.ReLU}
-
-
-def _gated(x, A, B, act, gate, scale):
-    """sum_j gate_j * B_j act(A_j x) over n small adapter experts, computed densely (n*r is tiny next to
-    the base) with unchosen experts gated by exactly 0. x (T, in), A (n, r, in), B (n, out, r), gate (T, n) or None."""
-    n, r, _ = A.shape
-    z = act(F.linear(x, A.reshape(n * r, -1).to(x.dtype)))  # (T, n*r)
-    if gate is not None:
-        z = (z.view(-1, n, r) * gate.to(z.dtype)[..., None]).reshape(-1, n * r)
-    return F.linear(z, B.permute(1, 0, 2).reshape(B.shape[1], n * r).to(x.dtype)) * scale  # (T, out)
-
-
-def _route(logits, k, renorm):
-    """Softmax in fp32, top-k, optional renormalisation -> the (T, n) gate, 0 for unchosen experts."""
-    probs = F.softmax(logits.float(), dim=-1)
-    g, idx = torch.topk(probs, k, dim=-1)  # (T, k)
-    if renorm:
-        g = g / g.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(probs).scatter_(-1, idx, g)
-
-
-class ParallelAdapter(nn.Module):
-    """PERFT-S/D/R: n adapter experts B_j act(A_j h) beside the MoE block, reading its input h (T, D).
-    No router (top_k None): all n on and summed (S: n=1, D: n=M). With a router (R): a new trainable
-    router D -> n picks the top-k per token, each chosen expert weighted by that router's own weight."""
-
-    def __init__(self, D, n, r, alpha, act="identity", top_k=None, renorm=False, dropout=0.0, rslora=False, device=None):
-        super().__init__()
-        self.A, self.B = _kaiming((n, r, D), device), nn.Parameter(torch.zeros(n, D, r, device=device))
-        self.router = _kaiming((n, D), device) if top_k else None  # as nn.Linear(D, n, bias=False)
-        self.top_k, self.renorm, self.act = top_k, renorm, ACTS[act]()
-        self.scale = lora_scale(r, alpha, rslora)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.router_logits = None  # the last forward's (T, n) router logits, for the adapter router's aux loss
-
-    def forward(self, h):
-        gate = None
-        if self.router is not None:
-            self.router_logits = F.linear(h, self.router.to(h.dtype))  # (T, n)
-            gate = _route(self.router_logits, self.top_k, self.renorm)
-        return _gated(self.dropout(h), self.A, self.B, self.act, gate, self.scale)
-
+# ----------------------------------------------------------------------------- PERFT-E (perft.py: S, D, R)
 
 class ExpertAdapter(nn.Module):
-    """PERFT-E: an adapter B_e act(A_e x) inside every routed expert e, added to the expert's output, so the
-    frozen base router weights it: y = sum_i w_i (E_i(h) + adapter_i(h)). Runs in moe.Experts on the
-    (token, expert) pairs the router chose only, as grouped products over the layer's sorted rows."""
+    """PERFT-E (perft.py has the other three variants): an adapter B_e act(A_e x) inside every routed expert e,
+    added to the expert's output, so the frozen base router weights it: y = sum_i w_i (E_i(h) + adapter_i(h)).
+    Runs in moe.Experts on the (token, expert) pairs the router chose only, as grouped products over the
+    layer's sorted rows, with ExpertLoRA's machinery (which is why it lives here). Initialised as PERFT's
+    public code (perft.init_factors; `init="kaiming"` for LoRA's A kaiming, B = 0)."""
 
-    def __init__(self, experts, r, alpha, act="identity", dropout=0.0, rslora=False):
+    def __init__(self, experts, r, alpha, act="identity", dropout=0.0, rslora=False, init="theirs"):
         super().__init__()
         E, D, dev = experts.E, experts.gate_up_proj.shape[-1], experts.gate_up_proj.device
-        self.A, self.B = _kaiming((E, r, D), dev), nn.Parameter(torch.zeros(E, D, r, device=dev))
-        self.act, self.scale = ACTS[act](), lora_scale(r, alpha, rslora)
+        self.A, self.B = perft.init_factors(E, r, D, D, init, dev)  # (E, r, D), (E, D, r)
+        self.act, self.scale = perft.ACTS[act](), lora_scale(r, alpha, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.groupable, self.reference = kernels.can_group(D, experts.I), experts.reference
 
@@ -254,43 +218,23 @@ class ExpertAdapter(nn.Module):
         return y.add_(kernels.grouped_mm(z, B.transpose(1, 2), offs=offs))  # in place: y is a grouped_mm output
 
 
-class LoRAMoELinear(nn.Module):
-    """DMEP's LoRA-MoE on a frozen linear: y = W x + scale * sum_{j in topK(R x)} g_j B_j A_j x, g the
-    renormalised softmax weights of its router R (in -> n). `util` is the EMA of each expert's share of
-    the module's top-K assignments (updated by sieve.dmep_track); `prune` removes experts physically."""
-
-    def __init__(self, base, n, top_k, r, alpha, dropout=0.0, rslora=False):
-        super().__init__()
-        dev = base.weight.device
-        self.base = base
-        self.A, self.B = _kaiming((n, r, base.in_features), dev), nn.Parameter(torch.zeros(n, base.out_features, r, device=dev))
-        self.router = _kaiming((n, base.in_features), dev)
-        self.top_k, self.scale = top_k, lora_scale(r, alpha, rslora)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.register_buffer("util", torch.full((n,), float("nan"), device=dev))  # NaN: nothing tracked yet
-        self.router_logits = None
-
-    def forward(self, x):
-        xf = x.reshape(-1, x.shape[-1])  # (T, in)
-        self.router_logits = F.linear(xf, self.router.to(x.dtype))  # (T, n)
-        gate = _route(self.router_logits, self.top_k, renorm=True)
-        return self.base(x) + _gated(self.dropout(xf), self.A, self.B, nn.Identity(), gate, self.scale).view(*x.shape[:-1], -1)
-
-    @torch.no_grad()
-    def prune(self, keep):
-        """Keep experts `keep` (sorted ids): new, smaller parameters. Returns {old parameter: new parameter}."""
-        idx = torch.tensor(keep, device=self.A.device)
-        swap = {}
-        for name in ("A", "B", "router"):
-            old = getattr(self, name)
-            new = nn.Parameter(old[idx].clone(), requires_grad=old.requires_grad)
-            setattr(self, name, new)
-            swap[old] = new
-        self.util = self.util[idx]
-        return swap
-
-
 # ----------------------------------------------------------------------------- attach
+
+def _attach_perft(mlp, method, cfg, r, alpha, dropout, rslora, o):
+    """PERFT's adapter of one MoE layer: inside its experts (E) or beside the block (S, D, R)."""
+    if method == "perft-e":
+        mlp.experts.adapter = ExpertAdapter(mlp.experts, r, alpha, o["act"], dropout, rslora, o["perft_init"])
+        return
+    D, dev, scale = cfg.hidden_size, mlp.gate.weight.device, lora_scale(r, alpha, rslora)
+    common = dict(act=o["act"], dropout=dropout, init=o["perft_init"], device=dev)
+    if method == "perft-s":
+        mlp.adapter = perft.perft_s(D, r, scale, **common)
+    elif method == "perft-d":
+        mlp.adapter = perft.perft_d(D, o["perft_shared"], r, scale, **common)
+    else:  # PERFT-R renormalises its top-K weights as the base model renormalises its own, unless told
+        renorm = cfg.norm_topk_prob if o["perft_renorm"] is None else bool(o["perft_renorm"])
+        mlp.adapter = perft.perft_r(D, o["perft_experts"], o["perft_topk"], renorm, r, scale, **common)
+
 
 def _wrap(parent, name, **kw):
     setattr(parent, name, LoRALinear(getattr(parent, name), **kw))
@@ -312,6 +256,8 @@ def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None, **opti
         raise AdapterError(f"--perft-topk {o['perft_topk']} must be between 1 and --perft-experts {o['perft_experts']}")
     if method == "dmep" and not 1 <= o["dmep_topk"] <= o["dmep_experts"]:
         raise AdapterError(f"--dmep-topk {o['dmep_topk']} must be between 1 and --dmep-experts {o['dmep_experts']}")
+    if o["perft_init"] not in perft.INITS:
+        raise AdapterError(f"--perft-init {o['perft_init']!r} is not one of {', '.join(perft.INITS)}")
     cfg = model.config
     if method in ("sieve", "random", "coverage", "budget") and plan is None:
         raise AdapterError(f"method {method!r} needs an expert plan (sieve.py)")
@@ -320,25 +266,17 @@ def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None, **opti
     plan = {int(i): sorted(int(e) for e in ids) for i, ids in (plan or {}).items()}
     model.requires_grad_(False)  # freeze once, for the whole network
     kw = dict(r=r, alpha=alpha, dropout=dropout, rslora=rslora)
+    scale = lora_scale(r, alpha, rslora)
     for i, block in enumerate(model.model.layers):
         mlp = block.mlp
         moe_layer = isinstance(mlp, moe.MoE)
         if method == "dmep":  # LoRA-MoE on the chosen linears: attention, and "dense" = shared experts / dense MLPs
-            names = o["dmep_targets"].split(",")
-            sites = [(block.self_attn, n) for n in ATTN if n in names]
-            if "dense" in names:
-                dense = mlp.shared_expert if moe_layer and cfg.shared_expert_intermediate_size else None if moe_layer else mlp
-                sites += [(dense, n) for n in ("gate_proj", "up_proj", "down_proj") if dense is not None]
-            for parent, name in sites:
-                setattr(parent, name, LoRAMoELinear(getattr(parent, name), o["dmep_experts"], o["dmep_topk"], **kw))
+            for parent, name in dmep.sites(block, cfg, o["dmep_targets"]):
+                setattr(parent, name, LoRAMoELinear(getattr(parent, name), o["dmep_experts"], o["dmep_topk"], r, scale, dropout))
             continue
         if method.startswith("perft"):  # beside (S/D/R) or inside (E) the MoE block; attention untouched
-            if moe_layer and method == "perft-e":
-                mlp.experts.adapter = ExpertAdapter(mlp.experts, r, alpha, o["act"], dropout, rslora)
-            elif moe_layer:
-                n = {"perft-s": 1, "perft-d": o["perft_shared"], "perft-r": o["perft_experts"]}[method]
-                mlp.adapter = ParallelAdapter(cfg.hidden_size, n, r, alpha, o["act"], o["perft_topk"] if method == "perft-r" else None,
-                                              o["perft_renorm"], dropout, rslora, mlp.gate.weight.device)
+            if moe_layer:
+                _attach_perft(mlp, method, cfg, r, alpha, dropout, rslora, o)
             continue
         for name in ATTN:
             _wrap(block.self_attn, name, **kw)
@@ -391,11 +329,11 @@ def count_trainable(model):
 
 
 def router_balance_loss(model, attention_mask=None, all_sum=None):
-    """The adapters' own routers (PERFT-R; DMEP's LoRA-MoE), each balanced on its own by the last forward's
-    router logits, averaged over those modules (moe.load_balancing_loss; all_sum as there)."""
-    mods = [m for m in model.modules() if getattr(m, "router_logits", None) is not None]
-    return sum(moe.load_balancing_loss([m.router_logits], m.router.shape[0], m.top_k, attention_mask, all_sum)
-               for m in mods) / len(mods)
+    """The balancing loss of the adapters' own routers, from the last forward's router logits: PERFT-R's pooled
+    over all layers (perft.balance_loss, as its public code), DMEP's per module and averaged (dmep.balance_loss).
+    all_sum as in moe.load_balancing_loss."""
+    loss = perft.balance_loss(model, attention_mask, all_sum)
+    return dmep.balance_loss(model, attention_mask, all_sum) if loss is None else loss
 
 
 def merge(model, sign=1):

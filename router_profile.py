@@ -1,17 +1,22 @@
 """Routing profile of a MoE model on a calibration set: how often each (layer, expert) is chosen.
 
-Follows MoE-Sieve's public profiling code (DESIGN.md §5): run calibration text through the frozen model,
-take each router's own top-k (softmax in fp32, top-k with the model's k, as moe.route does), mask the
-padding, and accumulate per MoE layer and expert
+Follows MoE-Sieve's public profiling code (src/profiler.py ProfilerEngine, src/utils_profiling.py make_profile):
+`calibration` shuffles the records with a seed, takes N, skips texts under 10 characters and encodes each whole
+text as the tokenizer does (BOS as it adds it, no EOS appended), truncated to 2048 tokens; `profile` runs them
+through the frozen model, takes each router's own top-k (softmax in fp32, top-k with the model's k, as
+moe.route does) of every non-padding token, and accumulates per MoE layer and expert
     counts[l][e]  how many real tokens have e in their top-k   (the score sieve.py selects by)
     mass[l][e]    the sum of those tokens' top-k weights for e (after renormalisation, where the model does it)
 Layers keep their real indices: Qwen's dense layers have no router and are skipped, not renumbered.
 
-Statistics per layer (and their mean over layers):
-    cv        std / mean of the counts (sample std, as MoE-Sieve's code: torch's default); 0 = balanced
-    cold      share of experts whose count is below COLD_FRACTION (half) of the uniform share total/E
-    cov25     share of the layer's assignments that go to its top ceil(E/4) experts
-    entropy   entropy of the count distribution / log E; 1 = uniform
+Statistics per layer (and their mean over layers), as MoE-Sieve's Table 2 defines them:
+    cv         std / mean of the layer's counts, population std (the paper's numbers: layer CV 0.869 for
+               OLMoE-1B-7B); cv_sample with the sample std (the companion notebook's torch default: 0.876)
+    cold       share of experts whose count is below COLD_FRACTION (half) of the uniform share total/E
+    cov25      share of the layer's assignments that go to its top floor(E/4) experts (at least 1)
+    entropy    entropy of the count distribution / log E; 1 = uniform
+and over the whole model, global_cv (global_cv_sample): the CV of the counts summed over layers per expert
+(the paper's global CV 0.216 for OLMoE-1B-7B; the notebook's 0.218).
 
     python router_profile.py --model DIR --data calib.jsonl --out profile.json --plot profile.png
 """
@@ -19,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 
@@ -27,10 +33,40 @@ import torch
 import data
 import hub
 import lora
+import plots
+import sieve
 
-COLD_FRACTION = 0.5  # cold: count < 0.5 * total / E (MoE-Sieve's companion notebook, its Table 2)
-# MoE-Sieve's OLMoE-1B-7B numbers, printed next to ours: layer CV 0.876, cold 28.5%, coverage@25% 53.0%
-PAPER_OLMOE = {"cv": 0.876, "cold": 0.285, "cov25": 0.530}
+COLD_FRACTION = 0.5  # cold: count < 0.5 * total / E (MoE-Sieve Table 2; companion notebook, routing_stats)
+# MoE-Sieve's OLMoE-1B-7B numbers (paper Table 2, means over its 10 calibration datasets), printed next to ours;
+# the companion notebook recomputes the two CVs with the sample std: 0.876 and 0.218
+PAPER_OLMOE = {"cv": 0.869, "global_cv": 0.216, "cold": 0.285, "cov25": 0.530}
+CALIB_SEED, CALIB_TOKENS, MIN_CHARS = 123, 2048, 10  # scripts/profiling.py --seed; make_profile seq_len, len(text) < 10
+
+# ----------------------------------------------------------------------------- calibration data
+
+
+def record_text(rec):
+    """The whole text of a record, as routed: text; prompt + completion; query + " " + gold; question + " " + answer."""
+    kind = data.record_kind(rec)
+    if kind == "text":
+        return rec["text"]
+    if kind == "prompt":
+        return rec["prompt"] + rec["completion"]
+    if kind == "mc":
+        return rec["query"] + " " + rec["choices"][rec["gold"]]
+    return rec["question"] + " " + str(rec["answer"])
+
+
+def calibration(tok, records, samples=None, seq_len=CALIB_TOKENS, seed=CALIB_SEED):
+    """Token ids of the calibration sequences, sampled as MoE-Sieve's make_profile: the records shuffled with
+    `seed` (Python's random, not the datasets library's permutation: the same rule, other draws), the first
+    `samples` (None: all), texts under 10 characters skipped, each whole text encoded as the tokenizer does
+    (BOS if it adds one, no EOS) and truncated from the right to `seq_len` tokens."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    chosen = [records[i] for i in order[:samples]]
+    return [tok.encode(t)[:seq_len] for t in map(record_text, chosen) if len(t) >= MIN_CHARS]
+
 
 # ----------------------------------------------------------------------------- profile
 
@@ -75,38 +111,49 @@ def profile(model, batches, device=None, on_batch=None):
     return p
 
 
+def cv(counts, sample=False):
+    """std / mean of a list of counts: population std (MoE-Sieve's Table 2) or sample std (its notebook)."""
+    c = torch.tensor(counts, dtype=torch.float64)
+    if c.numel() < 2 or c.sum() <= 0:
+        return 0.0
+    return c.std(correction=1 if sample else 0).item() / c.mean().item()
+
+
 def stats(p):
-    """Per-layer cv, cold, cov25, entropy of the counts (module docstring), and their means over layers."""
+    """Per-layer cv, cv_sample, cold, cov25, entropy of the counts (module docstring), their means over layers,
+    and the global CV of the counts summed over layers."""
     per_layer = []
     for layer, row in zip(p["layers"], p["counts"]):
         c = torch.tensor(row, dtype=torch.float64)  # (E,)
         E, total = c.numel(), c.sum().item()
         if total <= 0:
             raise ValueError(f"profile: layer {layer} has no routed tokens")
-        mean = total / E
         q = c / total
         ent = -(q[q > 0] * q[q > 0].log()).sum().item()
-        top = torch.sort(c, descending=True).values[: math.ceil(0.25 * E)]
+        top = torch.sort(c, descending=True).values[: max(1, E // 4)]
         per_layer.append({
-            "layer": layer,
-            "cv": c.std(correction=1).item() / mean if E > 1 else 0.0,
-            "cold": (c < COLD_FRACTION * mean).double().mean().item(),
+            "layer": layer, "cv": cv(row), "cv_sample": cv(row, sample=True),
+            "cold": (c < COLD_FRACTION * total / E).double().mean().item(),
             "cov25": top.sum().item() / total,
             "entropy": ent / math.log(E) if E > 1 else 1.0,
         })
-    keys = ("cv", "cold", "cov25", "entropy")
+    keys = ("cv", "cv_sample", "cold", "cov25", "entropy")
     means = {k: sum(s[k] for s in per_layer) / len(per_layer) for k in keys}
-    return {"per_layer": per_layer, "mean": means,
+    summed = torch.tensor(p["counts"], dtype=torch.float64).sum(0).tolist()  # (E,) over layers
+    return {"per_layer": per_layer, "mean": means, "global_cv": cv(summed), "global_cv_sample": cv(summed, sample=True),
             "cold_rule": f"count < {COLD_FRACTION} * layer total / num_experts"}
 
 
 def format_stats(s):
-    lines = [f"{'layer':>6} {'CV':>7} {'cold %':>7} {'cov@25%':>8} {'entropy':>8}"]
+    lines = [f"{'layer':>6} {'CV':>7} {'CV(n-1)':>8} {'cold %':>7} {'cov@25%':>8} {'entropy':>8}"]
     rows = [(str(x["layer"]), x) for x in s["per_layer"]] + [("mean", s["mean"])]
     for name, x in rows:
-        lines.append(f"{name:>6} {x['cv']:7.3f} {100 * x['cold']:7.1f} {100 * x['cov25']:8.1f} {x['entropy']:8.3f}")
+        lines.append(f"{name:>6} {x['cv']:7.3f} {x['cv_sample']:8.3f} {100 * x['cold']:7.1f} {100 * x['cov25']:8.1f} "
+                     f"{x['entropy']:8.3f}")
+    lines.append(f"global CV {s['global_cv']:.3f} (sample std {s['global_cv_sample']:.3f})")
     P = PAPER_OLMOE
-    lines.append(f"MoE-Sieve paper, OLMoE-1B-7B: CV {P['cv']:.3f}, cold {100 * P['cold']:.1f}%, cov@25% {100 * P['cov25']:.1f}%")
+    lines.append(f"MoE-Sieve paper, OLMoE-1B-7B (Table 2): layer CV {P['cv']:.3f}, global CV {P['global_cv']:.3f}, "
+                 f"cold {100 * P['cold']:.1f}%, cov@25% {100 * P['cov25']:.1f}% (CVs with the population std)")
     return "\n".join(lines)
 
 
@@ -157,30 +204,6 @@ def load_profile(path):
     return p
 
 
-def plot_heatmap(p, path):
-    """Layers x experts heatmap of counts / uniform share, each row sorted descending; PNG, written atomically.
-    Needs matplotlib (an optional dependency): without it, print a note and return False."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-    except ImportError:
-        print(f"router_profile: matplotlib is not installed, skipping the heatmap {path}")
-        return False
-    c = torch.tensor(p["counts"], dtype=torch.float64)  # (L, E)
-    rel = c / (c.sum(1, keepdim=True) / c.shape[1]).clamp(min=1)  # 1 = the uniform share
-    rel = torch.sort(rel, dim=1, descending=True).values
-    fig = Figure(figsize=(8, 1.5 + 0.25 * c.shape[0]))
-    ax = fig.add_subplot()
-    im = ax.imshow(rel.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(p["layers"])), [str(layer) for layer in p["layers"]])
-    ax.set_xlabel("expert rank within the layer (by routing count)")
-    ax.set_ylabel("layer")
-    ax.set_title(f"{p['model_type']} routing counts / uniform share ({p['tokens']:,} tokens, top-{p['top_k']})")
-    fig.colorbar(im, ax=ax, label="count / (total / E)")
-    fig.tight_layout()
-    lora.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    return True
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -192,14 +215,19 @@ def parse_args(argv=None):
     ap.add_argument("--out", required=True, help="where to write the profile JSON")
     ap.add_argument("--plot", default=None, help="also write a layers x experts heatmap PNG here (needs matplotlib)")
     # how much to run
-    ap.add_argument("--samples", type=int, default=None, help="use the first N records (default: all)")
+    ap.add_argument("--samples", type=int, default=None, help="profile N records drawn at random (default: all)")
+    ap.add_argument("--seed", type=int, default=CALIB_SEED, help="seed of the shuffle that draws the records")
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
-    ap.add_argument("--seq-len", type=int, default=512, help="truncate each record to this many tokens")
+    ap.add_argument("--seq-len", type=int, default=CALIB_TOKENS, help="truncate each record to this many tokens")
+    ap.add_argument("--plan-frac", type=float, default=None,
+                    help="outline on the heatmap the experts sieve's top-k plan picks at this fraction (e.g. 0.25)")
     # where
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="model dtype (auto: the checkpoint's own)")
     args = ap.parse_args(argv)
+    if args.plan_frac is not None and not 0 < args.plan_frac <= 1:
+        ap.error(f"--plan-frac {args.plan_frac}: a fraction of the experts must be in (0, 1]")
     for flag in ("samples", "batch_size", "seq_len"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -225,12 +253,12 @@ def run(args):
     # ---- data
     records = data.read_jsonl(args.data)
     data.check_records(records, args.data)
-    records = records[: args.samples]
     if not os.path.isdir(args.model):
         raise OSError(f"{args.model}: model directory not found")
     tok = data.load_tokenizer(args.model)
-    # the whole text of each record is routed: text; prompt+completion; query+" "+gold; question+" "+answer
-    seqs = [data.encode_example(tok, rec, args.seq_len)[0] for rec in records]
+    seqs = calibration(tok, records, args.samples, args.seq_len, args.seed)
+    if not seqs:
+        raise ValueError(f"{args.data}: no record has a text of at least {MIN_CHARS} characters to profile")
     seqs.sort(key=len)  # less padding; the profile does not depend on the order
     # ---- model
     device = hub.pick_device(args.device)
@@ -260,7 +288,10 @@ def run(args):
     # ---- save
     save_profile(p, args.out)
     print(f"router_profile: wrote {args.out}")
-    if args.plot and plot_heatmap(p, args.plot):
+    plan = None
+    if args.plan_frac is not None:
+        plan = sieve.topk_plan(p, args.plan_frac)
+    if args.plot and plots.routing(p, args.plot, plan):
         print(f"router_profile: wrote {args.plot}")
     print(format_stats(p["stats"]))
 

@@ -1,4 +1,9 @@
-"""Expert selection from a routing profile: which routed experts get LoRA (MoE-Sieve, DESIGN.md §5).
+"""MoE-Sieve (arXiv 2603.24044): profile -> plan -> LoRA on the chosen experts. This file is the plan step.
+
+The three steps: router_profile.py counts, per MoE layer, how often each routed expert is in a token's top-k
+on a calibration set (`router_profile.calibration` samples it as the authors do, `router_profile.profile`
+counts); the plans below choose the experts; lora.attach puts LoRA on attention, the router, shared experts
+and the chosen experts (`--method sieve`). `RECIPE` is the paper's training setup (`--recipe moe-sieve`).
 
 A plan is `{layer: [expert ids]}`: keys are the profile's real layer indices (Qwen's dense layers have no
 entry), values sorted lists of the experts that carry an adapter. The score of an expert is its routing
@@ -8,7 +13,6 @@ count from router_profile.py (how often it is in a token's top-k), as in MoE-Sie
     random_plan    k experts per layer drawn at random, seeded (MoE-Sieve's ablation)
     coverage_plan  per layer the fewest experts whose counts reach a share p of the layer (ESFT; p=0.6 "cov60")
     budget_plan    k*L experts in all, k_min per layer, the rest greedily to the largest marginal coverage
-DMEP's module-wise pruning of LoRA-MoE experts by utilization lives here too (dmep_track, dmep_prune).
 
 Ties in the counts are broken by the lower expert id, so every plan is deterministic.
 """
@@ -16,9 +20,23 @@ import heapq
 import math
 import random
 
-import torch
+import dmep
+import plots
 
-import lora
+# `python train.py --recipe moe-sieve`: the paper's training details (§5.1) and its public code's defaults
+RECIPE = dict(
+    method="sieve", sieve_frac=0.25,  # paper §5.2: the top 25% routed experts per layer (16 of 64 for OLMoE)
+    rank=32, alpha=64, dropout=0.05,  # paper §5.1 "LoRA rank 32, alpha = 64, dropout 0.05"; src/config.py TrainConfig
+    lr=4e-4,  # paper §5.1 "learning rate 4e-4"; src/trainer.py lr default 4e-4
+    weight_decay=0.0,  # src/trainer.py: TrainingArguments without weight_decay (0.0)
+    warmup=0.0, schedule="linear",  # TrainingArguments' defaults: linear decay, no warm-up
+    epochs=3,  # paper §5.1 "3 epochs"; src/config.py epochs 3
+    batch_size=8, grad_accum=8,  # paper §5.1 "effective batch size 64"; src/config.py per_device_bs 8, grad_acc 8
+    seq_len=2048,  # src/config.py max_len 2048
+    loss_on="all",  # src/trainer.py: DataCollatorForLanguageModeling(mlm=False), loss on the whole formatted text
+    calib_samples=None, calib_seed=123, calib_tokens=2048,  # scripts/profiling.py: --n_samples None (the whole
+    # split), --seed 123 (the records shuffled with it); src/utils_profiling.py make_profile seq_len 2048
+)
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -39,13 +57,15 @@ def ranked(counts):
 
 
 def experts_per_layer(k, E):
-    """k as a count (int, 1..E) or a fraction of E (float in (0, 1], rounded half up, at least 1)."""
+    """k as a count (int, 1..E) or a fraction of E (float in (0, 1]: floor(k * E), at least 1). The authors'
+    code takes k as a count (scripts/run.py: hotk16 for OLMoE's 64 experts, hotk15 for Qwen's 60, both 25%);
+    floor never gives more experts than the fraction names."""
     if isinstance(k, bool) or not isinstance(k, (int, float)):
         raise ValueError(f"k must be an int count or a float fraction of the experts, not {k!r}")
     if isinstance(k, float):
         if not 0.0 < k <= 1.0:
             raise ValueError(f"k={k}: a fraction of the experts must be in (0, 1]")
-        return max(1, math.floor(k * E + 0.5))  # half up: Python's round() would send 2.5 to 2
+        return max(1, math.floor(k * E * (1 + 1e-12)))  # the slack: 0.3 * 10 is 2.9999999999999996 in floats
     if not 1 <= k <= E:
         raise ValueError(f"k={k}: must be between 1 and the number of experts ({E})")
     return k
@@ -143,71 +163,8 @@ def describe(profile, plan):
             f"min {100 * cov[lo]:.1f}% (layer {lo}), max {100 * cov[hi]:.1f}% (layer {hi})")
 
 
-# ----------------------------------------------------------------------------- DMEP pruning (DESIGN.md §4)
+# ----------------------------------------------------------------------------- DMEP, moved to dmep.py
 
-@torch.no_grad()
-def dmep_track(model, attention_mask=None, beta=0.9):
-    """After a forward: each LoRA-MoE module's utilization EMA u_j <- beta u_j + (1 - beta) share_j, where
-    share_j is the fraction of the module's top-K assignments (real tokens only) that went to expert j."""
-    real = None if attention_mask is None else attention_mask.reshape(-1, 1).float()  # (T, 1)
-    for m in model.modules():
-        if isinstance(m, lora.LoRAMoELinear) and m.router_logits is not None:
-            idx = torch.topk(m.router_logits, m.top_k, dim=-1).indices  # (T, K); softmax keeps the order
-            wt = torch.ones(idx.shape, device=idx.device) if real is None else real.expand(idx.shape)
-            counts = torch.zeros(m.A.shape[0], device=idx.device).scatter_add_(0, idx.reshape(-1), wt.reshape(-1))
-            share = counts / counts.sum().clamp(min=1)  # no boolean indexing, no bincount: no host sync
-            m.util.copy_(torch.where(torch.isnan(m.util), share, beta * m.util + (1 - beta) * share))
-
-
-def dmep_keep(util, tau, k):
-    """The experts a module keeps: utilization at least tau / n, and at least its top-k (the most used)."""
-    n = len(util)
-    keep = [j for j in range(n) if util[j] >= tau / n]
-    return keep if len(keep) >= k else sorted(sorted(range(n), key=lambda j: (-util[j], j))[:k])
-
-
-def dmep_prune(model, optimizer=None, tau=0.5):
-    """Prune every LoRA-MoE module physically (smaller tensors, router rows removed) and slice the
-    optimizer's state to match: nothing dead is carried on. Returns {module: {before, after, util}}."""
-    report = {}
-    for name, m in list(model.named_modules()):
-        if not isinstance(m, lora.LoRAMoELinear):
-            continue
-        util = m.util.nan_to_num(0.0).tolist()
-        keep = dmep_keep(util, tau, m.top_k)
-        report[name] = dict(before=len(util), after=len(keep), util=[round(u, 4) for u in util])
-        if len(keep) < len(util):
-            swap = m.prune(keep)
-            if optimizer is not None:
-                _swap_in_optimizer(optimizer, swap, keep)
-    return report
-
-
-def _swap_in_optimizer(opt, swap, keep):
-    for group in opt.param_groups:
-        group["params"] = [swap.get(p, p) for p in group["params"]]
-    for old, new in swap.items():
-        state = opt.state.pop(old, None)
-        if state:  # AdamW: exp_avg, exp_avg_sq shaped like the parameter (experts first); step a scalar
-            idx = torch.tensor(keep, device=new.device)
-            opt.state[new] = {k: v[idx].clone() if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()}
-
-
-def plot_dmep(report, path):
-    """Heatmap of utilization (modules x LoRA experts) before pruning, when matplotlib is installed."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("sieve: matplotlib not installed, no DMEP heatmap")
-        return False
-    names, rows = list(report), [r["util"] for r in report.values()]
-    fig = Figure(figsize=(2 + 0.4 * len(rows[0]), 1 + 0.22 * len(rows)))
-    ax = fig.add_subplot()
-    im = ax.imshow(rows, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(names)), [n.removeprefix("model.layers.") for n in names], fontsize=6)
-    ax.set_xlabel("LoRA expert")
-    ax.set_title("DMEP utilization at pruning")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    lora.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    return True
+# train.py and bench.py still call these by their old names; they are dmep.py's and plots.py's functions
+dmep_track, dmep_prune, dmep_keep = dmep.track, dmep.prune, dmep.keep
+plot_dmep = plots.dmep

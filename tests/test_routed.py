@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import lora
+import dmep
 import moe
-import sieve
 import train
 from test_train import CONFIGS, ckpt, train_file  # noqa: F401  (module-scoped fixtures)
 from tiny import tiny_model
@@ -29,11 +29,11 @@ def randomize_adapters(model, seed=1, std=0.2):
 @pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe"])
 @pytest.mark.parametrize("method", ROUTED)
 def test_zero_initialised_adapters_give_exactly_the_base_logits(model_type, method):
-    """B = 0 at initialisation: every routed method leaves the logits bit for bit unchanged."""
+    """B = 0 at initialisation (DMEP; PERFT with perft_init="kaiming"): the logits are bit for bit unchanged."""
     m = tiny_model(model_type)
     x = ids()
     base = m(x)
-    lora.attach(m, method, r=4, alpha=8, act="silu")
+    lora.attach(m, method, r=4, alpha=8, act="silu", perft_init="kaiming")
     assert lora.count_trainable(m) > 0
     assert torch.equal(m(x), base)
 
@@ -112,10 +112,10 @@ def test_dmep_pruning_shrinks_parameters_and_optimizer_state_and_keeps_logits():
     opt.step()
     opt.zero_grad()
     before = m(x)
-    sieve.dmep_track(m, beta=0.0)  # utilization = this batch's shares: unused experts have 0
+    dmep.track(m)  # this batch's counts: unused experts have 0
     old = {n: p.detach().clone() for n, p in lora.adapter_state(m).items()}
     old_state = {n: opt.state[p]["exp_avg"].clone() for n, p in lora.adapter_state(m).items()}
-    report = sieve.dmep_prune(m, opt, tau=1e-6)
+    report = dmep.prune(m, opt, tau=1e-6)
     assert sum(r["after"] for r in report.values()) < sum(r["before"] for r in report.values())
     torch.testing.assert_close(m(x), before, atol=1e-5, rtol=1e-5)
     new = lora.adapter_state(m)
@@ -134,28 +134,28 @@ def test_dmep_pruning_shrinks_parameters_and_optimizer_state_and_keeps_logits():
 
 
 def test_dmep_tracking_counts_real_tokens_only():
-    """The utilization of a LoRA-MoE module is the share of its top-K choices over real tokens, then an EMA."""
+    """A LoRA-MoE module's utilization counts its top-K choices over real tokens; with beta, an EMA of shares."""
     m = tiny_model("olmoe")
     lora.attach(m, "dmep", r=4, alpha=8, dmep_experts=8, dmep_topk=2)
     randomize_adapters(m)
     x, mask = ids(B=2, T=6), torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
     m(x, mask)
-    sieve.dmep_track(m, mask, beta=0.0)
+    dmep.track(m, mask, beta=0.0)
     module = m.model.layers[0].self_attn.q_proj
     chosen = torch.topk(module.router_logits, 2, dim=-1).indices[mask.reshape(-1).bool()]  # (10 real tokens, 2)
-    torch.testing.assert_close(module.util, torch.bincount(chosen.reshape(-1), minlength=8) / 20.0)
+    torch.testing.assert_close(module.util, torch.bincount(chosen.reshape(-1), minlength=8) / 20.0)  # 20 choices
     before = module.util.clone()
     m(x)
-    sieve.dmep_track(m, None, beta=0.75)  # no mask: every token counts
+    dmep.track(m, None, beta=0.75)  # no mask: every token counts
     share = torch.bincount(torch.topk(module.router_logits, 2, dim=-1).indices.reshape(-1), minlength=8) / 24.0
     torch.testing.assert_close(module.util, 0.75 * before + 0.25 * share)
 
 
 def test_dmep_keep_rule():
     """Experts below tau/N are removed, but at least K (the most used) stay."""
-    assert sieve.dmep_keep([0.5, 0.3, 0.15, 0.05], tau=0.5, k=2) == [0, 1, 2]
-    assert sieve.dmep_keep([0.9, 0.1, 0.0, 0.0], tau=0.5, k=2) == [0, 1]
-    assert sieve.dmep_keep([1.0, 0.0, 0.0, 0.0], tau=0.5, k=2) == [0, 1]
+    assert dmep.keep([0.5, 0.3, 0.15, 0.05], tau=0.5, k=2) == [0, 1, 2]
+    assert dmep.keep([0.9, 0.1, 0.0, 0.0], tau=0.5, k=2) == [0, 1]
+    assert dmep.keep([1.0, 0.0, 0.0, 0.0], tau=0.5, k=2) == [0, 1]
 
 
 def test_pruned_dmep_adapter_round_trips(tmp_path):
@@ -165,8 +165,8 @@ def test_pruned_dmep_adapter_round_trips(tmp_path):
     randomize_adapters(m)
     x = ids(B=1, T=4)
     m(x)
-    sieve.dmep_track(m, beta=0.0)
-    sieve.dmep_prune(m, None, tau=0.9)
+    dmep.track(m)
+    dmep.prune(m, None, tau=0.9)
     want = m(x)
     lora.save_adapter(m, tmp_path / "a", config)
     counts = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["options"]["dmep_counts"]

@@ -4,6 +4,7 @@ on hand-made count matrices, the JSON file, and the CLI end to end on a tiny che
 import io
 import json
 import math
+import random
 import sys
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import hf_topk, make_ids
 
 import data
 import hub
+import plots
 import router_profile as rp
 
 MOE_LAYERS = {"olmoe": [0, 1], "qwen2_moe": [0, 2]}  # qwen2_moe: layer 1 is dense (mlp_only_layers)
@@ -76,16 +78,20 @@ def test_stats_uniform():
 
 
 def test_stats_one_hot_and_cold_boundary():
-    """One-hot counts over E=8: CV sqrt(E) (sample std, as MoE-Sieve's code), 7/8 cold, coverage 1, entropy 0;
+    """One-hot counts over E=8: CV sqrt(E - 1) (population std, MoE-Sieve's Table 2), sqrt(E) with the sample std
+    (its notebook), 7/8 cold, coverage 1, entropy 0;
     a count equal to the threshold (0.5 * total / E, MoE-Sieve's cold rule) is not cold, one below it is."""
-    s = rp.stats(counts_profile([[0, 0, 0, 80, 0, 0, 0, 0], [25, 5, 5, 5], [26, 5, 5, 4]]))
-    hot, at, below = s["per_layer"]
-    assert hot["cv"] == pytest.approx(math.sqrt(8)) and hot["cold"] == 7 / 8
+    (hot,) = rp.stats(counts_profile([[0, 0, 0, 80, 0, 0, 0, 0]]))["per_layer"]
+    s = rp.stats(counts_profile([[25, 5, 5, 5], [26, 5, 5, 4]]))
+    at, below = s["per_layer"]
+    assert hot["cv"] == pytest.approx(math.sqrt(7)) and hot["cv_sample"] == pytest.approx(math.sqrt(8))
+    assert hot["cold"] == 7 / 8
     assert hot["cov25"] == 1 and hot["entropy"] == pytest.approx(0, abs=1e-12)
     assert at["cold"] == 0 and below["cold"] == 0.25  # threshold 0.5 * 40 / 4 = 5
-    assert at["cov25"] == pytest.approx(25 / 40)  # ceil(0.25 * 4) = 1 expert
-    assert at["cv"] == pytest.approx(math.sqrt(((25 - 10) ** 2 + 3 * 25) / 3) / 10)
-    assert s["mean"]["cold"] == pytest.approx((7 / 8 + 0 + 0.25) / 3)
+    assert at["cov25"] == pytest.approx(25 / 40)  # floor(0.25 * 4) = 1 expert
+    assert at["cv"] == pytest.approx(math.sqrt(((25 - 10) ** 2 + 3 * 25) / 4) / 10)
+    assert at["cv_sample"] == pytest.approx(math.sqrt(((25 - 10) ** 2 + 3 * 25) / 3) / 10)
+    assert s["mean"]["cold"] == pytest.approx((0 + 0.25) / 2)
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -139,7 +145,8 @@ def write_jsonl(path, records):
 
 
 def test_cli_end_to_end(ckpt_copy, tmp_path, capsys):
-    """The CLI writes a profile of every record's whole text (all four kinds), its stats table and the heatmap."""
+    """The CLI writes a profile of every record's whole text (all four kinds; no EOS appended, as MoE-Sieve's
+    profiler counts), its stats table and the heatmap."""
     model_dir = tiny_model_dir(ckpt_copy)
     calib = write_jsonl(tmp_path / "calib.jsonl", RECORDS)
     out, png = tmp_path / "profile.json", tmp_path / "profile.png"
@@ -147,7 +154,9 @@ def test_cli_end_to_end(ckpt_copy, tmp_path, capsys):
              "--batch-size", "2", "--seq-len", "16", "--device", "cpu"])
     p = rp.load_profile(out)
     tok = data.load_tokenizer(model_dir)
-    n = sum(len(data.encode_example(tok, r, 16)[0]) for r in RECORDS)
+    whole = [LINES[0], "the router picks the top two experts", "the quick brown fox jumps", "what is two plus two? four",
+             LINES[1] + " " + LINES[3]]
+    n = sum(len(tok.encode(t)[:16]) for t in whole)  # BOS + the text, cut at --seq-len 16
     assert p["tokens"] == n and p["samples"] == 5 and p["layers"] == [0, 1] and p["top_k"] == 2
     assert [sum(row) for row in p["counts"]] == [2 * n, 2 * n]
     assert p["cold_threshold"] == 0.5 and len(p["stats"]["per_layer"]) == 2
@@ -161,13 +170,15 @@ def test_cli_end_to_end(ckpt_copy, tmp_path, capsys):
 
 
 def test_cli_samples_limit(ckpt_copy, tmp_path):
-    """--samples N profiles only the first N records."""
+    """--samples N profiles N records drawn by a shuffle seeded with --seed (123 by default)."""
     model_dir = tiny_model_dir(ckpt_copy)
     out = tmp_path / "p.json"
     rp.main(["--model", str(model_dir), "--data", str(write_jsonl(tmp_path / "c.jsonl", RECORDS)), "--out", str(out),
              "--samples", "2", "--device", "cpu"])
     tok = data.load_tokenizer(model_dir)
-    assert rp.load_profile(out)["tokens"] == sum(len(data.encode_example(tok, r, 512)[0]) for r in RECORDS[:2])
+    order = list(range(len(RECORDS)))
+    random.Random(123).shuffle(order)
+    assert rp.load_profile(out)["tokens"] == sum(len(tok.encode(rp.record_text(RECORDS[i]))) for i in order[:2])
 
 
 @pytest.mark.parametrize("broken", ["data", "model", "record"])
@@ -202,5 +213,5 @@ def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib...` raise ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     p = {"model_type": "olmoe", "num_experts": 4, "top_k": 2, "layers": [0], "counts": [[1, 2, 3, 4]], "tokens": 5}
-    assert rp.plot_heatmap(p, tmp_path / "h.png") is False
+    assert plots.routing(p, tmp_path / "h.png") is False
     assert not (tmp_path / "h.png").exists() and "matplotlib is not installed" in capsys.readouterr().out

@@ -19,10 +19,12 @@ def test_topk_count():
 
 
 def test_topk_fraction():
-    """A float k is a fraction of E rounded half up: 0.25 -> 2, 0.3 -> 2 (2.4), 0.3125 -> 3 (2.5), 1.0 -> all 8."""
+    """A float k is floor(k * E), at least 1: 0.25 -> 2, 0.3 -> 2 (2.4), 0.3125 -> 2 (2.5), 0.375 -> 3, 1.0 -> all 8."""
     assert sieve.topk_plan(PROFILE, 0.25) == sieve.topk_plan(PROFILE, 2)
     assert sieve.topk_plan(PROFILE, 0.3) == sieve.topk_plan(PROFILE, 2)
-    assert sieve.topk_plan(PROFILE, 0.3125) == sieve.topk_plan(PROFILE, 3)
+    assert sieve.topk_plan(PROFILE, 0.3125) == sieve.topk_plan(PROFILE, 2)
+    assert sieve.topk_plan(PROFILE, 0.375) == sieve.topk_plan(PROFILE, 3)
+    assert sieve.experts_per_layer(0.3, 10) == 3  # 0.3 * 10 is 2.9999999999999996 in floats: still 3
     assert sieve.topk_plan(PROFILE, 1.0) == {layer: list(range(8)) for layer in (0, 2, 5)}
     assert sieve.topk_plan(PROFILE, 0.01) == sieve.topk_plan(PROFILE, 1)  # at least one expert
 

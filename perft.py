@@ -1,0 +1,140 @@
+"""PERFT (Parameter-Efficient Routed Fine-Tuning, arXiv 2508.02587): adapter experts for a frozen MoE block.
+
+Every adapter expert is B act(A h) on the MoE block's input h (D -> r -> D), scaled by alpha / r. The four
+variants, one constructor each below (lora.attach calls them, one per MoE layer):
+
+    perft_s   PERFT-S  one always-on adapter beside the MoE block                  (ParallelAdapter, n = 1)
+    perft_d   PERFT-D  M always-on adapters beside the block, summed                (ParallelAdapter, n = M)
+    perft_r   PERFT-R  N adapters and a NEW trainable router D -> N: top-K per token, each chosen adapter
+                       weighted by that router's own softmax weight                (ParallelAdapter + router)
+    perft_e   PERFT-E  one adapter inside every routed expert, weighted by the frozen base router's top-k
+                       weights (lora.ExpertAdapter: it runs in the expert hook of moe.Experts, beside
+                       ExpertLoRA, on the (token, expert) pairs the base router chose)
+
+Faithful to the public code of the paper (github.com/yuninxia/moe-routing-bench, 3rdparty/PERFT-MoE):
+- initialisation (commonsense/utils.py: init_trainable_parameters): every adapter's A (r x D) ~ N(0,1)*sqrt(2/r),
+  B ~ N(0,1)*1e-6; PERFT-R's router is an nn.Linear that transformers initialises with N(0, 0.02)
+  (initializer_range). `init="kaiming"` keeps LoRA's usual init (A kaiming-uniform, B = 0: exactly the base
+  model at step 0) as an option.
+- PERFT-R's top-K weights are renormalised as the base model renormalises its own (olmoe_modification/
+  modeling_olmoe.py: OlmoeSparseMoeBlock.forward uses norm_topk_prob; the Mixtral copy always does).
+- losses (modeling_olmoe.py: OlmoeAdapterForCausalLM.forward, trained with output_router_logits=True): the
+  base router's load-balancing loss (coefficient 0.01, transformers' default) plus ONE balancing loss over the
+  adapter routers' logits of all layers pooled (coefficient 0.01): `balance_loss` below.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moe
+
+INITS = ("theirs", "kaiming")
+ROUTER_STD = 0.02  # transformers' initializer_range default (OLMoE, Mixtral), used by _init_weights for new Linears
+ACTS = {"identity": nn.Identity, "silu": nn.SiLU, "relu": nn.ReLU}
+
+# `python train.py --recipe perft`: the public code's OLMoE LoRA-adapter runs, keyed by train.py's flag names.
+RECIPE = dict(
+    method="perft-r",
+    rank=8, alpha=16,  # math/OLMoE-1B-7B.lora.sh: configs "8 16 ... 4 2 8.4-2" (r 8, alpha 2r)
+    perft_experts=4, perft_topk=2,  # the same script's "4 2" (N = 4 adapter experts, top-2)
+    perft_renorm=None,  # None: as the base model's norm_topk_prob (modeling_olmoe.py, OlmoeSparseMoeBlock)
+    perft_aux_coef=0.01,  # configuration_olmoe.py: shared_routing_adapter_router_aux_loss_coef=0.01
+    aux_coef=0.01,  # the base router's loss is on too: finetune.py output_router_logits=True, router_aux_loss_coef 0.01
+    adapter_act="identity",  # adapter_type 'LoRA' (OlmoeBlockLoraExpert)
+    perft_init="theirs",  # commonsense/utils.py: init_trainable_parameters
+    dropout=0.05,  # commonsense/finetune.py: dropout default 0.05 (lora_dropout)
+    lr=1e-5,  # math/OLMoE-1B-7B.lora.sh: --learning_rate 1e-5
+    weight_decay=0.0,  # finetune.py: weight_decay default 0.0
+    warmup=0.003,  # finetune.py: warmup_steps=100, about 0.3% of 3 epochs of commonsense_170k at batch 16
+    schedule="linear",  # transformers.TrainingArguments' default lr_scheduler_type
+    epochs=3, batch_size=16, grad_accum=1,  # the .sh scripts: --batch_size 16 --micro_batch_size 16 --num_epochs 3
+    seq_len=256,  # --cutoff_len 256
+    loss_on="all",  # finetune.py: train_on_inputs=True (loss on the prompt too)
+)
+
+
+def init_factors(n, r, d_in, d_out, init, device=None):
+    """(A (n, r, d_in), B (n, d_out, r)) of n adapter experts, as parameters in fp32.
+    theirs: A ~ N(0,1)*sqrt(2/r), B ~ N(0,1)*1e-6 (PERFT's init_trainable_parameters; size[0] of nn.Linear(D, r)'s
+    weight is r). kaiming: A kaiming-uniform(a=sqrt(5)) per expert as nn.Linear / peft, B = 0."""
+    if init not in INITS:
+        raise ValueError(f"--perft-init {init!r} is not one of {', '.join(INITS)}")
+    A = torch.empty(n, r, d_in, device=device)
+    if init == "theirs":
+        A.normal_().mul_(math.sqrt(2 / r))
+        B = torch.randn(n, d_out, r, device=device) * 1e-6
+    else:
+        for a in A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        B = torch.zeros(n, d_out, r, device=device)
+    return nn.Parameter(A), nn.Parameter(B)
+
+
+def gated(x, A, B, act, gate, scale):
+    """sum_j gate_j * B_j act(A_j x) over n small adapter experts, computed densely (n*r is tiny next to
+    the base) with unchosen experts gated by exactly 0. x (T, in), A (n, r, in), B (n, out, r), gate (T, n) or None."""
+    n, r, _ = A.shape
+    z = act(F.linear(x, A.reshape(n * r, -1).to(x.dtype)))  # (T, n*r)
+    if gate is not None:
+        z = (z.view(-1, n, r) * gate.to(z.dtype)[..., None]).reshape(-1, n * r)
+    return F.linear(z, B.permute(1, 0, 2).reshape(B.shape[1], n * r).to(x.dtype)) * scale  # (T, out)
+
+
+def route(logits, k, renorm):
+    """Softmax in fp32, top-k, optional renormalisation -> the (T, n) gate, 0 for unchosen experts."""
+    probs = F.softmax(logits.float(), dim=-1)
+    g, idx = torch.topk(probs, k, dim=-1)  # (T, k)
+    if renorm:
+        g = g / g.sum(dim=-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(-1, idx, g)
+
+
+class ParallelAdapter(nn.Module):
+    """PERFT-S/D/R: n adapter experts B_j act(A_j h) beside the MoE block, reading its input h (T, D).
+    No router (top_k None): all n on and summed (S: n=1, D: n=M). With a router (R): a new trainable
+    router D -> n picks the top-k per token, each chosen expert weighted by that router's own weight."""
+
+    def __init__(self, D, n, r, scale, act="identity", top_k=None, renorm=False, dropout=0.0, init="theirs", device=None):
+        super().__init__()
+        self.A, self.B = init_factors(n, r, D, D, init, device)
+        self.router = nn.Parameter(torch.randn(n, D, device=device) * ROUTER_STD) if top_k else None  # (n, D)
+        self.top_k, self.renorm, self.act, self.scale = top_k, renorm, ACTS[act](), scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.router_logits = None  # the last forward's (T, n) router logits, for balance_loss
+
+    def forward(self, h):
+        gate = None
+        if self.router is not None:
+            self.router_logits = F.linear(h, self.router.to(h.dtype))  # (T, n)
+            gate = route(self.router_logits, self.top_k, self.renorm)
+        return gated(self.dropout(h), self.A, self.B, self.act, gate, self.scale)
+
+
+def perft_s(D, r, scale, act="identity", dropout=0.0, init="theirs", device=None):
+    """PERFT-S: one always-on adapter beside the MoE block (a shared adapter expert)."""
+    return ParallelAdapter(D, 1, r, scale, act, None, False, dropout, init, device)
+
+
+def perft_d(D, m, r, scale, act="identity", dropout=0.0, init="theirs", device=None):
+    """PERFT-D: m always-on adapters beside the MoE block, their outputs summed."""
+    return ParallelAdapter(D, m, r, scale, act, None, False, dropout, init, device)
+
+
+def perft_r(D, n, k, renorm, r, scale, act="identity", dropout=0.0, init="theirs", device=None):
+    """PERFT-R: n adapters and a new router D -> n; the top-k adapters per token, weighted by its softmax."""
+    if not 1 <= k <= n:
+        raise ValueError(f"--perft-topk {k} must be between 1 and --perft-experts {n}")
+    return ParallelAdapter(D, n, r, scale, act, k, renorm, dropout, init, device)
+
+
+def balance_loss(model, attention_mask=None, all_sum=None):
+    """PERFT-R's adapter-router loss: transformers' load-balancing loss over the adapter routers' logits of ALL
+    layers pooled into one (as the public code passes the tuple of every layer's logits to
+    load_balancing_loss_func). None when the model has no PERFT-R router or no forward has run."""
+    mods = [m for m in model.modules() if isinstance(m, ParallelAdapter) and m.router_logits is not None]
+    if not mods:
+        return None
+    n, k = mods[0].router.shape[0], mods[0].top_k
+    return moe.load_balancing_loss([m.router_logits for m in mods], n, k, attention_mask, all_sum)
