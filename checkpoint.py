@@ -135,7 +135,7 @@ def resume_command(argv, world):
             out.append(a)
     if "--resume" not in out:
         out.append("--resume")
-    launcher = f"torchrun --nproc_per_node {world}" if world > 1 else os.path.basename(sys.executable)
+    launcher = f"torchrun --nproc_per_node {world}" if world > 1 else shlex.quote(sys.executable)
     return f"{launcher} {shlex.quote(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))} " \
            + " ".join(shlex.quote(a) for a in out)
 
