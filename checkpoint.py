@@ -37,6 +37,11 @@ def write_json(path, obj):
     lora.atomic_write(path, lambda t: _write_text(t, json.dumps(obj, indent=1)))
 
 
+def write_log(path, log):
+    """log.jsonl (one JSON line per step) as the checkpoint's log has it; the loop appends from there."""
+    lora.atomic_write(path, lambda t: _write_text(t, "".join(json.dumps(e) + "\n" for e in log)))
+
+
 def _write_text(path, text):
     with open(path, "w") as f:
         f.write(text)

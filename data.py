@@ -370,3 +370,8 @@ def step_batches(examples, step_micro, pad_id, rank=0, world=1):
     n_targets = sum(sum(m[1:]) for mb in micro for _, m in mb)
     micro = [mb[rank::world] for mb in micro]  # torchrun: this rank's share of each global micro-batch
     return [pad_batch([e[0] for e in mb], [e[1] for e in mb], pad_id) for mb in micro], n_targets
+
+
+def to_device(t, device):
+    """A batch tensor onto the device; on CUDA through pinned memory, so the copy does not block the host."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

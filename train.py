@@ -7,11 +7,8 @@ checkpoint.py.
     python train.py --model DIR --method lora --rank 32 --dry-run        # parameter count, no weights read
     python train.py                                                       # the embedded default job (study.py)
 
-Methods: attn (q/k/v/o only); lora (+ router, shared experts, dense MLPs, every routed expert); sieve (the same,
-routed experts = the top-k most-routed per layer on a calibration profile); random (same budget, random
-experts); coverage (fewest experts reaching a share p of each layer's routing); budget (k*L experts in all,
-handed out greedily by marginal coverage); perft-s/d/r/e (routed adapters beside / inside the MoE block);
-dmep (LoRA-MoE on the attention and dense linears, under-used LoRA experts pruned after a warm-up).
+Methods (--method; flags.py says what each adapts): attn, lora, sieve and its ablations random / coverage /
+budget, perft-s/d/r/e, dmep, full.
 """
 import contextlib
 import json
@@ -57,19 +54,8 @@ def run(args):
 
 def train(args, rank, world, device):
     main = rank == 0  # only rank 0 prints step lines and writes files
-    # ------------------------------------------------------------------ arguments that need the processes
-    if world > 1 and (args.export_peft or args.export_merged or args.adapter):
-        raise ValueError("--export-* / --adapter: run them in one process (python train.py --adapter OUT ...)")
-    if world > 1 and args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes (the global batch)")
-    device = device or moe.pick_device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
-    if args.compile and dtype != torch.bfloat16:
-        raise ValueError(f"--compile needs --dtype bfloat16 (torch compiles grouped_mm for bf16 only), not {dtype}")
+    device, dtype = device_and_dtype(args, device, world)
     full = args.method == "full"
-    if full and dtype != torch.float32 and world > 1:
-        raise ValueError(f"--method full --dtype {args.dtype} under torchrun: the fp32 master weights that keep small "
-                         "updates are single-process only; use --dtype float32")
     torch.manual_seed(args.seed)
 
     # ------------------------------------------------------------------ model
@@ -114,7 +100,7 @@ def train(args, rank, world, device):
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "log.jsonl")  # one JSON line per step, appended as it goes
     if main:
-        lora.atomic_write(log_path, lambda t: _write_lines(t, [json.dumps(e) + "\n" for e in log]))
+        checkpoint.write_log(log_path, log)
     if plan is not None and main:
         checkpoint.write_json(os.path.join(args.out, "plan.json"), {str(k): v for k, v in plan.items()})
         if "tokens" in prof:
@@ -186,9 +172,20 @@ def train(args, rank, world, device):
         prune_at=prune_at, device=device, dtype=dtype, main=main))
 
 
-def _write_lines(path, lines):
-    with open(path, "w") as f:
-        f.writelines(lines)
+def device_and_dtype(args, device, world):
+    """The device and base dtype, after the checks that need the number of processes or the device."""
+    if world > 1 and (args.export_peft or args.export_merged or args.adapter):
+        raise ValueError("--export-* / --adapter: run them in one process (python train.py --adapter OUT ...)")
+    if world > 1 and args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes (the global batch)")
+    device = device or moe.pick_device(args.device)
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32}.get(args.dtype) or getattr(torch, args.dtype)
+    if args.compile and dtype != torch.bfloat16:
+        raise ValueError(f"--compile needs --dtype bfloat16 (torch compiles grouped_mm for bf16 only), not {dtype}")
+    if args.method == "full" and dtype != torch.float32 and world > 1:
+        raise ValueError(f"--method full --dtype {args.dtype} under torchrun: the fp32 master weights that keep small "
+                         "updates are single-process only; use --dtype float32")
+    return device, dtype
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -345,7 +342,7 @@ def train_step(args, model, opt, state, master, params, batches, n_targets, step
     step_loss, step_aux, n_tokens = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for ids, mask, labels in batches:  # no host sync inside the step: the numbers to log stay on the device
         n_tokens += int(mask.sum())  # still on the host
-        ids, mask, labels = (to_device(t, device) for t in (ids, mask, labels))
+        ids, mask, labels = (data.to_device(t, device) for t in (ids, mask, labels))
         # right padding: causal attention alone keeps real tokens off the pads
         loss, routing = model(ids, labels=labels, return_routing=True)
         loss = loss / max(1, n_targets)
@@ -389,11 +386,6 @@ def train_step(args, model, opt, state, master, params, batches, n_targets, step
             for n, p in state.items():
                 p.copy_(master[n])
     return float(step_loss), float(step_aux), int(parallel.all_sum(n_tokens))
-
-
-def to_device(t, device):
-    """A batch tensor onto the device; on CUDA through pinned memory, so the copy does not block the host."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 if __name__ == "__main__":
