@@ -118,15 +118,15 @@ def plot_log(log, path):
     steps = [e["step"] for e in log]
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
-    ax.plot(steps, [e["loss"] for e in log], color="tab:blue", label="training loss")
+    (loss_line,) = ax.plot(steps, [e["loss"] for e in log], color="tab:blue", label="training loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean per target token)", color="tab:blue")
     ax.grid(alpha=0.3)
     lr = ax.twinx()
-    lr.plot(steps, [e["lr"] for e in log], color="tab:orange", linestyle="--", label="learning rate")
+    (lr_line,) = lr.plot(steps, [e["lr"] for e in log], color="tab:orange", linestyle="--", label="learning rate")
     lr.set_ylabel("learning rate", color="tab:orange")
     lr.set_ylim(bottom=0)
-    fig.legend(loc="upper right")
+    lr.legend(handles=[loss_line, lr_line], loc="best")  # inside the axes, where it covers the least
     ax.set_title(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: {len(log)} steps")
     lora.atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=120))
     return True

@@ -224,3 +224,26 @@ def test_full_training_of_a_bf16_model_keeps_fp32_master_weights(ckpt, train_fil
     # two Adam steps move a weight by at most ~lr each (2e-5 here, 3e-5 with slack), far below bf16's spacing near
     # these weights (~1e-3 at 0.2): stepped in bf16 nearly all of them would round back to where they were
     assert moved.max() < 3e-5 and (moved > 0).float().mean() > 0.9
+
+
+def test_the_run_says_what_it_wrote_and_help_shows_defaults(ckpt, train_file, tmp_path, capsys):
+    """The end of a run lists what it wrote (loss.png included) and the eval.py command for the adapter; the step
+    line shows the process's resident memory on the CPU (not a constant 0); --help shows every default."""
+    out = tmp_path / "run"
+    assert run(*common(ckpt, train_file, steps=2), "--out", out) == 0
+    text = capsys.readouterr().out
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG" and "loss.png" in text
+    assert f"next: python eval.py --model {ckpt} --adapter {out}" in text
+    rss = [float(line.split("| rss ")[1].split()[0]) for line in text.splitlines() if line.startswith("step ")]
+    assert rss and all(r > 0 for r in rss)
+    with pytest.raises(SystemExit):
+        run("--help")
+    help_text = capsys.readouterr().out
+    assert "(default: 0.0004)" in help_text and "DESIGN" not in help_text and "STYLE" not in help_text
+
+
+def test_recipe_sets_defaults_and_explicit_flags_win(ckpt, train_file):
+    """--recipe moe-sieve sets the run flags to MoE-Sieve's setup; a flag given on the command line wins."""
+    a = train.flags.parse_args(["--model", ckpt, "--data", train_file, "--recipe", "moe-sieve", "--allow-long-seq",
+                                "--lr", "1e-3"])
+    assert (a.loss_on, a.schedule, a.grad_accum, a.seq_len, a.rank, a.alpha, a.lr) == ("all", "linear", 8, 2048, 32, 64, 1e-3)
