@@ -19,7 +19,7 @@ weights, which is near uniform, so the choice barely matters), `perft-e`, `perft
 router's balancing loss as train.py), `dmep` (warm-up phase: 8 LoRA experts top-2 per attention linear,
 balancing loss and utilization tracking on) and `dmep-pruned` (after the warm-up steps, each module's
 utilization is SET so that `--dmep-keep` (60%) of its experts survive, an emulation of DMEP's published 35-43%
-fewer, then sieve.dmep_prune slices parameters and AdamW state; no balancing, no tracking); and peft's
+fewer, then dmep.prune slices parameters and AdamW state; no balancing, no tracking); and peft's
 `peft-attn` (LoRA on q/k/v/o via target_modules) and `peft-lora` (the same + router + every expert through
 target_parameters on mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj: peft's ParamWrapper;
 plus dense/shared MLP linears where the model has them). peft's rank r on the fused gate_up_proj is one
@@ -53,6 +53,7 @@ import types
 
 import torch
 
+import dmep
 import hub
 import lora
 import moe
@@ -169,7 +170,7 @@ def ours_step(model, ids, labels, n_labels, aux_coef, track):
     if aux_coef > 0:
         loss = loss + aux_coef * lora.router_balance_loss(model)
     if track:
-        sieve.dmep_track(model)
+        dmep.track(model)
     return loss
 
 
@@ -181,7 +182,7 @@ def prune_dmep(model, opt, keep_frac):
             n = m.A.shape[0]
             k = min(n, max(m.top_k, round(keep_frac * n)))
             m.util.copy_(torch.tensor([1.0 / k] * k + [0.0] * (n - k)))
-    report = sieve.dmep_prune(model, opt)
+    report = dmep.prune(model, opt)
     before, after = sum(r["before"] for r in report.values()), sum(r["after"] for r in report.values())
     return f"{after}/{before} LoRA experts kept"
 

@@ -1,6 +1,6 @@
 """Tokenizers and the JSON-lines data formats shared by train.py, eval.py and router_profile.py.
 
-Tokenizers (DESIGN.md §2): Mixtral/Llama ship `tokenizer.model` (SentencePiece, BOS `<s>` prepended),
+Tokenizers: Mixtral/Llama ship `tokenizer.model` (SentencePiece, BOS `<s>` prepended),
 read here with `sentencepiece`; OLMoE ships only `tokenizer.json` (GPT-NeoX byte-level BPE, no BOS,
 EOS 50279, pad 1), read with the `tokenizers` library. Ids match transformers' AutoTokenizer, except
 for two known cases, both with tokenizer.model, where we follow sentencepiece (the models' own tokenizer):
@@ -22,6 +22,7 @@ masks into next-token `labels` for `cross_entropy(logits.view(-1, V), labels.vie
 
 import gzip
 import json
+import math
 import os
 import random
 
@@ -242,18 +243,36 @@ def encode_pair(tok, prompt, completion):
     return full[:n], full[n:]
 
 
-def encode_example(tok, rec, max_len):
+def encode_example(tok, rec, max_len, loss_on="answer"):
     """(ids, loss_mask) of one record, EOS appended, at most max_len tokens.
 
     text: loss on every token but the first; truncated from the right (the EOS may be cut).
-    prompt / mc / qa: loss on the answer tokens and the EOS only. Too long: the prompt is cut from the left
-    (keeping BOS) so the answer survives; an answer longer than max_len is itself cut from the right.
+    prompt / mc / qa with loss_on="answer": loss on the answer tokens and the EOS only. Too long: the prompt is
+    cut from the left (keeping BOS) so the answer survives; an answer longer than max_len is itself cut from the
+    right. loss_on="all": the formatted text (prompt + answer + EOS) trains like a text record (MoE-Sieve's
+    trainer computes the loss on every token of its formatted examples).
     """
+    ids, mask, _ = _encode(tok, rec, max_len, loss_on)
+    return ids, mask
+
+
+def encode_examples(tok, records, max_len, loss_on="answer"):
+    """[(ids, loss_mask)] of every record, and (records cut, tokens cut) by max_len, for one report."""
+    out, n_cut, tokens_cut = [], 0, 0
+    for rec in records:
+        ids, mask, cut = _encode(tok, rec, max_len, loss_on)
+        out.append((ids, mask))
+        n_cut, tokens_cut = n_cut + (cut > 0), tokens_cut + cut
+    return out, (n_cut, tokens_cut)
+
+
+def _encode(tok, rec, max_len, loss_on):  # (ids, loss_mask, number of tokens cut)
+    if loss_on not in ("answer", "all"):
+        raise ValueError(f"loss_on must be 'answer' or 'all', not {loss_on!r}")
     kind = record_kind(rec)
     if kind == "text":
         ids = tok.encode(rec["text"]) + [tok.eos_id]
-        ids = ids[:max_len]
-        return ids, [0] + [1] * (len(ids) - 1)
+        return ids[:max_len], [0] + [1] * (min(len(ids), max_len) - 1), max(0, len(ids) - max_len)
     if kind == "prompt":
         prompt, answer = rec["prompt"], rec["completion"]
     elif kind == "mc":
@@ -262,14 +281,18 @@ def encode_example(tok, rec, max_len):
         prompt, answer = rec["question"], " " + str(rec["answer"])
     head, tail = encode_pair(tok, prompt, answer)
     tail = tail + [tok.eos_id]
+    n = len(head) + len(tail)
+    if loss_on == "all":
+        ids = (head + tail)[:max_len]
+        return ids, [0] + [1] * (len(ids) - 1), max(0, n - max_len)
     bos = head[:1] if head[:1] == [tok.bos_id] else []
-    if len(head) + len(tail) > max_len:
+    if n > max_len:
         tail = tail[: max_len - len(bos)]
         keep = max_len - len(bos) - len(tail)  # prompt tokens (after BOS) that still fit
         head = bos + (head[len(bos) :][-keep:] if keep > 0 else [])
     mask = [0] * len(head) + [1] * len(tail)
     mask[0] = 0  # nothing precedes the first token (an empty prompt without BOS)
-    return head + tail, mask
+    return head + tail, mask, n - len(head) - len(tail)
 
 
 def pad_batch(seqs, masks, pad_id, side="right"):
@@ -323,3 +346,32 @@ def batches(examples, batch_size, seed, shuffle=True):
         random.Random(seed).shuffle(order)
     for i in range(0, len(order), batch_size):
         yield [examples[j] for j in order[i : i + batch_size]]
+
+
+def step_schedule(n_examples, batch_size, grad_accum, steps=None, epochs=1.0, seed=0, world=1):
+    """Micro-batches of every optimizer step, as lists of example indices: `steps` steps (None: enough for
+    `epochs` passes) of grad_accum micro-batches, epochs reshuffled with seed + epoch. Under torchrun an epoch's
+    last micro-batch is dropped if it has fewer sequences than processes (a process without a share would fail
+    while the others wait for it in the gradient's all-reduce)."""
+    if n_examples < world:
+        raise ValueError(f"--data: {n_examples} sequences, fewer than the {world} processes")
+    steps = steps or max(1, math.ceil(epochs * n_examples / (batch_size * grad_accum)))
+    micro, epoch = [], 0
+    while len(micro) < steps * grad_accum:
+        micro += [mb for mb in batches(list(range(n_examples)), batch_size, seed + epoch) if len(mb) >= world]
+        epoch += 1
+    return [micro[s * grad_accum:(s + 1) * grad_accum] for s in range(steps)]
+
+
+def step_batches(examples, step_micro, pad_id, rank=0, world=1):
+    """One step's padded micro-batches for this rank, and the step's number of target tokens over all ranks
+    (the step's loss is a mean over these, so every micro-batch and rank divides by the same count)."""
+    micro = [[examples[i] for i in mb] for mb in step_micro]
+    n_targets = sum(sum(m[1:]) for mb in micro for _, m in mb)
+    micro = [mb[rank::world] for mb in micro]  # torchrun: this rank's share of each global micro-batch
+    return [pad_batch([e[0] for e in mb], [e[1] for e in mb], pad_id) for mb in micro], n_targets
+
+
+def to_device(t, device):
+    """A batch tensor onto the device; on CUDA through pinned memory, so the copy does not block the host."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)

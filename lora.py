@@ -352,11 +352,19 @@ def merge(model, sign=1):
 # ----------------------------------------------------------------------------- save / load
 
 def atomic_write(path, write):
-    """write(tmp) then rename tmp -> path: readers see the old file or the whole new one, never half of one."""
+    """write(tmp) then rename tmp -> path: readers see the old file or the whole new one, never half of one.
+    The file and then its directory are fsynced, so a power cut after the return cannot lose the rename."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

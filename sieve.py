@@ -20,8 +20,6 @@ import heapq
 import math
 import random
 
-import dmep
-import plots
 
 # `python train.py --recipe moe-sieve`: the paper's training details (§5.1) and its public code's defaults
 RECIPE = dict(
@@ -161,10 +159,3 @@ def describe(profile, plan):
     return (f"{n}/{total} routed experts ({100 * n / total:.1f}%), {per}\n"
             f"coverage of routed assignments: mean {100 * mean:.1f}%, "
             f"min {100 * cov[lo]:.1f}% (layer {lo}), max {100 * cov[hi]:.1f}% (layer {hi})")
-
-
-# ----------------------------------------------------------------------------- DMEP, moved to dmep.py
-
-# train.py and bench.py still call these by their old names; they are dmep.py's and plots.py's functions
-dmep_track, dmep_prune, dmep_keep = dmep.track, dmep.prune, dmep.keep
-plot_dmep = plots.dmep

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import checkpoint
 import data
 import eval as evaluation
 import hub
@@ -31,7 +32,8 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description="Methods x seeds on a base model and a multiple-choice task.")
+    ap = argparse.ArgumentParser(description="Methods x seeds on a base model and a multiple-choice task.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--default", action="store_true", help="the embedded default job (what `python train.py` runs)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: a few steps and records (CI)")
     ap.add_argument("--model", default=os.path.join(HERE, "model"), help="base checkpoint directory")
@@ -69,7 +71,10 @@ def fine_tune(args, method, seed, train_file, out):
     if train.main([str(f) for f in flags]) != 0:
         raise RuntimeError(f"study: train.py --method {method} --seed {seed} failed")
     with open(os.path.join(out, "summary.json")) as f:
-        return json.load(f)
+        summary = json.load(f)
+    with open(os.path.join(out, "log.jsonl")) as f:  # one process's own step times: not skewed by other runs
+        summary["step_s"] = statistics.median(json.loads(line)["step_s"] for line in f)
+    return summary
 
 
 def accuracy(args, tok, records, adapter=None):
@@ -127,6 +132,7 @@ def main(argv=None):
                 runs.setdefault(m, []).append(dict(seed=seed, acc=res["acc"], acc_norm=res["acc_norm"], nll=res["gold_nll"],
                                                    params=s["trainable_params"], adapter_bytes=s["adapter_bytes"],
                                                    train_s=s["wall_s"], total_s=round(time.time() - t0, 1),
+                                                   step_s=s["step_s"], device=s["device"],
                                                    **{k: s[k] for k in ("trainable_before_prune", "tok_s_before_prune",
                                                                         "tok_s_after_prune") if k in s}))
     except (ValueError, OSError, RuntimeError) as e:
@@ -136,7 +142,10 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     result = dict(task=args.task, model=args.model, steps=args.steps, seeds=args.seeds, rank=args.rank, base=base,
                   runs=runs, table=table)
-    train.write_json(os.path.join(args.out, f"{args.task}.json"), result)
+    path = os.path.join(args.out, f"{args.task}.json")
+    checkpoint.write_json(path, result)
+    print(f"\nwrote {path} (the table and every run's numbers) and each run under {os.path.join(args.out, args.task)}"
+          f"/METHOD/seedN (adapter, log.jsonl, loss.png, summary.json)\nprint it again: python study.py --report {path}")
     return 0
 
 
@@ -169,7 +178,7 @@ def report(args, base, runs):
             ndiff = f"{d:+.4f}{ci(hw, 4)}"
         rows.append(row)
         print(f"{m:<10}{row['params']:>12,}{rel:>9}{row['adapter_mb']:>12.3f}{row['train_s']:>9.1f}"
-              f"{acc:>10.3f} ±{sd:.3f}{row['acc_norm']:>10.3f}{diff:>26}{row['nll']:>10.4f}{ndiff:>24}")
+              f"{acc:>10.3f}{f' ±{sd:.3f}' if len(rs) > 1 else '  (n=1)'}{row['acc_norm']:>10.3f}{diff:>26}{row['nll']:>10.4f}{ndiff:>24}")
     claims(runs)
     return rows
 
@@ -178,16 +187,21 @@ def claims(runs):
     """The seed papers' claims next to what this run measured (where both sides were run)."""
 
     def vs(a, b):  # accuracy and the continuous signal, a minus b, paired over seeds, with 95% intervals
+        if min(len(runs[a]), len(runs[b])) < 3:  # one or two seeds: no interval worth a verdict
+            return f"needs >= 3 seeds (have {min(len(runs[a]), len(runs[b]))})"
         da, ha = paired_interval([r["acc"] for r in runs[a]], [r["acc"] for r in runs[b]])
         dn, hn = paired_interval([r["nll"] for r in runs[a]], [r["nll"] for r in runs[b]])
         return f"{100 * da:+.1f} pp{ci(100 * ha, 1)} (gold nll/char {dn:+.4f}{ci(hn, 4)})"
     par = {m: rs[0]["params"] for m, rs in runs.items()}
-    t = {m: statistics.mean(r["train_s"] for r in rs) for m, rs in runs.items()}
+    t = {m: statistics.median(r["step_s"] for r in rs) if all("step_s" in r for r in rs) else None
+         for m, rs in runs.items()}
     print("\nclaims (paper -> measured here):")
     if "sieve" in runs and "lora" in runs:
         print(f"  MoE-Sieve: top-25% within ±1 pp of full LoRA -> {vs('sieve', 'lora')}")
         print(f"  MoE-Sieve: ~70-73% fewer trainable parameters -> {100 * (1 - par['sieve'] / par['lora']):.1f}% fewer")
-        print(f"  MoE-Sieve: up to 50% less training time -> {100 * (1 - t['sieve'] / t['lora']):.1f}% less")
+        if t["sieve"] and t["lora"]:  # median per-step time of one process, not wall time of runs sharing a machine
+            print(f"  MoE-Sieve: up to 50% less training time -> {100 * (1 - t['sieve'] / t['lora']):.1f}% less per step "
+                  f"(median step {t['sieve']:.3f}s vs {t['lora']:.3f}s on {runs['sieve'][0].get('device', '?')})")
     if "random" in runs and "sieve" in runs:
         print(f"  MoE-Sieve: random 25% about 2.5 pp worse than top-25% -> {vs('random', 'sieve')}")
     if "budget" in runs and "sieve" in runs:

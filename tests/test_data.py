@@ -301,6 +301,30 @@ def test_encode_mc_truncates_prompt_from_left(both):
             assert ids[0] == tok.bos_id
 
 
+def test_encode_loss_on_all_trains_the_whole_formatted_text(both):
+    """loss_on="all": prompt + answer + EOS, loss on every token but the first (as a text record); cut from the right."""
+    rec = {"query": "Question: Capital of France?\nAnswer:", "choices": ["Rome", "Paris"], "gold": 1}
+    for tok in both:
+        ids, mask = data.encode_example(tok, rec, max_len=1000, loss_on="all")
+        assert ids == data.encode_example(tok, rec, max_len=1000)[0]  # the same tokens as loss_on="answer"
+        assert mask == [0] + [1] * (len(ids) - 1)
+        short, short_mask = data.encode_example(tok, rec, max_len=5, loss_on="all")
+        assert short == ids[:5] and short_mask == [0, 1, 1, 1, 1]
+
+
+def test_encode_examples_counts_what_max_len_cuts(both):
+    """encode_examples reports how many records and tokens max_len cut, for both text and prompt records."""
+    recs = [{"text": "a short one"}, {"text": "word " * 40},
+            {"query": "Question: " + "very " * 30 + "long?\nAnswer:", "choices": ["no", "yes"], "gold": 1}]
+    for tok in both:
+        for loss_on in ("answer", "all"):
+            full = [data.encode_example(tok, r, 10_000, loss_on)[0] for r in recs]
+            examples, (n_cut, tokens_cut) = data.encode_examples(tok, recs, 12, loss_on)
+            assert [e for e, _ in examples] == [data.encode_example(tok, r, 12, loss_on)[0] for r in recs]
+            assert n_cut == sum(len(f) > 12 for f in full) == 2
+            assert tokens_cut == sum(max(0, len(f) - 12) for f in full)
+
+
 # ----------------------------------------------------------------------------------------------------
 # padding, packing, batching
 

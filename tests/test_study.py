@@ -1,11 +1,12 @@
 """The embedded default job and the study driver."""
 import json
 import os
+import runpy
+import sys
 
 import pytest
 
 import study
-import train
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,8 +17,12 @@ def test_embedded_default_quick_prints_the_comparison_table(tmp_path, monkeypatc
     if not os.path.isdir(os.path.join(HERE, "model")):
         pytest.fail("the shipped model/ directory is missing")
     monkeypatch.chdir(tmp_path)  # outputs go to ./runs/study
-    assert train.main(["--quick"]) == 0
+    monkeypatch.setattr(sys, "argv", ["train.py", "--quick"])
+    with pytest.raises(SystemExit) as e:  # train.py's __main__ hands the default job to study.py
+        runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+    assert e.value.code == 0
     out = capsys.readouterr().out
+    assert "needs >= 3 seeds" in out and "per step (median step" in out
     assert "trainable" in out and "adapter MB" in out and "acc - lora" in out
     for method in ("attn", "lora", "sieve", "random"):
         assert any(line.startswith(method) for line in out.splitlines()), method
@@ -67,3 +72,19 @@ def test_bad_flags_and_report_files_are_refused(tmp_path, capsys):
     for f in (tmp_path / "missing.json", tmp_path / "other.json"):
         assert study.main(["--report", str(f)]) == 1
         assert str(f) in capsys.readouterr().err
+
+
+def test_one_seed_gives_no_verdict_and_time_comes_from_step_times(tmp_path, capsys):
+    """With fewer than 3 seeds the accuracy claims say "needs >= 3 seeds" (no interval, no verdict); the training
+    time claim compares the median per-step times of single processes and names the device."""
+    def run(acc, params, step_s):
+        return dict(seed=0, acc=acc, acc_norm=acc, nll=2.0, params=params, adapter_bytes=4 * params, train_s=99.0,
+                    step_s=step_s, device="cpu")
+    runs = dict(lora=[run(0.5, 1000, 0.2)], sieve=[run(0.49, 300, 0.15)], random=[run(0.47, 300, 0.15)])
+    f = tmp_path / "study.json"
+    f.write_text(json.dumps(dict(task="toy", steps=5, seeds=1, rank=4, base=dict(acc=0.4, acc_norm=0.4, gold_nll=2.5),
+                                 runs=runs)))
+    assert study.main(["--report", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "within ±1 pp of full LoRA -> needs >= 3 seeds (have 1)" in out and "[±" not in out
+    assert "up to 50% less training time -> 25.0% less per step (median step 0.150s vs 0.200s on cpu)" in out
