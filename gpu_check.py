@@ -119,8 +119,8 @@ def read_rows(out):
     path = os.path.join(out, "rows.jsonl")
     if not os.path.exists(path):
         return {}
-    with open(path) as f:  # a line cut by a killed writer is not a row
-        lines = [line for line in f.read().split("\n") if line.endswith("}")]
+    with open(path) as f:  # each row is one write of a line and its newline: what follows the last one is not a row
+        lines = f.read().split("\n")[:-1]
     return {r["index"]: r for r in map(json.loads, lines)}
 
 
@@ -229,7 +229,7 @@ def supervise(opts, command=worker_command):
     while pending and time.time() < opts.deadline - MIN_ROW_S:
         proc = subprocess.Popen(command(opts, pending), cwd=HERE, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        since, allowance, hung = time.time(), STARTUP_S, False
+        since, allowance, hung, given = time.time(), STARTUP_S, False, len(pending)
         while proc.poll() is None:
             time.sleep(0.2)
             done = read_rows(opts.out)
@@ -244,7 +244,8 @@ def supervise(opts, command=worker_command):
                 hung = True
         done = read_rows(opts.out)
         pending = [i for i in pending if i not in done]
-        if pending and (hung or proc.returncode != RESTART):
+        write_summary(opts)
+        if pending and (hung or proc.returncode != RESTART or len(pending) == given):  # RESTART: row recorded
             why = "killed: no result within its limit + grace (hung)" if hung else f"worker exited {proc.returncode}"
             record(opts, pending.pop(0), f"{why}; see worker.log")
     for i in pending:

@@ -70,7 +70,8 @@ def test_a_row_over_its_limit_is_recorded_and_the_next_row_runs(tmp_path, monkey
 
 def test_a_hung_or_dead_worker_is_recorded_and_replaced(tmp_path, monkeypatch):
     """The supervisor kills a worker that gives no result within the row's limit + grace and records that row;
-    a worker that dies is recorded the same way; a fresh worker is started for each next row."""
+    a worker that dies is recorded the same way; a fresh worker is started for each next row, also after one
+    that recorded its row and exited because its CUDA context is broken (no second record of that row)."""
     monkeypatch.setattr(gpu_check, "PLAN", [("olmoe-4x2048", [], ["attn", "lora"], 1, None)])
     monkeypatch.setattr(gpu_check, "STARTUP_S", 0)
     monkeypatch.setattr(gpu_check, "GRACE_S", 0.5)
@@ -92,6 +93,18 @@ def test_a_hung_or_dead_worker_is_recorded_and_replaced(tmp_path, monkeypatch):
     assert [r["status"] for r in read_rows(opts.out)] == ["worker exited 1; see worker.log"] * 2
     summary = json.loads((Path(opts.out) / "summary.json").read_text())
     assert [r["status"] for r in summary["groups"][0]["rows"]] == ["worker exited 1; see worker.log"] * 2
+
+    started.clear()  # a worker that records its row, then exits because an error broke its CUDA context
+
+    def breaks(opts, indices):
+        started.append(list(indices))
+        row = json.dumps(dict(index=indices[0], group="olmoe-4x2048", method="?", status="error: CUDA error"))
+        return [sys.executable, "-c", f"open({str(Path(opts.out) / 'rows.jsonl')!r}, 'a').write({row!r} + '\\n'); "
+                f"raise SystemExit({gpu_check.RESTART})"]
+
+    opts = opts_for(tmp_path / "c", "--steps", "olmoe-4x2048")
+    gpu_check.supervise(opts, breaks)
+    assert started == [[0, 1], [1]] and [r["status"] for r in read_rows(opts.out)] == ["error: CUDA error"] * 2
 
 
 def test_rows_the_budget_cannot_reach_are_skipped_and_summarised(tmp_path, capsys):
