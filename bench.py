@@ -13,30 +13,28 @@ then `--steps` timed ones, torch.cuda.synchronize() before and after each; the m
 Memory: torch.cuda.max_memory_allocated() after reset_peak_memory_stats() at the start of each row
 (weights + activations + optimizer state of that row alone; rows are freed in between).
 
-Rows (`--methods`): ours `attn`, `lora` (attention + router + every expert), `sieve` (the same on the top 25%
-of experts per layer, chosen by sieve.topk_plan on the routing counts of this very batch under the random
-weights, which is near uniform, so the choice barely matters), `perft-e`, `perft-r` (4 experts, top-2, with its
-router's balancing loss as train.py), `dmep` (warm-up phase: 8 LoRA experts top-2 per attention linear,
-balancing loss and utilization tracking on) and `dmep-pruned` (after the warm-up steps, each module's
-utilization is SET so that `--dmep-keep` (60%) of its experts survive, an emulation of DMEP's published 35-43%
-fewer, then dmep.prune slices parameters and AdamW state; no balancing, no tracking); and peft's
-`peft-attn` (LoRA on q/k/v/o via target_modules) and `peft-lora` (the same + router + every expert through
-target_parameters on mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj: peft's ParamWrapper;
-plus dense/shared MLP linears where the model has them). peft's rank r on the fused gate_up_proj is one
-A (r, D) and one B (2I, r) per expert, fewer parameters than our rank r on gate and on up each (the `trainable`
-column shows it): the comparison favours peft. Ratio: to `peft-attn` for the attention-only adapters (attn,
-dmep, dmep-pruned), to `peft-lora` for the rest.
+Rows (`--methods`): ours `attn`, `lora` (attention + router + every expert), `sieve` (the same on the top 25% of
+experts per layer, chosen by sieve.topk_plan on the routing counts of this very batch under the random weights,
+which is near uniform, so the choice barely matters), `perft-e`, `perft-r` (4 experts, top-2, with its router's
+balancing loss as train.py), `dmep` (warm-up phase: 8 LoRA experts top-2 per attention linear, balancing loss and
+utilization tracking on) and `dmep-pruned` (after the warm-up steps, each module's utilization is SET so that
+`--dmep-keep` (60%) of its experts survive, an emulation of DMEP's published 35-43% fewer, then dmep.prune
+slices parameters and AdamW state; no balancing, no tracking); and peft's `peft-attn` (LoRA on q/k/v/o via
+target_modules) and `peft-lora` (the same + router + every expert through target_parameters on mlp.gate.weight,
+mlp.experts.gate_up_proj, mlp.experts.down_proj: peft's ParamWrapper; plus dense/shared MLP linears where the model
+has them). peft's rank r on the fused gate_up_proj is one A (r, D) and one B (2I, r) per expert, fewer parameters
+than our rank r on gate and on up each (the `trainable` column shows it): the comparison favours peft. Ratio: to
+`peft-attn` for the attention-only adapters (attn, dmep, dmep-pruned), to `peft-lora` for the rest.
 
 MFU uses model FLOPs per token = 4 A + 12 L T H S: A = the base's active matmul parameters per token
-(q/k/v/o, router, K routed experts' gate/up/down, shared expert, dense MLPs, lm_head; not the embedding);
-2A forward and 2A for the activation gradients of the frozen weights (no weight gradients); attention scores
-and values 4 L T H S forward + 8 backward, counted without the causal halving (PaLM's convention). Adapter
-FLOPs and --grad-checkpoint recomputation are not counted, so MFU is proportional to tok/s within a table.
-OLMoE-1B-7B at T=2048: 5.52 GFLOP/token. Peak: --peak-tflops, default 989 (H100/H200 SXM dense bf16,
-datasheet); DESIGN.md §6's "practical" ~800 is `--peak-tflops 800` (ceiling ~145k tok/s on this shape).
+(q/k/v/o, router, K routed experts, shared expert, dense MLPs, lm_head; not the embedding); 2A forward and 2A for
+the activation gradients of the frozen weights; attention 4 L T H S forward + 8 backward, without the causal
+halving (PaLM's convention); adapters and recomputation not counted. OLMoE-1B-7B at T=2048: 5.52 GFLOP/token.
+Peak: --peak-tflops, default 989 (H100/H200 SXM dense bf16, datasheet); the ceiling issue 6 judges against is
+the practical 800 TFLOP/s (~145k tok/s on this shape).
 
-`--traffic` counts instead of timing, with no GPU: the bytes each aten op of our rows reads and writes in one
-layer's forward + backward, from shapes alone (traffic.py).
+Issue 6's targets (targets.py) get a verdict only on the shape and GPU they were set for. `--traffic` counts
+instead of timing, with no GPU: the bytes each aten op of our rows reads and writes in one layer (traffic.py).
 """
 import argparse
 import datetime
@@ -59,13 +57,13 @@ import lora
 import moe
 import router_profile
 import sieve
+import targets
 import traffic
 import train
 
 ROWS = ("attn", "lora", "sieve", "perft-e", "perft-r", "dmep", "dmep-pruned", "peft-attn", "peft-lora")
 ATTN_ONLY = ("attn", "dmep", "dmep-pruned", "peft-attn")  # compared with peft-attn; the rest with peft-lora
-HERE = os.path.dirname(os.path.abspath(__file__))
-OLMOE = os.path.join(HERE, "tests", "data", "configs", "olmoe-1b-7b-0924", "config.json")
+OLMOE = targets.OLMOE
 TINY = dict(model_type="olmoe", vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
             max_position_embeddings=128, pad_token_id=1, eos_token_id=2)
@@ -91,6 +89,8 @@ def parse_args(argv):
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (compilation, allocator)")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward (both stacks)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each of OUR blocks (not transformers')")
+    ap.add_argument("--compile-backend", default="inductor", help="--compile's backend (eager: trace only, for tests)")
+    ap.add_argument("--reference", action="store_true", help="OUR rows on the model's plain reference path")
     ap.add_argument("--hf-loss", default="chunked", choices=["chunked", "native"],
                     help="transformers rows: our chunked CE on its hidden states, or its own loss (full logits)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (CUDA default 989; CPU: no MFU)")
@@ -145,10 +145,7 @@ def sync(device):
 
 def build_ours(cdict, method, args, device, dtype, ids):
     cfg = moe.Config.from_json(cdict)
-    with torch.device("meta"):  # no fp32 copy of the whole model on the way to bf16
-        model = moe.Transformer(cfg).to(dtype)
-    model.to_empty(device=device)
-    model.inv_freq = moe.rope_inv_freq(cfg).to(device)
+    model = hub.build_empty(cfg, dtype, device)  # no fp32 copy of the whole model on the way to bf16
     train.init_weights(model)
     plan, note = None, ""
     if method == "sieve":  # a "profile" from this batch's own routing under the random weights
@@ -157,10 +154,12 @@ def build_ours(cdict, method, args, device, dtype, ids):
         note = f"{len(plan[prof['layers'][0]])}/{cfg.num_experts} experts, coverage {sieve.plan_coverage(prof, plan)[1]:.0%}"
     lora.attach(model, method.removesuffix("-pruned"), args.rank, args.alpha, plan=plan)
     model.grad_checkpoint = args.grad_checkpoint
+    if args.reference:
+        model.set_reference(True)
     if args.compile:  # afresh for each row: dynamo keeps 8 graphs per function, and once the rows before have
         torch._dynamo.reset()  # filled them the blocks of the later rows would silently run eagerly
         for block in model.model.layers:
-            block.compile()
+            block.compile(backend=args.compile_backend)
     return model.train(), note
 
 
@@ -178,7 +177,7 @@ def prune_dmep(model, opt, keep_frac):
     """Set each LoRA-MoE module's utilization so that its first round(keep_frac * n) experts (at least top_k)
     pass DMEP's rule, then prune for real (parameters and AdamW state sliced)."""
     for m in model.modules():
-        if isinstance(m, lora.LoRAMoELinear):
+        if isinstance(m, dmep.LoRAMoELinear):
             n = m.A.shape[0]
             k = min(n, max(m.top_k, round(keep_frac * n)))
             m.util.copy_(torch.tensor([1.0 / k] * k + [0.0] * (n - k)))
@@ -298,26 +297,20 @@ def format_table(rows):
     return "\n".join(out)
 
 
-def judge_targets(rows, flop, tokens, cuda):
-    """Issue 6's targets, judged on this run's rows, each one the rows allow: what, value, limit, met.
-    Memory and the FLOP ceiling only on CUDA; the ceiling is DESIGN.md §6's practical 800 TFLOP/s."""
-    ok = {r["method"]: r for r in rows if r["status"] == "ok"}
-    out = []  # (what, value, "at least" or "at most", limit)
-    if "lora" in ok and "peft-lora" in ok:
-        out.append(("lora tok/s / peft-lora tok/s", ok["lora"]["tok_s"] / ok["peft-lora"]["tok_s"], "at least", 2.5))
-        if cuda:
-            out.append(("lora peak / peft-lora peak", ok["lora"]["peak_gib"] / ok["peft-lora"]["peak_gib"], "at most", 0.6))
-    oom = any(r["method"] == "lora" and r["status"] == "OOM" for r in rows)
-    if cuda and tokens >= 8 * 2048 and ("lora" in ok or oom):  # out of memory: value None, not met
-        out.append((f"lora peak GiB at {tokens} tokens (80 GB)", None if oom else ok["lora"]["peak_gib"],
-                    "at most", 80e9 / 2**30))
-    extra = lambda m: ok[m]["step_s"] - ok["attn"]["step_s"]  # the time expert LoRA adds over attention-only
-    if {"attn", "lora", "sieve"} <= set(ok) and extra("lora") > 0:
-        out.append(("sieve's expert-LoRA time / lora's", extra("sieve") / extra("lora"), "at most", 0.6))
-    if cuda and "attn" in ok:
-        out.append(("attn tok/s x FLOP/token / 800 TFLOP/s", ok["attn"]["tok_s"] * flop / 800e12, "at least", 0.35))
-    return [dict(target=what, value=v, limit=f"{bound} {lim:.3g}",
-                 met=v is not None and (v >= lim if bound == "at least" else v <= lim)) for what, v, bound, lim in out]
+def finish(rows, args, cdict, gpu):
+    """Each row's MFU and ratio to peft (rows changed in place), the table, and the targets on the rows."""
+    flop = flops_per_token(moe.Config.from_json(cdict), args.seq)
+    peak = args.peak_tflops or (989.0 if gpu["type"] == "cuda" else None)
+    by_name = {r["method"]: r for r in rows}
+    for r in rows:
+        if r["status"] == "ok":
+            base = by_name.get("peft-attn" if r["method"] in ATTN_ONLY else "peft-lora", {})
+            r["mfu"] = None if peak is None else r["tok_s"] * flop / (peak * 1e12)
+            r["vs_peft"] = r["tok_s"] / base["tok_s"] if base.get("status") == "ok" else None
+    shape, why_not = targets.verdict_scope(args, cdict, gpu)
+    judged = targets.judge_targets(rows, flop, args.batch * args.seq, gpu["type"] == "cuda", shape or "olmoe",
+                                   why_not is None)
+    return dict(flop_per_token=flop, peak_tflops=peak, table=format_table(rows), targets=judged, no_verdict=why_not)
 
 
 def versions():
@@ -352,55 +345,50 @@ def main_traffic(args, cdict, argv):
 
 # ----------------------------------------------------------------------------- main
 
+def prepare(args, cdict=None):
+    """What the rows of one shape share: the device, the base dtype, the config and the batch of token ids."""
+    try:
+        device = hub.pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"bench.py: {e}") from None
+    cdict = cdict or config_dict(args)
+    cfg = moe.Config.from_json(cdict)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # next token; last unlabelled
+    dtype = torch.bfloat16 if device.type == "cuda" or args.compile else torch.float32  # compiled grouped_mm: bf16 only
+    return types.SimpleNamespace(device=device, dtype=dtype, cdict=cdict, cfg=cfg, ids=ids, labels=labels,
+                                 gpu=targets.device_info(device))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.traffic:
         return main_traffic(args, config_dict(args), argv)
-    try:
-        device = hub.pick_device(args.device)
-    except ValueError as e:
-        raise SystemExit(f"bench.py: {e}") from None
-    dtype = torch.bfloat16 if device.type == "cuda" or args.compile else torch.float32  # compiled grouped_mm: bf16 only
-    peak = args.peak_tflops or (989.0 if device.type == "cuda" else None)
-    cdict = config_dict(args)
-    cfg = moe.Config.from_json(cdict)
-    flop = flops_per_token(cfg, args.seq)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
-    print(f"bench: {name} | {cfg.model_type} {cfg.num_hidden_layers} layers x {cfg.num_experts} experts top-"
+    run = prepare(args)
+    cfg, flop = run.cfg, flops_per_token(run.cfg, args.seq)
+    peak = args.peak_tflops or (989.0 if run.device.type == "cuda" else None)
+    print(f"bench: {run.gpu['name']} | {cfg.model_type} {cfg.num_hidden_layers} layers x {cfg.num_experts} experts top-"
           f"{cfg.num_experts_per_tok}, D {cfg.hidden_size} | batch {args.batch} x {args.seq} | r {args.rank} alpha "
-          f"{args.alpha:g} | {str(dtype).removeprefix('torch.')} base | median of {args.steps} steps after {args.warmup}"
-          f"{' | grad checkpoint' if args.grad_checkpoint else ''}{' | compile (ours)' if args.compile else ''}")
+          f"{args.alpha:g} | {str(run.dtype).removeprefix('torch.')} base | median of {args.steps} steps after "
+          f"{args.warmup}{' | grad checkpoint' if args.grad_checkpoint else ''}"
+          f"{' | compile (ours)' if args.compile else ''}{' | reference path (ours)' if args.reference else ''}")
     print(f"MFU: {flop / 1e9:.3g} GFLOP/token (4 x active params + 12 L T H S; fwd + activation bwd, no adapter "
           f"FLOPs) / {'-' if peak is None else f'{peak:g}'} TFLOP/s peak", flush=True)
-    g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
-    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)  # next token; last unlabelled
     rows = []
     for m in args.methods:
-        rows.append(run_row(m, args, cdict, ids, labels, device, dtype))
-        r = rows[-1]
+        rows.append(r := run_row(m, args, run.cdict, run.ids, run.labels, run.device, run.dtype))
         print(f"  {m}: {r['status']}" + (f", {r['tok_s']:,.0f} tok/s" if r["status"] == "ok" else ""), flush=True)
-    by_name = {r["method"]: r for r in rows}
-    for r in rows:
-        if r["status"] == "ok":
-            base = by_name.get("peft-attn" if r["method"] in ATTN_ONLY else "peft-lora", {})
-            r["mfu"] = None if peak is None else r["tok_s"] * flop / (peak * 1e12)
-            r["vs_peft"] = r["tok_s"] / base["tok_s"] if base.get("status") == "ok" else None
-    table = format_table(rows)
-    print(table)
-    targets = judge_targets(rows, flop, args.batch * args.seq, device.type == "cuda")
-    if targets:
-        print("issue 6's targets (set for the OLMoE-1B-7B shape, r 16, 4 x 2048; the fit at 8 x 2048), on this run:")
-    for t in targets:
-        value = "OOM" if t["value"] is None else f"{t['value']:.3g}"
-        print(f"target: {t['target']} = {value} ({t['limit']}): {'met' if t['met'] else 'NOT met'}")
+    done = finish(rows, args, run.cdict, run.gpu)
+    print(done["table"])
+    print(targets.format_targets(done["targets"], done["no_verdict"]))
     result = dict(command=shlex.join([sys.executable, os.path.abspath(__file__), *argv]), argv=argv,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  device=name, dtype=str(dtype), versions=versions(), config=cdict,
-                  batch=args.batch, seq=args.seq, rank=args.rank, alpha=args.alpha, steps=args.steps, warmup=args.warmup,
-                  grad_checkpoint=args.grad_checkpoint, compile=args.compile, hf_loss=args.hf_loss,
-                  flop_per_token=flop, peak_tflops=peak, rows=rows, table=table, targets=targets)
+                  device=run.gpu["name"], gpu=run.gpu, dtype=str(run.dtype), versions=versions(), config=run.cdict,
+                  batch=args.batch, seq=args.seq, rank=args.rank, alpha=args.alpha, steps=args.steps,
+                  warmup=args.warmup, grad_checkpoint=args.grad_checkpoint, compile=args.compile,
+                  reference=args.reference, hf_loss=args.hf_loss, rows=rows, **done)
     write_json(args.out, result)
     return result
 
