@@ -1,0 +1,503 @@
+"""Golden tensors from the plain reference path, and where another implementation first departs from them.
+
+    python verify.py dump --model DIR [--adapter RUN] (--data FILE | --ids "1 2 3") --out golden.safetensors
+    python verify.py compare golden.safetensors theirs.safetensors
+    python verify.py hf --model DIR              # the same tensors from transformers, compared with ours
+
+`dump` runs moe.py's plain path (loop over experts) and writes every intermediate tensor of a forward pass, in
+forward order, into one safetensors file whose header ("verify", JSON) describes each tensor. Names are the
+hub's module names, so the matching tensor is easy to find in any implementation; each is that module's output:
+    input_ids, attention_mask            (B, T)
+    model.embed_tokens                   (B, T, D)
+    model.layers.i.input_layernorm       (B, T, D)
+    ....self_attn.q_proj / k_proj / v_proj  (B, T, H*S) / (B, T, G*S) projections (with bias, LoRA)
+    ....self_attn.q / k                  (B, T, H|G, S) after q/k norm, clip_qkv and RoPE; .v after clip_qkv
+    ....self_attn.o_proj.input           (B, T, H*S) attention output before o_proj; .self_attn (B, T, D) after
+    ....post_attention_layernorm         (B, T, D)
+    ....mlp.gate                         (B, T, E) router logits
+    ....mlp.topk_ids / topk_weights      (B, T, K) chosen experts and their weights, as the experts receive them
+    ....mlp.experts.e                    (n_e, D) expert e's unweighted output on the tokens routed to it, in
+                                         ascending token order (token = b*T + t); recomputed from the weights
+    ....mlp.shared_expert, _gate         (B, T, D), (B, T, 1) Qwen2-MoE only; ....mlp (B, T, D) the block output
+    model.layers.i                       (B, T, D) the residual stream after layer i
+    model.norm, lm_head, loss            (B, T, D), (B, T, V) logits, () mean next-token cross-entropy
+    grad.NAME                            with --grad: d loss / d adapter tensor NAME, one step on this batch
+Sequences are cut to one length, so no position is padding and every implementation computes every one.
+To check your implementation, write the same names (any subset) with safetensors' save_file and run compare.
+
+Tolerance (compare): |theirs - golden| <= 16 * u * depth * max|golden| for every token, where u is the unit
+roundoff of the coarser of the two dtypes (finfo.eps / 2: fp32 6.0e-8, bf16 2^-8 = 3.9e-3, fp16 4.9e-4) and
+depth counts the layers the value has been through (1 for the embeddings, i + 2 in layer i, L + 2 after the last,
+twice that for gradients). A few rounded operations per layer, each of which another implementation may round
+the other way (another summation order, a fused kernel), give errors of a few u of the tensor's scale, and these
+add up layer by layer; 16 u per layer leaves room for that and still catches a real difference.
+Routing: top-k sets are compared per token. A flip is a near-tie when the golden run's gap between the k-th and
+(k+1)-th router probability is below the router logits' tolerance: rounding alone can swap those experts, so it
+is reported, not failed. From then on the token's rows in that layer, and from the next layer on every later
+token of its sequence (attention carries the difference forward), are left out, as are the loss and gradients.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import data
+import lora
+import moe
+
+load_model = moe.load_model  # the one place that names the loader
+FORMAT = "moe-lora verify 1"
+PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
+
+
+# ----------------------------------------------------------------------------- collecting
+
+def reference_path(model):
+    """The plain reference computation: model.set_reference(True) where moe.py has it, else the expert loop."""
+    if hasattr(model, "set_reference"):
+        model.set_reference(True)
+    else:
+        model.set_expert_path("loop")
+
+
+def rotate_half(x):  # [x1, x2] -> [-x2, x1], HF's RoPE convention (the two halves of each head)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def qkv_heads(cfg, attn, q, k, v, cos, sin):
+    """q, k after q/k norm, clip and RoPE, and v after clip, each (B, T, heads, S), from the projections (B, T, *).
+    The steps and their order are those of moe.Attention (and transformers): what forward hooks cannot see."""
+    B, T, S = q.shape[0], q.shape[1], cfg.head_dim
+    if cfg.qk_norm == "full":  # OLMoE: over the whole projection, before splitting into heads
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    if cfg.clip_qkv is not None:
+        q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    q, k, v = q.view(B, T, -1, S), k.view(B, T, -1, S), v.view(B, T, -1, S)  # (B, T, H|G, S)
+    if cfg.qk_norm == "head":  # Qwen3-MoE: per head
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
+def rope_cos_sin(cfg, inv_freq, T, dtype):  # (1, T, 1, S) each, positions 0..T-1, computed in fp32 as moe.py
+    freqs = torch.arange(T, dtype=torch.float)[:, None] * inv_freq.float().cpu()  # (T, S/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[None, :, None], emb.sin().to(dtype)[None, :, None]
+
+
+def expert_rows(experts, h, idx, adapter=None):
+    """{e: (n_e, D)} each routed expert's unweighted output on its tokens (ascending), the obvious loop over
+    experts from the stacked weights gate_up_proj (E, 2I, D) = [gate; up] and down_proj (E, D, I). `adapter`:
+    lora.py's adapter inside the experts (its loop-path interface, the expert id as `at`)."""
+    rows = {}
+    for e in range(experts.gate_up_proj.shape[0]):
+        tok = (idx == e).any(dim=-1).nonzero().squeeze(1)  # (n,)
+        if tok.numel() == 0:
+            continue
+        x = h[tok]  # (n, D)
+        gu = F.linear(x, experts.gate_up_proj[e])  # (n, 2I)
+        if adapter is not None:
+            gu = adapter.gate_up(gu, x, e)
+        g, u = gu.chunk(2, dim=-1)
+        a = F.silu(g) * u  # (n, I)
+        y = F.linear(a, experts.down_proj[e])  # (n, D)
+        if adapter is not None:
+            y = adapter.down(y, a, gu, x, e)
+        rows[e] = y
+    return rows
+
+
+def _first(out):  # ours returns (y, routing) from blocks and MoE, transformers (y, weights) from attention
+    return out[0] if isinstance(out, tuple) else out
+
+
+def collect(model, cfg, ids, qk_rope=None, grad=False):
+    """{name: tensor} of one forward pass (and, with grad, one backward of the loss into the adapters).
+    Forward hooks on the hub-named modules record their outputs; q/k after RoPE come from `qk_rope()` (a list
+    of (q, k) per layer, filled during the forward) or are recomputed from the projections. Works on moe.py's
+    Transformer and on transformers' models, which use the same module names."""
+    B, T = ids.shape
+    rec, inputs = {}, {}
+    modules = dict(model.named_modules())
+
+    def keep(name, use_input=False):
+        def hook(mod, args, out):
+            t = args[0] if use_input else _first(out)
+            rec[name + (".input" if use_input else "")] = t.detach().cpu().reshape(B, T, -1)  # (B, T, *)
+            if name.endswith(".mlp.experts"):
+                inputs[name] = args  # (h, topk ids, topk weights)
+        return hook
+
+    handles = []
+    for name, mod in modules.items():
+        if re.fullmatch(r"model\.embed_tokens|model\.norm|model\.layers\.\d+(\.(input_layernorm|post_attention_layernorm"
+                        r"|self_attn(\.[qkv]_proj)?|mlp(\.gate|\.experts|\.shared_expert|\.shared_expert_gate)?))?", name):
+            handles.append(mod.register_forward_hook(keep(name)))
+        elif re.fullmatch(r"model\.layers\.\d+\.self_attn\.o_proj", name):
+            handles.append(mod.register_forward_hook(keep(name, use_input=True)))
+    try:
+        with torch.set_grad_enabled(grad):
+            out = model(ids)
+            logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, V)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    finally:
+        for h in handles:
+            h.remove()
+    rec["lm_head"], rec["loss"] = logits.detach().cpu(), loss.detach().cpu()
+    rope = qk_rope() if qk_rope is not None else None
+    inv_freq = getattr(model, "inv_freq", None)  # the buffer moe.py uses; transformers' is made from the config too
+    inv_freq = moe.rope_inv_freq(cfg) if inv_freq is None else inv_freq
+    for i in range(cfg.num_hidden_layers):
+        p, attn = f"model.layers.{i}.", modules[f"model.layers.{i}.self_attn"]
+        with torch.no_grad():
+            cos, sin = rope_cos_sin(cfg, inv_freq, T, rec[p + "self_attn.q_proj"].dtype)
+            qkv = (rec[p + f"self_attn.{n}_proj"].to(attn.q_proj.weight.device) for n in "qkv")
+            q, k, v = (t.cpu() for t in qkv_heads(cfg, attn, *qkv, cos.to(ids.device), sin.to(ids.device)))
+        if rope is not None:  # transformers' own q and k after RoPE (B, H, T, S)
+            q, k = (t.detach().cpu().transpose(1, 2) for t in rope[i])
+        rec[p + "self_attn.q"], rec[p + "self_attn.k"], rec[p + "self_attn.v"] = q, k, v
+        if p + "mlp.experts" in inputs:
+            h, idx, w = inputs.pop(p + "mlp.experts")
+            rec[p + "mlp.topk_ids"], rec[p + "mlp.topk_weights"] = idx.reshape(B, T, -1).cpu(), w.detach().reshape(B, T, -1).cpu()
+            experts = modules[p + "mlp.experts"]
+            with torch.no_grad():
+                for e, y in expert_rows(experts, h, idx, getattr(experts, "adapter", None)).items():
+                    rec[f"{p}mlp.experts.{e}"] = y.cpu()
+    if grad:
+        loss.backward()
+        rec.update({f"grad.{n}": p.grad.detach().cpu() for n, p in lora.adapter_state(model).items() if p.grad is not None})
+    return {n: rec[n] for n in forward_order(cfg, rec)}
+
+
+def forward_order(cfg, rec):
+    """The names in `rec` in the order a forward pass makes them (the order compare walks)."""
+    attn = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.q", "self_attn.k",
+            "self_attn.v", "self_attn.o_proj.input", "self_attn", "post_attention_layernorm", "mlp.gate", "mlp.topk_ids",
+            "mlp.topk_weights"]
+    names = ["input_ids", "attention_mask", "model.embed_tokens"]
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names += [p + n for n in attn] + [f"{p}mlp.experts.{e}" for e in range(cfg.num_experts)]
+        names += [p + "mlp.experts"]  # their weighted sum
+        names += [p + "mlp.shared_expert", p + "mlp.shared_expert_gate", p + "mlp", f"model.layers.{i}"]
+    names += ["model.norm", "lm_head", "loss"] + sorted(n for n in rec if n.startswith("grad."))
+    return [n for n in names if n in rec]
+
+
+def describe(name, cfg):
+    """(layer, depth, what) of a tensor name: layer -1 before the first block, L after the last."""
+    L = cfg.num_hidden_layers
+    m = re.match(r"model\.layers\.(\d+)(\.(.*))?$", name)
+    if m:
+        layer, part = int(m.group(1)), m.group(3) or "residual stream after the layer"
+        return layer, layer + 2, part
+    if name.startswith("grad."):
+        return L, 2 * (L + 2), "gradient of the loss"
+    what = {"input_ids": "token ids", "attention_mask": "1 = real token (all: no padding)",
+            "model.embed_tokens": "embeddings", "model.norm": "final norm", "lm_head": "logits",
+            "loss": "mean next-token cross-entropy"}
+    return (-1, 1, what[name]) if name in ("input_ids", "attention_mask", "model.embed_tokens") else (L, L + 2, what[name])
+
+
+# ----------------------------------------------------------------------------- the golden file
+
+def make_header(tensors, cfg, **about):
+    """The golden file's description: the model, how the tensors were made, and every tensor in forward order."""
+    entries = []
+    for name, t in tensors.items():
+        layer, depth, what = describe(name, cfg)
+        entries.append(dict(name=name, shape=list(t.shape), dtype=str(t.dtype).replace("torch.", ""), layer=layer,
+                            depth=depth, what=what))
+    return dict(format=FORMAT, model_type=cfg.model_type, fingerprint=cfg.fingerprint(),
+                num_hidden_layers=cfg.num_hidden_layers, **about, tensors=entries)
+
+
+def write_golden(path, tensors, header):
+    """One safetensors file; its metadata's "verify" entry is the header (JSON). Written atomically."""
+    tensors = {n: t.contiguous() for n, t in tensors.items()}
+    lora.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"verify": json.dumps(header)}))
+
+
+def read_tensors(path, need_header=False):
+    """({name: tensor}, header or None); a clear error naming the file when it is not what it should be."""
+    if not os.path.isfile(path):
+        raise OSError(f"{path}: file not found")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+    except Exception as e:  # safetensors' own errors: not a safetensors file, truncated
+        raise ValueError(f"{path}: cannot read as safetensors ({e})") from None
+    header = None
+    if "verify" in meta:
+        try:
+            header = json.loads(meta["verify"])
+            assert header["format"] == FORMAT and isinstance(header["tensors"], list)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ValueError(f"{path}: its 'verify' header is not one this verify.py writes ({FORMAT})") from None
+    if need_header and header is None:
+        raise ValueError(f"{path}: not a golden file (no 'verify' header; make one with `verify.py dump`)")
+    return tensors, header
+
+
+# ----------------------------------------------------------------------------- compare
+
+def unit_roundoff(*dtypes):
+    return max(torch.finfo(d).eps / 2 for d in dtypes if d.is_floating_point)
+
+
+def routing_flips(g_ids, t_ids, g_logits, tol):
+    """Tokens whose top-k sets differ (N,), and which of them are near-ties: the golden gap between the k-th
+    and (k+1)-th router probability is below `tol`."""
+    K = g_ids.shape[-1]
+    flip = (g_ids.reshape(-1, K).sort(-1).values != t_ids.reshape(-1, K).sort(-1).values).any(-1)  # (N,)
+    p = torch.softmax(g_logits.reshape(flip.shape[0], -1).float(), dim=-1).sort(-1, descending=True).values
+    gap = p[:, K - 1] - p[:, K] if p.shape[1] > K else torch.ones_like(p[:, 0])
+    return flip, flip & (gap < tol), gap
+
+
+def tolerance(g, t, depth):
+    """The rule of the docstring: 16 unit roundoffs per layer passed, of the tensor's largest golden value."""
+    return PER_LAYER * unit_roundoff(g.dtype, t.dtype) * depth * max(g.abs().max().item(), 1e-30)
+
+
+def close(g, t, tokens, skip, depth):
+    """(max abs err, err / tol, first failing token or None, note) of g against t, (M, ...) rows of `tokens`
+    (None: the tensor as one whole, failed only if no token is excused); rows with `skip` are left out."""
+    if not g.is_floating_point():  # ids, mask: exact
+        bad = (g != t).reshape(g.shape[0], -1).any(-1)
+        return float(bad.any()), float(bad.any()), *((int(tokens[bad][0]), "values differ") if bad.any() else (None, ""))
+    tol = tolerance(g, t, depth)
+    diff = (t.float() - g.float()).abs().reshape(1 if tokens is None else len(tokens), -1).amax(-1)  # per row
+    skip = skip[tokens] if tokens is not None else skip.any().reshape(1)
+    bad = (diff > tol) & ~skip
+    err = diff.max().item() if diff.numel() else 0.0
+    if bad.any():
+        return err, err / tol, (-1 if tokens is None else int(tokens[bad][0])), f"max abs err {diff[bad].max():.3g} > tol {tol:.3g}"
+    return err, err / tol, None, ("rows after a near-tie flip left out" if skip.any() else "")
+
+
+def compare(golden, theirs, header):
+    """Walk golden's tensors in forward order against theirs. Returns (rows, first divergence or None, missing):
+    a row is (name, max abs err, err / tolerance, note, failed); the divergence (name, layer, token or None)."""
+    B, T = golden["input_ids"].shape
+    N = B * T
+    if "input_ids" in theirs and not torch.equal(theirs["input_ids"].reshape(-1), golden["input_ids"].reshape(-1)):
+        raise ValueError("theirs was computed on other input ids than the golden file's: nothing to compare")
+    excused, pending = torch.zeros(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool)  # near-tie tokens
+    rows, first, missing, layer_now = [], None, [], -1
+    for ent in header["tensors"]:
+        name, layer, depth = ent["name"], ent["layer"], ent["depth"]
+        if layer > layer_now:  # a near-tie in layer i reaches the later tokens of its sequence from layer i+1 on
+            excused, layer_now = excused | pending, layer
+        expert = re.fullmatch(r"(.*)\.mlp\.experts\.(\d+)", name)
+        ids_of = (expert.group(1) if expert else "") + ".mlp.topk_ids"
+        if name not in theirs or (expert and ids_of not in theirs):
+            missing.append(name)
+            continue
+        g, t = golden[name], theirs[name]
+        if name.endswith(".mlp.topk_ids"):
+            router = golden[name[: -len("topk_ids")] + "gate"]
+            tol = tolerance(router, router, depth)
+            flip, near, gap = routing_flips(g, t, router, tol)
+            hard = flip & ~near & ~excused
+            token = int(hard.nonzero()[0]) if hard.any() else None
+            note = (f"top-k set differs, probability gap {gap[token]:.2g} >= {tol:.2g}" if token is not None else
+                    f"{int(near.sum())} near-tie flip(s), not failed: {_tok_list(near, T)}" if near.any() else "")
+            err = ratio = float(hard.any())
+            excused |= near
+            for n in near.nonzero().squeeze(1).tolist():
+                pending[n: (n // T + 1) * T] = True
+        elif expert:  # compare the tokens routed to this expert in both runs
+            e = int(expert.group(2))
+            g_tok = (golden[ids_of].reshape(N, -1) == e).any(-1).nonzero().squeeze(1)
+            t_tok = (theirs[ids_of].reshape(N, -1) == e).any(-1).nonzero().squeeze(1)
+            if t.shape[0] != len(t_tok) or t.shape[1:] != g.shape[1:]:
+                err, ratio, token, note = 1.0, 1.0, -1, f"shape {tuple(t.shape)}: not one row per token routed here"
+            else:
+                both = g_tok[torch.isin(g_tok, t_tok)]
+                g, t = g[torch.searchsorted(g_tok, both)], t[torch.searchsorted(t_tok, both)]
+                err, ratio, token, note = close(g, t, both, excused, depth)
+        elif g.shape != t.shape:
+            err, ratio, token, note = 1.0, 1.0, -1, f"shape {tuple(t.shape)}, golden {tuple(g.shape)}"
+        else:
+            per_token = g.dim() >= 2 and tuple(g.shape[:2]) == (B, T)
+            err, ratio, token, note = close(g.reshape(N, -1) if per_token else g, t.reshape(N, -1) if per_token else t,
+                                            torch.arange(N) if per_token else None, excused, depth)
+        rows.append((name, err, ratio, note, token is not None))
+        if token is not None and first is None:
+            first = (name, layer, None if token < 0 else token)
+    return rows, first, missing
+
+
+def _tok_list(mask, T, most=4):
+    idx = mask.nonzero().squeeze(1).tolist()
+    return ", ".join(f"token (b{n // T}, t{n % T})" for n in idx[:most]) + (" ..." if len(idx) > most else "")
+
+
+def print_report(rows, first, missing, header, golden_name, theirs_name):
+    dtypes = sorted({e["dtype"] for e in header["tensors"] if e["dtype"].startswith(("float", "bfloat"))})
+    print(f"verify: {theirs_name} against {golden_name} ({header['model_type']}, {', '.join(dtypes)})")
+    print(f"tolerance per token: |theirs - golden| <= {PER_LAYER} u * depth * max|golden|, u = unit roundoff of "
+          f"the coarser dtype (fp32 6.0e-8, bf16 3.9e-3); near-tie routing flips are reported, not failed")
+    print(f"{'tensor':<46} {'max abs err':>11} {'err/tol':>8}")
+    i = 0
+    while i < len(rows):  # one line for all the experts of a layer
+        j, m = i + 1, re.fullmatch(r"(.*\.mlp\.experts)\.\d+", rows[i][0])
+        while m and j < len(rows) and re.fullmatch(re.escape(m.group(1)) + r"\.\d+", rows[j][0]):
+            j += 1
+        group = rows[i:j]
+        bad = [r for r in group if r[4]]
+        name = f"{m.group(1)}.* ({len(group)} experts)" if m else rows[i][0]
+        note = f"{bad[0][0].rsplit('.', 1)[-1] if m else ''} {bad[0][3]}".strip() if bad else next((r[3] for r in group if r[3]), "")
+        status = "DIVERGES" if bad else "ok"
+        print(f"{name:<46} {max(r[1] for r in group):11.3g} {max(r[2] for r in group):8.3g}  {status} {note}".rstrip())
+        i = j
+    if missing:
+        print(f"not in {theirs_name} (not compared): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} "
+              f"({len(missing)} tensors)")
+    T = header["tensors"][0]["shape"][1]
+    if first is None:
+        print(f"verify: no divergence beyond tolerance ({len(rows)} tensors compared, {len(missing)} missing)")
+        return 0
+    name, layer, token = first
+    where = "before the first layer" if layer < 0 else f"after the last layer" if layer >= header["num_hidden_layers"] else f"layer {layer}"
+    print(f"verify: first divergence: {where}, {name}" + (f", token (b{token // T}, t{token % T})" if token is not None else ""))
+    return 1
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="verify.py", description=__doc__.split("\n")[0],
+                                 epilog=__doc__[__doc__.index("Tolerance"):], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    dump = sub.add_parser("dump", help="run the reference path and write golden tensors")
+    hf = sub.add_parser("hf", help="compare transformers' eager forward with ours, tensor by tensor")
+    for p in (dump, hf):
+        p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors)")
+        src = p.add_mutually_exclusive_group(required=p is dump)
+        src.add_argument("--data", default=None, help=".jsonl records to tokenise with the model's tokenizer")
+        src.add_argument("--ids", default=None, help='token ids, e.g. "1 2 3"; several sequences of one length: "1 2, 3 4"')
+        p.add_argument("--samples", type=int, default=2, help="with --data: the first N records")
+        p.add_argument("--seq-len", type=int, default=32, help="with --data: at most this many tokens per sequence")
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+    dump.add_argument("--adapter", default=None, help="adapter directory written by train.py, applied on top")
+    dump.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype for the run")
+    dump.add_argument("--grad", action="store_true", help="also the loss gradients of every adapter tensor (needs --adapter)")
+    dump.add_argument("--out", required=True, help="the golden .safetensors file to write")
+    cmp = sub.add_parser("compare", help="compare a file of tensors with a golden file, in forward order")
+    cmp.add_argument("golden", help="golden file from `verify.py dump`")
+    cmp.add_argument("theirs", help="safetensors file with (some of) the same names, from your implementation")
+    args = ap.parse_args(argv)
+    if args.cmd != "compare" and (args.samples < 1 or args.seq_len < 2):
+        ap.error("--samples must be at least 1 and --seq-len at least 2")
+    if args.cmd == "dump" and args.grad and args.adapter is None:
+        ap.error("--grad needs --adapter (the gradients recorded are those of the adapter tensors)")
+    return args
+
+
+def input_ids(args, cfg):
+    """(B, T) ids from --ids or --data (cut to the shortest sequence: no padding); hf's default: fixed random ids."""
+    if args.ids is not None:
+        try:
+            seqs = [[int(x) for x in part.split()] for part in args.ids.split(",")]
+        except ValueError:
+            raise ValueError(f"--ids {args.ids!r}: not whitespace-separated integers") from None
+        if len({len(s) for s in seqs}) != 1 or len(seqs[0]) < 2:
+            raise ValueError(f"--ids {args.ids!r}: each sequence needs the same length, at least 2 tokens")
+    elif args.data is not None:
+        records = data.read_jsonl(args.data)
+        data.check_records(records, args.data)
+        tok = data.load_tokenizer(args.model)
+        seqs = [data.encode_example(tok, r, args.seq_len)[0] for r in records[: args.samples]]
+        if min(map(len, seqs)) < 2:
+            raise ValueError(f"{args.data}: a record has fewer than 2 tokens")
+        seqs = [s[: min(map(len, seqs))] for s in seqs]
+    else:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(3, cfg.vocab_size, (args.samples, min(args.seq_len, 16)), generator=g)
+    ids = torch.tensor(seqs)
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"{'--ids' if args.ids else args.data}: token id {int(ids.max())} outside the model's vocabulary "
+                         f"(0..{cfg.vocab_size - 1})")
+    return ids
+
+
+def run_dump(args):
+    if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise OSError(f"{args.out}: not a file in an existing directory")
+    device = moe.pick_device(args.device)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    if args.adapter is not None:
+        lora.load_adapter(model, args.adapter)
+    reference_path(model)
+    ids = input_ids(args, model.config)
+    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    tensors.update(collect(model, model.config, ids.to(device), grad=args.grad))
+    header = make_header(tensors, model.config, model=args.model, adapter=args.adapter, dtype=args.dtype)
+    write_golden(args.out, tensors, header)
+    size = os.path.getsize(args.out) / 2**20
+    print(f"verify: wrote {len(tensors)} tensors ({size:.1f} MiB; {ids.shape[0]} x {ids.shape[1]} tokens, "
+          f"{model.config.model_type}, {args.dtype}) to {args.out}")
+    return 0
+
+
+def run_compare(args):
+    golden, header = read_tensors(args.golden, need_header=True)
+    theirs, _ = read_tensors(args.theirs)
+    rows, first, missing = compare(golden, theirs, header)
+    return print_report(rows, first, missing, header, args.golden, args.theirs)
+
+
+def run_hf(args):
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("verify.py hf needs transformers (pip install transformers); dump and compare do not") from None
+    device = moe.pick_device(args.device)
+    ours = load_model(args.model, dtype=torch.float32, device=device)
+    reference_path(ours)
+    cfg = ours.config
+    ids = input_ids(args, cfg)
+    golden = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    golden.update(collect(ours, cfg, ids.to(device)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager",
+                                                           experts_implementation="eager", dtype=torch.float32)
+    hf = hf.to(device).eval()
+    modeling = sys.modules[type(hf).__module__]  # transformers' q, k after RoPE: wrap its apply_rotary_pos_emb
+    seen, plain = [], modeling.apply_rotary_pos_emb
+
+    def record(q, k, *a, **kw):
+        q, k = plain(q, k, *a, **kw)
+        seen.append((q, k))
+        return q, k
+
+    modeling.apply_rotary_pos_emb = record
+    try:
+        theirs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **collect(hf, cfg, ids.to(device), qk_rope=lambda: seen)}
+    finally:
+        modeling.apply_rotary_pos_emb = plain
+    rows, first, missing = compare(golden, theirs, make_header(golden, cfg))
+    return print_report(rows, first, missing, make_header(golden, cfg), "moe.py (reference path, float32)",
+                        f"transformers {transformers.__version__} eager")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        code = {"dump": run_dump, "compare": run_compare, "hf": run_hf}[args.cmd](args)
+    except (ValueError, OSError) as e:  # ConfigError, CheckpointError, AdapterError, DataError are ValueErrors
+        print(f"verify: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
