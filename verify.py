@@ -4,39 +4,25 @@
     python verify.py compare golden.safetensors theirs.safetensors
     python verify.py hf --model DIR              # the same tensors from transformers, compared with ours
 
-`dump` runs moe.py's plain path (loop over experts) and writes every intermediate tensor of a forward pass, in
-forward order, into one safetensors file whose header ("verify", JSON) describes each tensor. Names are the
-hub's module names, so the matching tensor is easy to find in any implementation; each is that module's output:
-    input_ids, attention_mask            (B, T)
-    model.embed_tokens                   (B, T, D)
-    model.layers.i.input_layernorm       (B, T, D)
-    ....self_attn.q_proj / k_proj / v_proj  (B, T, H*S) / (B, T, G*S) projections (with bias, LoRA)
-    ....self_attn.q / k                  (B, T, H|G, S) after q/k norm, clip_qkv and RoPE; .v after clip_qkv
-    ....self_attn.o_proj.input           (B, T, H*S) attention output before o_proj; .self_attn (B, T, D) after
-    ....post_attention_layernorm         (B, T, D)
-    ....mlp.gate                         (B, T, E) router logits
-    ....mlp.topk_ids / topk_weights      (B, T, K) chosen experts and their weights, as the experts receive them
-    ....mlp.experts.e                    (n_e, D) expert e's unweighted output on the tokens routed to it, in
-                                         ascending token order (token = b*T + t); recomputed from the weights
-    ....mlp.shared_expert, _gate         (B, T, D), (B, T, 1) Qwen2-MoE only; ....mlp (B, T, D) the block output
-    model.layers.i                       (B, T, D) the residual stream after layer i
-    model.norm, lm_head, loss            (B, T, D), (B, T, V) logits, () mean next-token cross-entropy
-    grad.NAME                            with --grad: d loss / d adapter tensor NAME, one step on this batch
-Sequences are cut to one length, so no position is padding and every implementation computes every one.
-To check your implementation, write the same names (any subset) with safetensors' save_file and run compare.
+`dump` runs moe.py's plain path (the loop over experts) on a few sequences and writes the intermediate tensors
+of the forward pass into one safetensors file, with a JSON header ("verify") listing each tensor's name, shape,
+dtype, layer and what it is (WHAT below), in forward order. Names are the hub's module names (a module's
+output), so the matching tensor is easy to find in any implementation; token n of a (N, ...) tensor is b*T + t.
+Sequences are cut to one length: no position is padding, so every implementation computes every one.
+To check your implementation, save the same names (any subset) with safetensors' save_file and run compare.
 
-Tolerance (compare): |theirs - golden| <= 16 * u * depth * max|golden| for every token, where u is the unit
-roundoff of the coarser of the two dtypes (finfo.eps / 2: fp32 6.0e-8, bf16 2^-8 = 3.9e-3, fp16 4.9e-4) and
-depth counts the layers the value has been through (1 for the embeddings, i + 2 in layer i, L + 2 after the last,
-twice that for gradients). A few rounded operations per layer, each of which another implementation may round
-the other way (another summation order, a fused kernel), give errors of a few u of the tensor's scale, and these
-add up layer by layer; 16 u per layer leaves room for that and still catches a real difference.
+Tolerance (compare): |theirs - golden| <= 16 * u * depth * max|golden| for every token; u is the unit roundoff
+of the coarser of the two dtypes (finfo.eps / 2: fp32 6.0e-8, bf16 2^-8 = 3.9e-3), depth the number of layers the
+value has been through (1: embeddings, i + 2: layer i, L + 2: after the last; twice that for gradients). Each
+layer has a few rounded operations that another implementation may round the other way (another summation
+order, a fused kernel): errors of a few u of the tensor's scale per layer, adding up layer by layer.
 Routing: top-k sets are compared per token. A flip is a near-tie when the golden run's gap between the k-th and
 (k+1)-th router probability is below the router logits' tolerance: rounding alone can swap those experts, so it
 is reported, not failed. From then on the token's rows in that layer, and from the next layer on every later
 token of its sequence (attention carries the difference forward), are left out, as are the loss and gradients.
 """
 import argparse
+import itertools
 import json
 import os
 import re
@@ -58,12 +44,8 @@ PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
 
 # ----------------------------------------------------------------------------- collecting
 
-def reference_path(model):
-    """The plain reference computation: model.set_reference(True) where moe.py has it, else the expert loop."""
-    if hasattr(model, "set_reference"):
-        model.set_reference(True)
-    else:
-        model.set_expert_path("loop")
+def reference_path(model):  # the plain computation: set_reference where moe.py has it, else the expert loop
+    model.set_reference(True) if hasattr(model, "set_reference") else model.set_expert_path("loop")
 
 
 def rotate_half(x):  # [x1, x2] -> [-x2, x1], HF's RoPE convention (the two halves of each head)
@@ -98,49 +80,36 @@ def expert_rows(experts, h, idx, adapter=None):
     rows = {}
     for e in range(experts.gate_up_proj.shape[0]):
         tok = (idx == e).any(dim=-1).nonzero().squeeze(1)  # (n,)
-        if tok.numel() == 0:
-            continue
-        x = h[tok]  # (n, D)
-        gu = F.linear(x, experts.gate_up_proj[e])  # (n, 2I)
-        if adapter is not None:
-            gu = adapter.gate_up(gu, x, e)
-        g, u = gu.chunk(2, dim=-1)
-        a = F.silu(g) * u  # (n, I)
-        y = F.linear(a, experts.down_proj[e])  # (n, D)
-        if adapter is not None:
-            y = adapter.down(y, a, gu, x, e)
-        rows[e] = y
+        if len(tok):
+            x = h[tok]  # (n, D)
+            gu = F.linear(x, experts.gate_up_proj[e])  # (n, 2I)
+            gu = gu if adapter is None else adapter.gate_up(gu, x, e)
+            g, u = gu.chunk(2, dim=-1)
+            a = F.silu(g) * u  # (n, I)
+            y = F.linear(a, experts.down_proj[e])  # (n, D)
+            rows[e] = y if adapter is None else adapter.down(y, a, gu, x, e)
     return rows
 
 
-def _first(out):  # ours returns (y, routing) from blocks and MoE, transformers (y, weights) from attention
-    return out[0] if isinstance(out, tuple) else out
-
-
-def collect(model, cfg, ids, qk_rope=None, grad=False):
+def collect(model, cfg, ids, rope=None, grad=False):
     """{name: tensor} of one forward pass (and, with grad, one backward of the loss into the adapters).
-    Forward hooks on the hub-named modules record their outputs; q/k after RoPE come from `qk_rope()` (a list
-    of (q, k) per layer, filled during the forward) or are recomputed from the projections. Works on moe.py's
-    Transformer and on transformers' models, which use the same module names."""
+    Forward hooks on the hub-named modules record their outputs; q/k after RoPE come from `rope` (a list the
+    forward fills with (q, k) per layer) or are recomputed from the projections. Works on moe.py's Transformer
+    and on transformers' models, which use the same module names."""
     B, T = ids.shape
-    rec, inputs = {}, {}
+    rec, inputs = {"input_ids": ids.cpu(), "attention_mask": torch.ones_like(ids.cpu())}, {}
     modules = dict(model.named_modules())
 
-    def keep(name, use_input=False):
+    def keep(name):  # o_proj: its input; others: the output (ours: (y, routing) from MoE and Block, HF (y, weights))
         def hook(mod, args, out):
-            t = args[0] if use_input else _first(out)
-            rec[name + (".input" if use_input else "")] = t.detach().cpu().clone().reshape(B, T, -1)  # (B, T, *); a copy: transformers clamps v in place
-            if name.endswith(".mlp.experts"):
-                inputs[name] = args  # (h, topk ids, topk weights)
+            t = args[0] if name.endswith("o_proj") else out[0] if isinstance(out, tuple) else out
+            rec[name + ".input" * name.endswith("o_proj")] = t.detach().cpu().clone().reshape(B, T, -1)  # a copy: HF clamps v in place
+            inputs[name] = args  # the experts': (h, topk ids, topk weights)
         return hook
 
-    handles = []
-    for name, mod in modules.items():
-        if re.fullmatch(r"model\.embed_tokens|model\.norm|model\.layers\.\d+(\.(input_layernorm|post_attention_layernorm"
-                        r"|self_attn(\.[qkv]_proj)?|mlp(\.gate|\.experts|\.shared_expert|\.shared_expert_gate)?))?", name):
-            handles.append(mod.register_forward_hook(keep(name)))
-        elif re.fullmatch(r"model\.layers\.\d+\.self_attn\.o_proj", name):
-            handles.append(mod.register_forward_hook(keep(name, use_input=True)))
+    handles = [mod.register_forward_hook(keep(name)) for name, mod in modules.items() if re.fullmatch(
+        r"model\.embed_tokens|model\.norm|model\.layers\.\d+(\.(input_layernorm|post_attention_layernorm|self_attn(\.[qkvo]_proj)?"
+        r"|mlp(\.gate|\.experts|\.shared_expert|\.shared_expert_gate)?))?", name)]
     try:
         with torch.set_grad_enabled(grad):
             out = model(ids)
@@ -150,20 +119,18 @@ def collect(model, cfg, ids, qk_rope=None, grad=False):
         for h in handles:
             h.remove()
     rec["lm_head"], rec["loss"] = logits.detach().cpu(), loss.detach().cpu()
-    rope = qk_rope() if qk_rope is not None else None
-    inv_freq = getattr(model, "inv_freq", None)  # the buffer moe.py uses; transformers' is made from the config too
-    inv_freq = moe.rope_inv_freq(cfg) if inv_freq is None else inv_freq
+    inv_freq = getattr(model, "inv_freq", moe.rope_inv_freq(cfg))  # moe.py's buffer; transformers' has the same values
     for i in range(cfg.num_hidden_layers):
         p, attn = f"model.layers.{i}.", modules[f"model.layers.{i}.self_attn"]
         with torch.no_grad():
             cos, sin = rope_cos_sin(cfg, inv_freq, T, rec[p + "self_attn.q_proj"].dtype)
             qkv = (rec[p + f"self_attn.{n}_proj"].to(ids.device) for n in "qkv")
             q, k, v = (t.cpu() for t in qkv_heads(cfg, attn, *qkv, cos.to(ids.device), sin.to(ids.device)))
-        if rope is not None:  # transformers' own q and k after RoPE (B, H, T, S)
+        if rope:  # transformers' own q and k after RoPE (B, H, T, S)
             q, k = (t.detach().cpu().transpose(1, 2) for t in rope[i])
         rec[p + "self_attn.q"], rec[p + "self_attn.k"], rec[p + "self_attn.v"] = q, k, v
-        if p + "mlp.experts" in inputs:
-            h, idx, w = inputs.pop(p + "mlp.experts")
+        if p + "mlp.experts" in rec:
+            h, idx, w = inputs[p + "mlp.experts"]
             rec[p + "mlp.topk_ids"], rec[p + "mlp.topk_weights"] = idx.reshape(B, T, -1).cpu(), w.detach().reshape(B, T, -1).cpu()
             experts = modules[p + "mlp.experts"]
             with torch.no_grad():
@@ -175,45 +142,54 @@ def collect(model, cfg, ids, qk_rope=None, grad=False):
     return {n: rec[n] for n in forward_order(cfg, rec)}
 
 
+WHAT = {  # a layer's tensors, in forward order: name after "model.layers.i." -> what it is
+    "input_layernorm": "(B, T, D) attention input norm",
+    "self_attn.q_proj": "(B, T, H*S) q projection (bias, LoRA included)",
+    "self_attn.k_proj": "(B, T, G*S) k projection", "self_attn.v_proj": "(B, T, G*S) v projection",
+    "self_attn.q": "(B, T, H, S) q after q/k norm, clip_qkv and RoPE", "self_attn.k": "(B, T, G, S) k, as q",
+    "self_attn.v": "(B, T, G, S) v after clip_qkv",
+    "self_attn.o_proj.input": "(B, T, H*S) attention output before o_proj", "self_attn": "(B, T, D) after o_proj",
+    "post_attention_layernorm": "(B, T, D) MLP input norm", "mlp.gate": "(B, T, E) router logits",
+    "mlp.topk_ids": "(B, T, K) chosen experts", "mlp.topk_weights": "(B, T, K) their weights",
+    "mlp.experts.*": "(n_e, D) expert e's unweighted output on its tokens (ascending), recomputed from the weights",
+    "mlp.experts": "(B, T, D) weighted sum of the routed experts",
+    "mlp.shared_expert": "(B, T, D) shared expert, before its gate", "mlp.shared_expert_gate": "(B, T, 1) its gate logit",
+    "mlp": "(B, T, D) MoE (or dense MLP) output", "": "(B, T, D) residual stream after the layer"}
+OUTSIDE = {"input_ids": "(B, T) token ids", "attention_mask": "(B, T) all 1: no padding",
+           "model.embed_tokens": "(B, T, D) embeddings", "model.norm": "(B, T, D) final norm",
+           "lm_head": "(B, T, V) logits", "loss": "() mean next-token cross-entropy"}
+
+
 def forward_order(cfg, rec):
-    """The names in `rec` in the order a forward pass makes them (the order compare walks)."""
-    attn = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.q", "self_attn.k",
-            "self_attn.v", "self_attn.o_proj.input", "self_attn", "post_attention_layernorm", "mlp.gate", "mlp.topk_ids",
-            "mlp.topk_weights"]
+    """The names in `rec` in the order a forward pass makes them (the order compare walks); grad.* last."""
     names = ["input_ids", "attention_mask", "model.embed_tokens"]
     for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        names += [p + n for n in attn] + [f"{p}mlp.experts.{e}" for e in range(cfg.num_experts)]
-        names += [p + "mlp.experts"]  # their weighted sum
-        names += [p + "mlp.shared_expert", p + "mlp.shared_expert_gate", p + "mlp", f"model.layers.{i}"]
+        for part in WHAT:
+            if part == "mlp.experts.*":
+                names += [f"model.layers.{i}.mlp.experts.{e}" for e in range(cfg.num_experts)]
+            else:
+                names.append(f"model.layers.{i}" + (f".{part}" if part else ""))
     names += ["model.norm", "lm_head", "loss"] + sorted(n for n in rec if n.startswith("grad."))
     return [n for n in names if n in rec]
 
 
-def describe(name, cfg):
-    """(layer, depth, what) of a tensor name: layer -1 before the first block, L after the last."""
-    L = cfg.num_hidden_layers
-    m = re.match(r"model\.layers\.(\d+)(\.(.*))?$", name)
+def describe(name, L):
+    """dict(layer, depth, what) of a tensor name in an L-layer model: layer -1 before the first block, L after."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.?(.*)", name)
     if m:
-        layer, part = int(m.group(1)), m.group(3) or "residual stream after the layer"
-        return layer, layer + 2, part
+        return dict(layer=int(m.group(1)), depth=int(m.group(1)) + 2, what=WHAT[re.sub(r"\d+$", "*", m.group(2))])
     if name.startswith("grad."):
-        return L, 2 * (L + 2), "gradient of the loss"
-    what = {"input_ids": "token ids", "attention_mask": "1 = real token (all: no padding)",
-            "model.embed_tokens": "embeddings", "model.norm": "final norm", "lm_head": "logits",
-            "loss": "mean next-token cross-entropy"}
-    return (-1, 1, what[name]) if name in ("input_ids", "attention_mask", "model.embed_tokens") else (L, L + 2, what[name])
+        return dict(layer=L, depth=2 * (L + 2), what="d loss / d this adapter tensor, one step on this batch")
+    before = name in ("input_ids", "attention_mask", "model.embed_tokens")
+    return dict(layer=-1 if before else L, depth=1 if before else L + 2, what=OUTSIDE[name])
 
 
 # ----------------------------------------------------------------------------- the golden file
 
 def make_header(tensors, cfg, **about):
     """The golden file's description: the model, how the tensors were made, and every tensor in forward order."""
-    entries = []
-    for name, t in tensors.items():
-        layer, depth, what = describe(name, cfg)
-        entries.append(dict(name=name, shape=list(t.shape), dtype=str(t.dtype).replace("torch.", ""), layer=layer,
-                            depth=depth, what=what))
+    entries = [dict(name=n, shape=list(t.shape), dtype=str(t.dtype)[6:], **describe(n, cfg.num_hidden_layers))
+               for n, t in tensors.items()]
     return dict(format=FORMAT, model_type=cfg.model_type, fingerprint=cfg.fingerprint(),
                 num_hidden_layers=cfg.num_hidden_layers, **about, tensors=entries)
 
@@ -234,13 +210,11 @@ def read_tensors(path, need_header=False):
             tensors = {n: f.get_tensor(n) for n in f.keys()}
     except Exception as e:  # safetensors' own errors: not a safetensors file, truncated
         raise ValueError(f"{path}: cannot read as safetensors ({e})") from None
-    header = None
-    if "verify" in meta:
-        try:
-            header = json.loads(meta["verify"])
-            assert header["format"] == FORMAT and isinstance(header["tensors"], list)
-        except (ValueError, KeyError, TypeError, AssertionError):
-            raise ValueError(f"{path}: its 'verify' header is not one this verify.py writes ({FORMAT})") from None
+    try:
+        header = json.loads(meta["verify"]) if "verify" in meta else None
+        assert header is None or (header["format"] == FORMAT and {"name", "shape", "dtype", "layer", "depth", "what"} <= set(header["tensors"][0]))
+    except (ValueError, KeyError, TypeError, IndexError, AssertionError):
+        raise ValueError(f"{path}: its 'verify' header is not one this verify.py writes ({FORMAT})") from None
     if need_header and header is None:
         raise ValueError(f"{path}: not a golden file (no 'verify' header; make one with `verify.py dump`)")
     return tensors, header
@@ -248,76 +222,67 @@ def read_tensors(path, need_header=False):
 
 # ----------------------------------------------------------------------------- compare
 
-def unit_roundoff(*dtypes):
-    return max(torch.finfo(d).eps / 2 for d in dtypes if d.is_floating_point)
-
-
 def routing_flips(g_ids, t_ids, g_logits, tol):
-    """Tokens whose top-k sets differ (N,), and which of them are near-ties: the golden gap between the k-th
-    and (k+1)-th router probability is below `tol`."""
+    """(N,) masks: tokens whose top-k sets differ, and the near-ties among them (golden gap between the k-th and
+    (k+1)-th router probability below `tol`); and the gaps."""
     K = g_ids.shape[-1]
     flip = (g_ids.reshape(-1, K).sort(-1).values != t_ids.reshape(-1, K).sort(-1).values).any(-1)  # (N,)
     p = torch.softmax(g_logits.reshape(flip.shape[0], -1).float(), dim=-1).sort(-1, descending=True).values
-    gap = p[:, K - 1] - p[:, K] if p.shape[1] > K else torch.ones_like(p[:, 0])
+    gap = p[:, K - 1] - p[:, K] if p.shape[1] > K else torch.ones_like(p[:, 0])  # (N,); K = E: nothing to flip
     return flip, flip & (gap < tol), gap
 
 
 def tolerance(g, t, depth):
     """The rule of the docstring: 16 unit roundoffs per layer passed, of the tensor's largest golden value."""
-    return PER_LAYER * unit_roundoff(g.dtype, t.dtype) * depth * max(g.abs().max().item(), 1e-30)
+    u = max(torch.finfo(g.dtype).eps, torch.finfo(t.dtype).eps) / 2  # unit roundoff of the coarser dtype
+    return PER_LAYER * u * depth * max(g.abs().max().item(), 1e-30)
 
 
 def close(g, t, tokens, skip, depth):
-    """(max abs err, err / tol, first failing token or None, note) of g against t, (M, ...) rows of `tokens`
-    (None: the tensor as one whole, failed only if no token is excused); rows with `skip` are left out."""
-    if not g.is_floating_point():  # ids, mask: exact
-        bad = (g != t).reshape(g.shape[0], -1).any(-1)
-        return float(bad.any()), float(bad.any()), *((int(tokens[bad][0]), "values differ") if bad.any() else (None, ""))
+    """(max abs err, err / tol, first failing token or None, note) of t against g, (M, ...) rows of `tokens`
+    (None: one whole, as the loss, not failed once any token is excused); rows of `skip` tokens are left out."""
     tol = tolerance(g, t, depth)
-    diff = (t.float() - g.float()).abs().reshape(1 if tokens is None else len(tokens), -1).amax(-1)  # per row
-    skip = skip[tokens] if tokens is not None else skip.any().reshape(1)
-    bad = (diff > tol) & ~skip
-    err = diff.max().item() if diff.numel() else 0.0
+    diff = (t.float() - g.float()).abs().reshape(1 if tokens is None else len(tokens), -1).amax(-1)  # (M,) per row
+    skip = skip.any().reshape(1) if tokens is None else skip[tokens]
+    bad, err = (diff > tol) & ~skip, diff.max().item() if diff.numel() else 0.0
     if bad.any():
-        return err, err / tol, (-1 if tokens is None else int(tokens[bad][0])), f"max abs err {diff[bad].max():.3g} > tol {tol:.3g}"
-    return err, err / tol, None, ("rows after a near-tie flip left out" if skip.any() else "")
+        return err, err / tol, -1 if tokens is None else int(tokens[bad][0]), f"max abs err {diff[bad].max():.3g} > tol {tol:.3g}"
+    return err, err / tol, None, "rows after a near-tie flip left out" if skip.any() else ""
 
 
 def compare(golden, theirs, header):
     """Walk golden's tensors in forward order against theirs. Returns (rows, first divergence or None, missing):
     a row is (name, max abs err, err / tolerance, note, failed); the divergence (name, layer, token or None)."""
-    B, T = golden["input_ids"].shape
+    (B, T), ids = golden["input_ids"].shape, golden["input_ids"].reshape(-1)
     N = B * T
-    if "input_ids" in theirs and not torch.equal(theirs["input_ids"].reshape(-1), golden["input_ids"].reshape(-1)):
+    if "input_ids" in theirs and not torch.equal(theirs["input_ids"].reshape(-1), ids):
         raise ValueError("theirs was computed on other input ids than the golden file's: nothing to compare")
     excused, pending = torch.zeros(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool)  # near-tie tokens
     rows, first, missing, layer_now = [], None, [], -1
     for ent in header["tensors"]:
-        name, layer, depth = ent["name"], ent["layer"], ent["depth"]
+        name, layer, depth, g, t = ent["name"], ent["layer"], ent["depth"], golden[ent["name"]], theirs.get(ent["name"])
         if layer > layer_now:  # a near-tie in layer i reaches the later tokens of its sequence from layer i+1 on
             excused, layer_now = excused | pending, layer
-        expert = re.fullmatch(r"(.*)\.mlp\.experts\.(\d+)", name)
-        ids_of = (expert.group(1) if expert else "") + ".mlp.topk_ids"
-        if name not in theirs or (expert and ids_of not in theirs):
+        expert = re.fullmatch(r"(.*\.mlp\.)experts\.(\d+)", name)
+        if t is None or (expert and expert.group(1) + "topk_ids" not in theirs):
             missing.append(name)
+        if t is None or name in ("input_ids", "attention_mask") or name in missing:
             continue
-        g, t = golden[name], theirs[name]
         if name.endswith(".mlp.topk_ids"):
-            router = golden[name[: -len("topk_ids")] + "gate"]
-            tol = tolerance(router, theirs.get(name[: -len("topk_ids")] + "gate", router), depth)
+            router = golden[name[:-8] + "gate"]
+            tol = tolerance(router, theirs.get(name[:-8] + "gate", router), depth)
             flip, near, gap = routing_flips(g, t, router, tol)
             hard = flip & ~near & ~excused
+            err = ratio = float(hard.any())
             token = int(hard.nonzero()[0]) if hard.any() else None
             note = (f"top-k set differs, probability gap {gap[token]:.2g} >= {tol:.2g}" if token is not None else
-                    f"{int(near.sum())} near-tie flip(s), not failed: {_tok_list(near, T)}" if near.any() else "")
-            err = ratio = float(hard.any())
+                    f"{int(near.sum())} near-tie flip(s), not failed: tokens {near.nonzero().squeeze(1).tolist()}" if near.any() else "")
             excused |= near
             for n in near.nonzero().squeeze(1).tolist():
                 pending[n: (n // T + 1) * T] = True
-        elif expert:  # compare the tokens routed to this expert in both runs
+        elif expert:  # the rows of the tokens routed to this expert in both runs
             e = int(expert.group(2))
-            g_tok = (golden[ids_of].reshape(N, -1) == e).any(-1).nonzero().squeeze(1)
-            t_tok = (theirs[ids_of].reshape(N, -1) == e).any(-1).nonzero().squeeze(1)
+            g_tok, t_tok = ((f[expert.group(1) + "topk_ids"].reshape(N, -1) == e).any(-1).nonzero().squeeze(1) for f in (golden, theirs))
             if t.shape[0] != len(t_tok) or t.shape[1:] != g.shape[1:]:
                 err, ratio, token, note = 1.0, 1.0, -1, f"shape {tuple(t.shape)}: not one row per token routed here"
             else:
@@ -328,46 +293,35 @@ def compare(golden, theirs, header):
             err, ratio, token, note = 1.0, 1.0, -1, f"shape {tuple(t.shape)}, golden {tuple(g.shape)}"
         else:
             per_token = g.dim() >= 2 and tuple(g.shape[:2]) == (B, T)
-            err, ratio, token, note = close(g.reshape(N, -1) if per_token else g, t.reshape(N, -1) if per_token else t,
-                                            torch.arange(N) if per_token else None, excused, depth)
+            rows_of = (lambda x: x.reshape(N, -1)) if per_token else (lambda x: x)
+            err, ratio, token, note = close(rows_of(g), rows_of(t), torch.arange(N) if per_token else None, excused, depth)
         rows.append((name, err, ratio, note, token is not None))
         if token is not None and first is None:
             first = (name, layer, None if token < 0 else token)
     return rows, first, missing
 
 
-def _tok_list(mask, T, most=4):
-    idx = mask.nonzero().squeeze(1).tolist()
-    return ", ".join(f"token (b{n // T}, t{n % T})" for n in idx[:most]) + (" ..." if len(idx) > most else "")
-
-
 def print_report(rows, first, missing, header, golden_name, theirs_name):
-    dtypes = sorted({e["dtype"] for e in header["tensors"] if e["dtype"].startswith(("float", "bfloat"))})
-    print(f"verify: {theirs_name} against {golden_name} ({header['model_type']}, {', '.join(dtypes)})")
-    print(f"tolerance per token: |theirs - golden| <= {PER_LAYER} u * depth * max|golden|, u = unit roundoff of "
-          f"the coarser dtype (fp32 6.0e-8, bf16 3.9e-3); near-tie routing flips are reported, not failed")
+    """One line per tensor (one per layer for its experts), then the verdict; returns the exit status."""
+    print(f"verify: {theirs_name} against {golden_name} ({header['model_type']})\ntolerance per token: |theirs - golden| "
+          f"<= {PER_LAYER} u * depth * max|golden| (u: fp32 6.0e-8, bf16 3.9e-3); near-tie routing flips are not failed")
     print(f"{'tensor':<46} {'max abs err':>11} {'err/tol':>8}")
-    i = 0
-    while i < len(rows):  # one line for all the experts of a layer
-        j, m = i + 1, re.fullmatch(r"(.*\.mlp\.experts)\.\d+", rows[i][0])
-        while m and j < len(rows) and re.fullmatch(re.escape(m.group(1)) + r"\.\d+", rows[j][0]):
-            j += 1
-        group = rows[i:j]
+    for name, group in itertools.groupby(rows, key=lambda r: re.sub(r"experts\.\d+$", "experts.*", r[0])):
+        group = list(group)
         bad = [r for r in group if r[4]]
-        name = f"{m.group(1)}.* ({len(group)} experts)" if m else rows[i][0]
-        note = f"{bad[0][0].rsplit('.', 1)[-1] if m else ''} {bad[0][3]}".strip() if bad else next((r[3] for r in group if r[3]), "")
-        status = "DIVERGES" if bad else "ok"
-        print(f"{name:<46} {max(r[1] for r in group):11.3g} {max(r[2] for r in group):8.3g}  {status} {note}".rstrip())
-        i = j
+        if name.endswith("*"):
+            name, bad = f"{name} ({len(group)} experts)", [(*r[:3], f"expert {r[0].rsplit('.', 1)[1]}: {r[3]}", 1) for r in bad]
+        note = bad[0][3] if bad else next((r[3] for r in group if r[3]), "")
+        print(f"{name:<46} {max(r[1] for r in group):11.3g} {max(r[2] for r in group):8.3g}  "
+              f"{'DIVERGES' if bad else 'ok'} {note}".rstrip())
     if missing:
-        print(f"not in {theirs_name} (not compared): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''} "
+        print(f"not in {theirs_name} (not compared): {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
               f"({len(missing)} tensors)")
-    T = header["tensors"][0]["shape"][1]
     if first is None:
         print(f"verify: no divergence beyond tolerance ({len(rows)} tensors compared, {len(missing)} missing)")
         return 0
-    name, layer, token = first
-    where = "before the first layer" if layer < 0 else f"after the last layer" if layer >= header["num_hidden_layers"] else f"layer {layer}"
+    (name, layer, token), T = first, header["tensors"][0]["shape"][1]
+    where = "before the first layer" if layer < 0 else "after the last layer" if layer >= header["num_hidden_layers"] else f"layer {layer}"
     print(f"verify: first divergence: {where}, {name}" + (f", token (b{token // T}, t{token % T})" if token is not None else ""))
     return 1
 
@@ -375,22 +329,22 @@ def print_report(rows, first, missing, header, golden_name, theirs_name):
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="verify.py", description=__doc__.split("\n")[0],
-                                 epilog=__doc__[__doc__.index("Tolerance"):], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="verify.py", description=__doc__.split("\n")[0], epilog=__doc__[__doc__.index(
+        "Tolerance"):], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     dump = sub.add_parser("dump", help="run the reference path and write golden tensors")
     hf = sub.add_parser("hf", help="compare transformers' eager forward with ours, tensor by tensor")
     for p in (dump, hf):
         p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors)")
-        src = p.add_mutually_exclusive_group(required=p is dump)
-        src.add_argument("--data", default=None, help=".jsonl records to tokenise with the model's tokenizer")
-        src.add_argument("--ids", default=None, help='token ids, e.g. "1 2 3"; several sequences of one length: "1 2, 3 4"')
-        p.add_argument("--samples", type=int, default=2, help="with --data: the first N records")
-        p.add_argument("--seq-len", type=int, default=32, help="with --data: at most this many tokens per sequence")
+        src = p.add_mutually_exclusive_group(required=p is dump)  # hf without either: fixed random ids
+        src.add_argument("--data", default=None, help=".jsonl records, tokenised with the model's tokenizer")
+        src.add_argument("--ids", default=None, help='token ids, "1 2 3"; several sequences of one length: "1 2, 3 4"')
+        p.add_argument("--samples", type=int, default=2, help="sequences (--data: the first N records)")
+        p.add_argument("--seq-len", type=int, default=16, help="at most this many tokens per sequence")
         p.add_argument("--device", default="cpu", help="cpu or cuda")
     dump.add_argument("--adapter", default=None, help="adapter directory written by train.py, applied on top")
     dump.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype for the run")
-    dump.add_argument("--grad", action="store_true", help="also the loss gradients of every adapter tensor (needs --adapter)")
+    dump.add_argument("--grad", action="store_true", help="also the loss gradients of the adapter tensors (needs --adapter)")
     dump.add_argument("--out", required=True, help="the golden .safetensors file to write")
     cmp = sub.add_parser("compare", help="compare a file of tensors with a golden file, in forward order")
     cmp.add_argument("golden", help="golden file from `verify.py dump`")
@@ -399,19 +353,16 @@ def parse_args(argv=None):
     if args.cmd != "compare" and (args.samples < 1 or args.seq_len < 2):
         ap.error("--samples must be at least 1 and --seq-len at least 2")
     if args.cmd == "dump" and args.grad and args.adapter is None:
-        ap.error("--grad needs --adapter (the gradients recorded are those of the adapter tensors)")
+        ap.error("--grad needs --adapter (the gradients recorded are the adapter tensors')")
     return args
 
 
 def input_ids(args, cfg):
-    """(B, T) ids from --ids or --data (cut to the shortest sequence: no padding); hf's default: fixed random ids."""
+    """(B, T) ids from --ids or --data (cut to the shortest sequence: no padding), else fixed random ids."""
     if args.ids is not None:
-        try:
-            seqs = [[int(x) for x in part.split()] for part in args.ids.split(",")]
-        except ValueError:
-            raise ValueError(f"--ids {args.ids!r}: not whitespace-separated integers") from None
-        if len({len(s) for s in seqs}) != 1 or len(seqs[0]) < 2:
-            raise ValueError(f"--ids {args.ids!r}: each sequence needs the same length, at least 2 tokens")
+        seqs = [part.split() for part in args.ids.split(",")]
+        if not all(x.isdigit() for s in seqs for x in s) or len({len(s) for s in seqs}) != 1 or len(seqs[0]) < 2:
+            raise ValueError(f"--ids {args.ids!r}: need integers, at least 2 per sequence, every sequence as long")
     elif args.data is not None:
         records = data.read_jsonl(args.data)
         data.check_records(records, args.data)
@@ -419,14 +370,11 @@ def input_ids(args, cfg):
         seqs = [data.encode_example(tok, r, args.seq_len)[0] for r in records[: args.samples]]
         if min(map(len, seqs)) < 2:
             raise ValueError(f"{args.data}: a record has fewer than 2 tokens")
-        seqs = [s[: min(map(len, seqs))] for s in seqs]
     else:
-        g = torch.Generator().manual_seed(0)
-        return torch.randint(3, cfg.vocab_size, (args.samples, min(args.seq_len, 16)), generator=g)
-    ids = torch.tensor(seqs)
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise ValueError(f"{'--ids' if args.ids else args.data}: token id {int(ids.max())} outside the model's vocabulary "
-                         f"(0..{cfg.vocab_size - 1})")
+        return torch.randint(3, cfg.vocab_size, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[int(x) for x in s[: min(map(len, seqs))]] for s in seqs])  # (B, T)
+    if ids.max() >= cfg.vocab_size:
+        raise ValueError(f"{'--ids' if args.ids else args.data}: token id {int(ids.max())} >= vocab_size {cfg.vocab_size}")
     return ids
 
 
@@ -436,24 +384,32 @@ def run_dump(args):
     device = moe.pick_device(args.device)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     if args.adapter is not None:
-        lora.load_adapter(model, args.adapter)
+        lora.load_adapter(model, args.adapter)  # refuses an adapter made for another base
     reference_path(model)
     ids = input_ids(args, model.config)
-    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    tensors.update(collect(model, model.config, ids.to(device), grad=args.grad))
-    header = make_header(tensors, model.config, model=args.model, adapter=args.adapter, dtype=args.dtype)
-    write_golden(args.out, tensors, header)
-    size = os.path.getsize(args.out) / 2**20
-    print(f"verify: wrote {len(tensors)} tensors ({size:.1f} MiB; {ids.shape[0]} x {ids.shape[1]} tokens, "
-          f"{model.config.model_type}, {args.dtype}) to {args.out}")
+    tensors = collect(model, model.config, ids.to(device), grad=args.grad)
+    write_golden(args.out, tensors, make_header(tensors, model.config, model=args.model, adapter=args.adapter))
+    print(f"verify: wrote {len(tensors)} tensors ({os.path.getsize(args.out) / 2**20:.1f} MiB; {ids.shape[0]} x "
+          f"{ids.shape[1]} tokens, {model.config.model_type}, {args.dtype}) to {args.out}")
     return 0
 
 
 def run_compare(args):
     golden, header = read_tensors(args.golden, need_header=True)
-    theirs, _ = read_tensors(args.theirs)
-    rows, first, missing = compare(golden, theirs, header)
+    rows, first, missing = compare(golden, read_tensors(args.theirs)[0], header)
     return print_report(rows, first, missing, header, args.golden, args.theirs)
+
+
+def collect_hf(hf, cfg, ids):
+    """collect() on a transformers model, with its own q and k after RoPE: its modeling module's
+    apply_rotary_pos_emb is wrapped for the pass to record what it returns."""
+    modeling = sys.modules[type(hf).__module__]
+    seen, plain = [], modeling.apply_rotary_pos_emb
+    modeling.apply_rotary_pos_emb = lambda q, k, *a, **kw: seen.append(plain(q, k, *a, **kw)) or seen[-1]
+    try:
+        return collect(hf, cfg, ids, rope=seen)
+    finally:
+        modeling.apply_rotary_pos_emb = plain
 
 
 def run_hf(args):
@@ -464,35 +420,14 @@ def run_hf(args):
     device = moe.pick_device(args.device)
     ours = load_model(args.model, dtype=torch.float32, device=device)
     reference_path(ours)
-    cfg = ours.config
-    ids = input_ids(args, cfg)
-    golden = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    golden.update(collect(ours, cfg, ids.to(device)))
+    ids = input_ids(args, ours.config).to(device)
+    golden = collect(ours, ours.config, ids)
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager",
                                                            experts_implementation="eager", dtype=torch.float32)
-    theirs = collect_hf(hf.to(device).eval(), cfg, ids.to(device))
-    rows, first, missing = compare(golden, theirs, make_header(golden, cfg))
-    return print_report(rows, first, missing, make_header(golden, cfg), "moe.py (reference path, float32)",
-                        f"transformers {transformers.__version__} eager")
-
-
-def collect_hf(hf, cfg, ids):
-    """collect() on a transformers model, with its own q and k after RoPE: its modeling module's
-    apply_rotary_pos_emb is wrapped for the pass to record what it returns."""
-    modeling = sys.modules[type(hf).__module__]
-    seen, plain = [], modeling.apply_rotary_pos_emb
-
-    def record(q, k, *a, **kw):
-        q, k = plain(q, k, *a, **kw)
-        seen.append((q, k))
-        return q, k
-
-    modeling.apply_rotary_pos_emb = record
-    try:
-        tensors = collect(hf, cfg, ids, qk_rope=lambda: seen)
-    finally:
-        modeling.apply_rotary_pos_emb = plain
-    return {"input_ids": ids.cpu(), "attention_mask": torch.ones_like(ids.cpu()), **tensors}
+    theirs = collect_hf(hf.to(device).eval(), ours.config, ids)
+    header = make_header(golden, ours.config)
+    rows, first, missing = compare(golden, theirs, header)
+    return print_report(rows, first, missing, header, "moe.py", f"transformers {transformers.__version__} (eager)")
 
 
 def main(argv=None):

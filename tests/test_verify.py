@@ -19,7 +19,7 @@ def ours(path, dtype=torch.float32):
 
 
 def golden_of(model, ids, grad=False):
-    t = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **verify.collect(model, model.config, ids, grad=grad)}
+    t = verify.collect(model, model.config, ids, grad=grad)
     return t, verify.make_header(t, model.config)
 
 
