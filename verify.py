@@ -155,20 +155,16 @@ WHAT = {  # a layer's tensors, in forward order: name after "model.layers.i." ->
     "mlp.experts": "(B, T, D) weighted sum of the routed experts",
     "mlp.shared_expert": "(B, T, D) shared expert, before its gate", "mlp.shared_expert_gate": "(B, T, 1) its gate logit",
     "mlp": "(B, T, D) MoE (or dense MLP) output", "": "(B, T, D) residual stream after the layer"}
-OUTSIDE = {"input_ids": "(B, T) token ids", "attention_mask": "(B, T) all 1: no padding",
-           "model.embed_tokens": "(B, T, D) embeddings", "model.norm": "(B, T, D) final norm",
-           "lm_head": "(B, T, V) logits", "loss": "() mean next-token cross-entropy"}
+OUTSIDE = {"input_ids": "(B, T) token ids", "attention_mask": "(B, T) all 1: no padding", "model.embed_tokens":
+           "(B, T, D) embeddings", "model.norm": "(B, T, D) final norm", "lm_head": "(B, T, V) logits", "loss": "() loss"}
 
 
 def forward_order(cfg, rec):
     """The names in `rec` in the order a forward pass makes them (the order compare walks); grad.* last."""
     names = ["input_ids", "attention_mask", "model.embed_tokens"]
-    for i in range(cfg.num_hidden_layers):
-        for part in WHAT:
-            if part == "mlp.experts.*":
-                names += [f"model.layers.{i}.mlp.experts.{e}" for e in range(cfg.num_experts)]
-            else:
-                names.append(f"model.layers.{i}" + (f".{part}" if part else ""))
+    for i, part in itertools.product(range(cfg.num_hidden_layers), WHAT):
+        name = f"model.layers.{i}" + (f".{part}" if part else "")
+        names += [name.replace("*", str(e)) for e in range(cfg.num_experts)] if part.endswith("*") else [name]
     names += ["model.norm", "lm_head", "loss"] + sorted(n for n in rec if n.startswith("grad."))
     return [n for n in names if n in rec]
 
@@ -432,11 +428,11 @@ def run_hf(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    try:  # exit 1: a divergence; 2: bad input
         code = {"dump": run_dump, "compare": run_compare, "hf": run_hf}[args.cmd](args)
     except (ValueError, OSError) as e:  # ConfigError, CheckpointError, AdapterError, DataError are ValueErrors
         print(f"verify: error: {e}", file=sys.stderr)
-        code = 2
+        sys.exit(2)
     sys.exit(code)
 
 
