@@ -12,7 +12,7 @@ Sequences are cut to one length: no position is padding, so every implementation
 To check your implementation, save the same names (any subset) with safetensors' save_file and run compare.
 
 Tolerance (compare): |theirs - golden| <= 16 * u * depth * max|golden| for every token; u is the unit roundoff
-of the coarser of the two dtypes (finfo.eps / 2: fp32 6.0e-8, bf16 2^-8 = 3.9e-3), depth the number of layers the
+of the coarser of the two runs' dtypes (finfo.eps / 2: fp32 6.0e-8, bf16 2^-8 = 3.9e-3), depth the number of layers the
 value has been through (1: embeddings, i + 2: layer i, L + 2: after the last; twice that for gradients). Each
 layer has a few rounded operations that another implementation may round the other way (another summation
 order, a fused kernel): errors of a few u of the tensor's scale per layer, adding up layer by layer.
@@ -228,16 +228,17 @@ def routing_flips(g_ids, t_ids, g_logits, tol):
     return flip, flip & (gap < tol), gap
 
 
-def tolerance(g, t, depth):
-    """The rule of the docstring: 16 unit roundoffs per layer passed, of the tensor's largest golden value."""
-    u = max(torch.finfo(g.dtype).eps, torch.finfo(t.dtype).eps) / 2  # unit roundoff of the coarser dtype
+def tolerance(g, t, depth, run_dtypes=()):
+    """The rule of the docstring: 16 unit roundoffs per layer passed, of the tensor's largest golden value. The
+    coarser dtype is that of the tensors or of the runs (the loss and gradients are fp32 also in a bf16 run)."""
+    u = max(torch.finfo(d).eps for d in (g.dtype, t.dtype, *run_dtypes)) / 2  # unit roundoff of the coarser dtype
     return PER_LAYER * u * depth * max(g.abs().max().item(), 1e-30)
 
 
-def close(g, t, tokens, skip, depth):
+def close(g, t, tokens, skip, depth, run_dtypes):
     """(max abs err, err / tol, first failing token or None, note) of t against g, (M, ...) rows of `tokens`
     (None: one whole, as the loss, not failed once any token is excused); rows of `skip` tokens are left out."""
-    tol = tolerance(g, t, depth)
+    tol = tolerance(g, t, depth, run_dtypes)
     diff = (t.float() - g.float()).abs().reshape(1 if tokens is None else len(tokens), -1).amax(-1)  # (M,) per row
     skip = skip.any().reshape(1) if tokens is None else skip[tokens]
     bad, err = (diff > tol) & ~skip, diff.max().item() if diff.numel() else 0.0
@@ -253,6 +254,7 @@ def compare(golden, theirs, header):
     N = B * T
     if "input_ids" in theirs and not torch.equal(theirs["input_ids"].reshape(-1), ids):
         raise ValueError("theirs was computed on other input ids than the golden file's: nothing to compare")
+    run_dtypes = [f["model.embed_tokens"].dtype for f in (golden, theirs) if "model.embed_tokens" in f]
     excused, pending = torch.zeros(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool)  # near-tie tokens
     rows, first, missing, layer_now = [], None, [], -1
     for ent in header["tensors"]:
@@ -266,7 +268,7 @@ def compare(golden, theirs, header):
             continue
         if name.endswith(".mlp.topk_ids"):
             router = golden[name[:-8] + "gate"]
-            tol = tolerance(router, theirs.get(name[:-8] + "gate", router), depth)
+            tol = tolerance(router, theirs.get(name[:-8] + "gate", router), depth, run_dtypes)
             flip, near, gap = routing_flips(g, t, router, tol)
             hard = flip & ~near & ~excused
             err = ratio = float(hard.any())
@@ -284,13 +286,14 @@ def compare(golden, theirs, header):
             else:
                 both = g_tok[torch.isin(g_tok, t_tok)]
                 g, t = g[torch.searchsorted(g_tok, both)], t[torch.searchsorted(t_tok, both)]
-                err, ratio, token, note = close(g, t, both, excused, depth)
+                err, ratio, token, note = close(g, t, both, excused, depth, run_dtypes)
         elif g.shape != t.shape:
             err, ratio, token, note = 1.0, 1.0, -1, f"shape {tuple(t.shape)}, golden {tuple(g.shape)}"
         else:
             per_token = g.dim() >= 2 and tuple(g.shape[:2]) == (B, T)
             rows_of = (lambda x: x.reshape(N, -1)) if per_token else (lambda x: x)
-            err, ratio, token, note = close(rows_of(g), rows_of(t), torch.arange(N) if per_token else None, excused, depth)
+            err, ratio, token, note = close(rows_of(g), rows_of(t), torch.arange(N) if per_token else None, excused, depth,
+                                            run_dtypes)
         rows.append((name, err, ratio, note, token is not None))
         if token is not None and first is None:
             first = (name, layer, None if token < 0 else token)

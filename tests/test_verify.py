@@ -204,3 +204,14 @@ def test_bad_input_named_without_traceback(checkpoints, tmp_path, capsys):
     assert code == 2 and "--ids" in err and not os.path.exists(out) and not os.listdir(tmp_path).count("g.safetensors")
     code, _, err = run_cli(["dump", "--model", tmp_path / "none", "--ids", "1 2", "--out", out], capsys)
     assert code == 2 and "none" in err and not os.path.exists(out)
+
+
+def test_bf16_run_within_bf16_tolerance(checkpoints):
+    """The same model run in bf16 passes against the fp32 golden: the tolerance follows the coarser run's dtype,
+    also for the loss, which is computed in fp32 from bf16 logits."""
+    path, ids = checkpoints("olmoe").path, make_ids(2, 8)
+    golden, header = golden_of(ours(path), ids)
+    theirs, _ = golden_of(ours(path, torch.bfloat16), ids)
+    assert theirs["loss"].dtype == torch.float32 and theirs["lm_head"].dtype == torch.bfloat16
+    rows, first, missing = verify.compare(golden, theirs, header)
+    assert first is None and not missing, [r for r in rows if r[4]]
