@@ -1,0 +1,443 @@
+"""Golden tensors from the plain reference path, and where another implementation first departs from them.
+
+    python verify.py dump --model DIR [--adapter RUN] (--data FILE | --ids "1 2 3") --out golden.safetensors
+    python verify.py compare golden.safetensors theirs.safetensors
+    python verify.py hf --model DIR              # the same tensors from transformers, compared with ours
+
+`dump` runs moe.py's plain path (the loop over experts) on a few sequences and writes the intermediate tensors
+of the forward pass into one safetensors file, with a JSON header ("verify") listing each tensor's name, shape,
+dtype, layer and what it is (WHAT below), in forward order. Names are the hub's module names (a module's
+output), so the matching tensor is easy to find in any implementation; token n of a (N, ...) tensor is b*T + t.
+Sequences are cut to one length: no position is padding, so every implementation computes every one.
+To check your implementation, save the same names (any subset) with safetensors' save_file and run compare.
+
+Tolerance (compare): |theirs - golden| <= 16 * u * depth * max|golden| for every token; u is the unit roundoff
+of the coarser of the two runs' dtypes (finfo.eps / 2: fp32 6.0e-8, bf16 2^-8 = 3.9e-3), depth the number of layers the
+value has been through (1: embeddings, i + 2: layer i, L + 2: after the last; twice that for gradients). Each
+layer has a few rounded operations that another implementation may round the other way (another summation
+order, a fused kernel): errors of a few u of the tensor's scale per layer, adding up layer by layer.
+Routing: top-k sets are compared per token. A flip is a near-tie when the golden run's gap between the k-th and
+(k+1)-th router probability is below the router logits' tolerance: rounding alone can swap those experts, so it
+is reported, not failed. From then on the token's rows in that layer, and from the next layer on every later
+token of its sequence (attention carries the difference forward), are left out, as are the loss and gradients.
+"""
+import argparse
+import itertools
+import json
+import os
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import data
+import lora
+import moe
+
+load_model = moe.load_model  # the one place that names the loader
+FORMAT = "moe-lora verify 1"
+PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
+
+
+# ----------------------------------------------------------------------------- collecting
+
+def reference_path(model):  # the plain computation: set_reference where moe.py has it, else the expert loop
+    model.set_reference(True) if hasattr(model, "set_reference") else model.set_expert_path("loop")
+
+
+def rotate_half(x):  # [x1, x2] -> [-x2, x1], HF's RoPE convention (the two halves of each head)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def qkv_heads(cfg, attn, q, k, v, cos, sin):
+    """q, k after q/k norm, clip and RoPE, and v after clip, each (B, T, heads, S), from the projections (B, T, *).
+    The steps and their order are those of moe.Attention (and transformers): what forward hooks cannot see."""
+    B, T, S = q.shape[0], q.shape[1], cfg.head_dim
+    if cfg.qk_norm == "full":  # OLMoE: over the whole projection, before splitting into heads
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    if cfg.clip_qkv is not None:
+        q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    q, k, v = q.view(B, T, -1, S), k.view(B, T, -1, S), v.view(B, T, -1, S)  # (B, T, H|G, S)
+    if cfg.qk_norm == "head":  # Qwen3-MoE: per head
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+
+
+def rope_cos_sin(cfg, inv_freq, T, dtype):  # (1, T, 1, S) each, positions 0..T-1, computed in fp32 as moe.py
+    freqs = torch.arange(T, dtype=torch.float)[:, None] * inv_freq.float().cpu()  # (T, S/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[None, :, None], emb.sin().to(dtype)[None, :, None]
+
+
+def expert_rows(experts, h, idx, adapter=None):
+    """{e: (n_e, D)} each routed expert's unweighted output on its tokens (ascending), the obvious loop over
+    experts from the stacked weights gate_up_proj (E, 2I, D) = [gate; up] and down_proj (E, D, I). `adapter`:
+    lora.py's adapter inside the experts (its loop-path interface, the expert id as `at`)."""
+    rows = {}
+    for e in range(experts.gate_up_proj.shape[0]):
+        tok = (idx == e).any(dim=-1).nonzero().squeeze(1)  # (n,)
+        if len(tok):
+            x = h[tok]  # (n, D)
+            gu = F.linear(x, experts.gate_up_proj[e])  # (n, 2I)
+            gu = gu if adapter is None else adapter.gate_up(gu, x, e)
+            g, u = gu.chunk(2, dim=-1)
+            a = F.silu(g) * u  # (n, I)
+            y = F.linear(a, experts.down_proj[e])  # (n, D)
+            rows[e] = y if adapter is None else adapter.down(y, a, gu, x, e)
+    return rows
+
+
+def collect(model, cfg, ids, rope=None, grad=False):
+    """{name: tensor} of one forward pass (and, with grad, one backward of the loss into the adapters).
+    Forward hooks on the hub-named modules record their outputs; q/k after RoPE come from `rope` (a list the
+    forward fills with (q, k) per layer) or are recomputed from the projections. Works on moe.py's Transformer
+    and on transformers' models, which use the same module names."""
+    B, T = ids.shape
+    rec, inputs = {"input_ids": ids.cpu(), "attention_mask": torch.ones_like(ids.cpu())}, {}
+    modules = dict(model.named_modules())
+
+    def keep(name):  # o_proj: its input; others: the output (ours: (y, routing) from MoE and Block, HF (y, weights))
+        def hook(mod, args, out):
+            t = args[0] if name.endswith("o_proj") else out[0] if isinstance(out, tuple) else out
+            rec[name + ".input" * name.endswith("o_proj")] = t.detach().cpu().clone().reshape(B, T, -1)  # a copy: HF clamps v in place
+            inputs[name] = args  # the experts': (h, topk ids, topk weights)
+        return hook
+
+    handles = [mod.register_forward_hook(keep(name)) for name, mod in modules.items() if re.fullmatch(
+        r"model\.embed_tokens|model\.norm|model\.layers\.\d+(\.(input_layernorm|post_attention_layernorm|self_attn(\.[qkvo]_proj)?"
+        r"|mlp(\.gate|\.experts|\.shared_expert|\.shared_expert_gate)?))?", name)]
+    try:
+        with torch.set_grad_enabled(grad):
+            out = model(ids)
+            logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, V)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    finally:
+        for h in handles:
+            h.remove()
+    rec["lm_head"], rec["loss"] = logits.detach().cpu(), loss.detach().cpu()
+    inv_freq = getattr(model, "inv_freq", moe.rope_inv_freq(cfg))  # moe.py's buffer; transformers' has the same values
+    for i in range(cfg.num_hidden_layers):
+        p, attn = f"model.layers.{i}.", modules[f"model.layers.{i}.self_attn"]
+        with torch.no_grad():
+            cos, sin = rope_cos_sin(cfg, inv_freq, T, rec[p + "self_attn.q_proj"].dtype)
+            qkv = (rec[p + f"self_attn.{n}_proj"].to(ids.device) for n in "qkv")
+            q, k, v = (t.cpu() for t in qkv_heads(cfg, attn, *qkv, cos.to(ids.device), sin.to(ids.device)))
+        if rope:  # transformers' own q and k after RoPE (B, H, T, S)
+            q, k = (t.detach().cpu().transpose(1, 2) for t in rope[i])
+        rec[p + "self_attn.q"], rec[p + "self_attn.k"], rec[p + "self_attn.v"] = q, k, v
+        if p + "mlp.experts" in rec:
+            h, idx, w = inputs[p + "mlp.experts"]
+            rec[p + "mlp.topk_ids"], rec[p + "mlp.topk_weights"] = idx.reshape(B, T, -1).cpu(), w.detach().reshape(B, T, -1).cpu()
+            experts = modules[p + "mlp.experts"]
+            with torch.no_grad():
+                for e, y in expert_rows(experts, h, idx, getattr(experts, "adapter", None)).items():
+                    rec[f"{p}mlp.experts.{e}"] = y.cpu()
+    if grad:
+        loss.backward()
+        rec.update({f"grad.{n}": p.grad.detach().cpu() for n, p in lora.adapter_state(model).items() if p.grad is not None})
+    return {n: rec[n] for n in forward_order(cfg, rec)}
+
+
+WHAT = {  # a layer's tensors, in forward order: name after "model.layers.i." -> what it is
+    "input_layernorm": "(B, T, D) attention input norm",
+    "self_attn.q_proj": "(B, T, H*S) q projection (bias, LoRA included)",
+    "self_attn.k_proj": "(B, T, G*S) k projection", "self_attn.v_proj": "(B, T, G*S) v projection",
+    "self_attn.q": "(B, T, H, S) q after q/k norm, clip_qkv and RoPE", "self_attn.k": "(B, T, G, S) k, as q",
+    "self_attn.v": "(B, T, G, S) v after clip_qkv",
+    "self_attn.o_proj.input": "(B, T, H*S) attention output before o_proj", "self_attn": "(B, T, D) after o_proj",
+    "post_attention_layernorm": "(B, T, D) MLP input norm", "mlp.gate": "(B, T, E) router logits",
+    "mlp.topk_ids": "(B, T, K) chosen experts", "mlp.topk_weights": "(B, T, K) their weights",
+    "mlp.experts.*": "(n_e, D) expert e's unweighted output on its tokens (ascending), recomputed from the weights",
+    "mlp.experts": "(B, T, D) weighted sum of the routed experts",
+    "mlp.shared_expert": "(B, T, D) shared expert, before its gate", "mlp.shared_expert_gate": "(B, T, 1) its gate logit",
+    "mlp": "(B, T, D) MoE (or dense MLP) output", "": "(B, T, D) residual stream after the layer"}
+OUTSIDE = {"input_ids": "(B, T) token ids", "attention_mask": "(B, T) all 1: no padding", "model.embed_tokens":
+           "(B, T, D) embeddings", "model.norm": "(B, T, D) final norm", "lm_head": "(B, T, V) logits", "loss": "() loss"}
+
+
+def forward_order(cfg, rec):
+    """The names in `rec` in the order a forward pass makes them (the order compare walks); grad.* last."""
+    names = ["input_ids", "attention_mask", "model.embed_tokens"]
+    for i, part in itertools.product(range(cfg.num_hidden_layers), WHAT):
+        name = f"model.layers.{i}" + (f".{part}" if part else "")
+        names += [name.replace("*", str(e)) for e in range(cfg.num_experts)] if part.endswith("*") else [name]
+    names += ["model.norm", "lm_head", "loss"] + sorted(n for n in rec if n.startswith("grad."))
+    return [n for n in names if n in rec]
+
+
+def describe(name, L):
+    """dict(layer, depth, what) of a tensor name in an L-layer model: layer -1 before the first block, L after."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.?(.*)", name)
+    if m:
+        return dict(layer=int(m.group(1)), depth=int(m.group(1)) + 2, what=WHAT[re.sub(r"\d+$", "*", m.group(2))])
+    if name.startswith("grad."):
+        return dict(layer=L, depth=2 * (L + 2), what="d loss / d this adapter tensor, one step on this batch")
+    before = name in ("input_ids", "attention_mask", "model.embed_tokens")
+    return dict(layer=-1 if before else L, depth=1 if before else L + 2, what=OUTSIDE[name])
+
+
+# ----------------------------------------------------------------------------- the golden file
+
+def make_header(tensors, cfg, **about):
+    """The golden file's description: the model, how the tensors were made, and every tensor in forward order."""
+    entries = [dict(name=n, shape=list(t.shape), dtype=str(t.dtype)[6:], **describe(n, cfg.num_hidden_layers))
+               for n, t in tensors.items()]
+    return dict(format=FORMAT, model_type=cfg.model_type, fingerprint=cfg.fingerprint(),
+                num_hidden_layers=cfg.num_hidden_layers, **about, tensors=entries)
+
+
+def write_golden(path, tensors, header):
+    """One safetensors file; its metadata's "verify" entry is the header (JSON). Written atomically."""
+    tensors = {n: t.contiguous().clone() for n, t in tensors.items()}  # v may be a view of v_proj: one copy each
+    lora.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"verify": json.dumps(header)}))
+
+
+def read_tensors(path, need_header=False):
+    """({name: tensor}, header or None); a clear error naming the file when it is not what it should be."""
+    if not os.path.isfile(path):
+        raise OSError(f"{path}: file not found")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {n: f.get_tensor(n) for n in f.keys()}
+    except Exception as e:  # safetensors' own errors: not a safetensors file, truncated
+        raise ValueError(f"{path}: cannot read as safetensors ({e})") from None
+    try:
+        header = json.loads(meta["verify"]) if "verify" in meta else None
+        assert header is None or (header["format"] == FORMAT and {"name", "shape", "dtype", "layer", "depth", "what"} <= set(header["tensors"][0]))
+    except (ValueError, KeyError, TypeError, IndexError, AssertionError):
+        raise ValueError(f"{path}: its 'verify' header is not one this verify.py writes ({FORMAT})") from None
+    if need_header and header is None:
+        raise ValueError(f"{path}: not a golden file (no 'verify' header; make one with `verify.py dump`)")
+    return tensors, header
+
+
+# ----------------------------------------------------------------------------- compare
+
+def routing_flips(g_ids, t_ids, g_logits, tol):
+    """(N,) masks: tokens whose top-k sets differ, and the near-ties among them (golden gap between the k-th and
+    (k+1)-th router probability below `tol`); and the gaps."""
+    K = g_ids.shape[-1]
+    flip = (g_ids.reshape(-1, K).sort(-1).values != t_ids.reshape(-1, K).sort(-1).values).any(-1)  # (N,)
+    p = torch.softmax(g_logits.reshape(flip.shape[0], -1).float(), dim=-1).sort(-1, descending=True).values
+    gap = p[:, K - 1] - p[:, K] if p.shape[1] > K else torch.ones_like(p[:, 0])  # (N,); K = E: nothing to flip
+    return flip, flip & (gap < tol), gap
+
+
+def tolerance(g, t, depth, run_dtypes=()):
+    """The rule of the docstring: 16 unit roundoffs per layer passed, of the tensor's largest golden value. The
+    coarser dtype is that of the tensors or of the runs (the loss and gradients are fp32 also in a bf16 run)."""
+    u = max(torch.finfo(d).eps for d in (g.dtype, t.dtype, *run_dtypes)) / 2  # unit roundoff of the coarser dtype
+    return PER_LAYER * u * depth * max(g.abs().max().item(), 1e-30)
+
+
+def close(g, t, tokens, skip, depth, run_dtypes):
+    """(max abs err, err / tol, first failing token or None, note) of t against g, (M, ...) rows of `tokens`
+    (None: one whole, as the loss, not failed once any token is excused); rows of `skip` tokens are left out."""
+    tol = tolerance(g, t, depth, run_dtypes)
+    diff = (t.float() - g.float()).abs().reshape(1 if tokens is None else len(tokens), -1).amax(-1)  # (M,) per row
+    skip = skip.any().reshape(1) if tokens is None else skip[tokens]
+    bad, err = (diff > tol) & ~skip, diff.max().item() if diff.numel() else 0.0
+    if bad.any():
+        return err, err / tol, -1 if tokens is None else int(tokens[bad][0]), f"max abs err {diff[bad].max():.3g} > tol {tol:.3g}"
+    return err, err / tol, None, "rows after a near-tie flip left out" if skip.any() else ""
+
+
+def compare(golden, theirs, header):
+    """Walk golden's tensors in forward order against theirs. Returns (rows, first divergence or None, missing):
+    a row is (name, max abs err, err / tolerance, note, failed); the divergence (name, layer, token or None)."""
+    (B, T), ids = golden["input_ids"].shape, golden["input_ids"].reshape(-1)
+    N = B * T
+    if "input_ids" in theirs and not torch.equal(theirs["input_ids"].reshape(-1), ids):
+        raise ValueError("theirs was computed on other input ids than the golden file's: nothing to compare")
+    run_dtypes = [f["model.embed_tokens"].dtype for f in (golden, theirs) if "model.embed_tokens" in f]
+    excused, pending = torch.zeros(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool)  # near-tie tokens
+    rows, first, missing, layer_now = [], None, [], -1
+    for ent in header["tensors"]:
+        name, layer, depth, g, t = ent["name"], ent["layer"], ent["depth"], golden[ent["name"]], theirs.get(ent["name"])
+        if layer > layer_now:  # a near-tie in layer i reaches the later tokens of its sequence from layer i+1 on
+            excused, layer_now = excused | pending, layer
+        expert = re.fullmatch(r"(.*\.mlp\.)experts\.(\d+)", name)
+        if t is None or (expert and expert.group(1) + "topk_ids" not in theirs):
+            missing.append(name)
+        if t is None or name in ("input_ids", "attention_mask") or name in missing:
+            continue
+        if name.endswith(".mlp.topk_ids"):
+            router = golden[name[:-8] + "gate"]
+            tol = tolerance(router, theirs.get(name[:-8] + "gate", router), depth, run_dtypes)
+            flip, near, gap = routing_flips(g, t, router, tol)
+            hard = flip & ~near & ~excused
+            err = ratio = float(hard.any())
+            token = int(hard.nonzero()[0]) if hard.any() else None
+            note = (f"top-k set differs, probability gap {gap[token]:.2g} >= {tol:.2g}" if token is not None else
+                    f"{int(near.sum())} near-tie flip(s), not failed: tokens {near.nonzero().squeeze(1).tolist()}" if near.any() else "")
+            excused |= near
+            for n in near.nonzero().squeeze(1).tolist():
+                pending[n: (n // T + 1) * T] = True
+        elif expert:  # the rows of the tokens routed to this expert in both runs
+            e = int(expert.group(2))
+            g_tok, t_tok = ((f[expert.group(1) + "topk_ids"].reshape(N, -1) == e).any(-1).nonzero().squeeze(1) for f in (golden, theirs))
+            if t.shape[0] != len(t_tok) or t.shape[1:] != g.shape[1:]:
+                err, ratio, token, note = 1.0, 1.0, -1, f"shape {tuple(t.shape)}: not one row per token routed here"
+            else:
+                both = g_tok[torch.isin(g_tok, t_tok)]
+                g, t = g[torch.searchsorted(g_tok, both)], t[torch.searchsorted(t_tok, both)]
+                err, ratio, token, note = close(g, t, both, excused, depth, run_dtypes)
+        elif g.shape != t.shape:
+            err, ratio, token, note = 1.0, 1.0, -1, f"shape {tuple(t.shape)}, golden {tuple(g.shape)}"
+        else:
+            per_token = g.dim() >= 2 and tuple(g.shape[:2]) == (B, T)
+            rows_of = (lambda x: x.reshape(N, -1)) if per_token else (lambda x: x)
+            err, ratio, token, note = close(rows_of(g), rows_of(t), torch.arange(N) if per_token else None, excused, depth,
+                                            run_dtypes)
+        rows.append((name, err, ratio, note, token is not None))
+        if token is not None and first is None:
+            first = (name, layer, None if token < 0 else token)
+    return rows, first, missing
+
+
+def print_report(rows, first, missing, header, golden_name, theirs_name):
+    """One line per tensor (one per layer for its experts), then the verdict; returns the exit status."""
+    print(f"verify: {theirs_name} against {golden_name} ({header['model_type']})\ntolerance per token: |theirs - golden| "
+          f"<= {PER_LAYER} u * depth * max|golden| (u: fp32 6.0e-8, bf16 3.9e-3); near-tie routing flips are not failed")
+    print(f"{'tensor':<46} {'max abs err':>11} {'err/tol':>8}")
+    for name, group in itertools.groupby(rows, key=lambda r: re.sub(r"experts\.\d+$", "experts.*", r[0])):
+        group = list(group)
+        bad = [r for r in group if r[4]]
+        if name.endswith("*"):
+            name, bad = f"{name} ({len(group)} experts)", [(*r[:3], f"expert {r[0].rsplit('.', 1)[1]}: {r[3]}", 1) for r in bad]
+        note = bad[0][3] if bad else next((r[3] for r in group if r[3]), "")
+        print(f"{name:<46} {max(r[1] for r in group):11.3g} {max(r[2] for r in group):8.3g}  "
+              f"{'DIVERGES' if bad else 'ok'} {note}".rstrip())
+    if missing:
+        print(f"not in {theirs_name} (not compared): {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} "
+              f"({len(missing)} tensors)")
+    if first is None:
+        print(f"verify: no divergence beyond tolerance ({len(rows)} tensors compared, {len(missing)} missing)")
+        return 0
+    (name, layer, token), T = first, header["tensors"][0]["shape"][1]
+    where = "before the first layer" if layer < 0 else "after the last layer" if layer >= header["num_hidden_layers"] else f"layer {layer}"
+    print(f"verify: first divergence: {where}, {name}" + (f", token (b{token // T}, t{token % T})" if token is not None else ""))
+    return 1
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="verify.py", description=__doc__.split("\n")[0], epilog=__doc__[__doc__.index(
+        "Tolerance"):], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    dump = sub.add_parser("dump", help="run the reference path and write golden tensors")
+    hf = sub.add_parser("hf", help="compare transformers' eager forward with ours, tensor by tensor")
+    for p in (dump, hf):
+        p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors)")
+        src = p.add_mutually_exclusive_group(required=p is dump)  # hf without either: fixed random ids
+        src.add_argument("--data", default=None, help=".jsonl records, tokenised with the model's tokenizer")
+        src.add_argument("--ids", default=None, help='token ids, "1 2 3"; several sequences of one length: "1 2, 3 4"')
+        p.add_argument("--samples", type=int, default=2, help="sequences (--data: the first N records)")
+        p.add_argument("--seq-len", type=int, default=16, help="at most this many tokens per sequence")
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+    dump.add_argument("--adapter", default=None, help="adapter directory written by train.py, applied on top")
+    dump.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype for the run")
+    dump.add_argument("--grad", action="store_true", help="also the loss gradients of the adapter tensors (needs --adapter)")
+    dump.add_argument("--out", required=True, help="the golden .safetensors file to write")
+    cmp = sub.add_parser("compare", help="compare a file of tensors with a golden file, in forward order")
+    cmp.add_argument("golden", help="golden file from `verify.py dump`")
+    cmp.add_argument("theirs", help="safetensors file with (some of) the same names, from your implementation")
+    args = ap.parse_args(argv)
+    if args.cmd != "compare" and (args.samples < 1 or args.seq_len < 2):
+        ap.error("--samples must be at least 1 and --seq-len at least 2")
+    if args.cmd == "dump" and args.grad and args.adapter is None:
+        ap.error("--grad needs --adapter (the gradients recorded are the adapter tensors')")
+    return args
+
+
+def input_ids(args, cfg):
+    """(B, T) ids from --ids or --data (cut to the shortest sequence: no padding), else fixed random ids."""
+    if args.ids is not None:
+        seqs = [part.split() for part in args.ids.split(",")]
+        if not all(x.isdigit() for s in seqs for x in s) or len({len(s) for s in seqs}) != 1 or len(seqs[0]) < 2:
+            raise ValueError(f"--ids {args.ids!r}: need integers, at least 2 per sequence, every sequence as long")
+    elif args.data is not None:
+        records = data.read_jsonl(args.data)
+        data.check_records(records, args.data)
+        tok = data.load_tokenizer(args.model)
+        seqs = [data.encode_example(tok, r, args.seq_len)[0] for r in records[: args.samples]]
+        if min(map(len, seqs)) < 2:
+            raise ValueError(f"{args.data}: a record has fewer than 2 tokens")
+    else:
+        return torch.randint(3, cfg.vocab_size, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[int(x) for x in s[: min(map(len, seqs))]] for s in seqs])  # (B, T)
+    if ids.max() >= cfg.vocab_size:
+        raise ValueError(f"{'--ids' if args.ids else args.data}: token id {int(ids.max())} >= vocab_size {cfg.vocab_size}")
+    return ids
+
+
+def run_dump(args):
+    if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise OSError(f"{args.out}: not a file in an existing directory")
+    device = moe.pick_device(args.device)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    if args.adapter is not None:
+        lora.load_adapter(model, args.adapter)  # refuses an adapter made for another base
+    reference_path(model)
+    ids = input_ids(args, model.config)
+    tensors = collect(model, model.config, ids.to(device), grad=args.grad)
+    write_golden(args.out, tensors, make_header(tensors, model.config, model=args.model, adapter=args.adapter))
+    print(f"verify: wrote {len(tensors)} tensors ({os.path.getsize(args.out) / 2**20:.1f} MiB; {ids.shape[0]} x "
+          f"{ids.shape[1]} tokens, {model.config.model_type}, {args.dtype}) to {args.out}")
+    return 0
+
+
+def run_compare(args):
+    golden, header = read_tensors(args.golden, need_header=True)
+    rows, first, missing = compare(golden, read_tensors(args.theirs)[0], header)
+    return print_report(rows, first, missing, header, args.golden, args.theirs)
+
+
+def collect_hf(hf, cfg, ids):
+    """collect() on a transformers model, with its own q and k after RoPE: its modeling module's
+    apply_rotary_pos_emb is wrapped for the pass to record what it returns."""
+    modeling = sys.modules[type(hf).__module__]
+    seen, plain = [], modeling.apply_rotary_pos_emb
+    modeling.apply_rotary_pos_emb = lambda q, k, *a, **kw: seen.append(plain(q, k, *a, **kw)) or seen[-1]
+    try:
+        return collect(hf, cfg, ids, rope=seen)
+    finally:
+        modeling.apply_rotary_pos_emb = plain
+
+
+def run_hf(args):
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("verify.py hf needs transformers (pip install transformers); dump and compare do not") from None
+    device = moe.pick_device(args.device)
+    ours = load_model(args.model, dtype=torch.float32, device=device)
+    reference_path(ours)
+    ids = input_ids(args, ours.config).to(device)
+    golden = collect(ours, ours.config, ids)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager",
+                                                           experts_implementation="eager", dtype=torch.float32)
+    theirs = collect_hf(hf.to(device).eval(), ours.config, ids)
+    header = make_header(golden, ours.config)
+    rows, first, missing = compare(golden, theirs, header)
+    return print_report(rows, first, missing, header, "moe.py", f"transformers {transformers.__version__} (eager)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:  # exit 1: a divergence; 2: bad input
+        code = {"dump": run_dump, "compare": run_compare, "hf": run_hf}[args.cmd](args)
+    except (ValueError, OSError) as e:  # ConfigError, CheckpointError, AdapterError, DataError are ValueErrors
+        print(f"verify: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
