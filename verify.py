@@ -34,10 +34,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import data
+import hub
+import kernels
 import lora
 import moe
 
-load_model = moe.load_model  # the one place that names the loader
+load_model = hub.load_model
 FORMAT = "moe-lora verify 1"
 PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
 
@@ -45,7 +47,7 @@ PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
 # ----------------------------------------------------------------------------- collecting
 
 def reference_path(model):  # the plain computation: set_reference where moe.py has it, else the expert loop
-    model.set_reference(True) if hasattr(model, "set_reference") else model.set_expert_path("loop")
+    model.set_reference(True)
 
 
 def rotate_half(x):  # [x1, x2] -> [-x2, x1], HF's RoPE convention (the two halves of each head)
@@ -76,18 +78,20 @@ def rope_cos_sin(cfg, inv_freq, T, dtype):  # (1, T, 1, S) each, positions 0..T-
 def expert_rows(experts, h, idx, adapter=None):
     """{e: (n_e, D)} each routed expert's unweighted output on its tokens (ascending), the obvious loop over
     experts from the stacked weights gate_up_proj (E, 2I, D) = [gate; up] and down_proj (E, D, I). `adapter`:
-    lora.py's adapter inside the experts (its loop-path interface, the expert id as `at`)."""
+    the adapter inside the experts (lora.ExpertLoRA, PERFT-E), called as moe.Experts' loop calls it."""
     rows = {}
     for e in range(experts.gate_up_proj.shape[0]):
         tok = (idx == e).any(dim=-1).nonzero().squeeze(1)  # (n,)
         if len(tok):
             x = h[tok]  # (n, D)
             gu = F.linear(x, experts.gate_up_proj[e])  # (n, 2I)
-            gu = gu if adapter is None else adapter.gate_up(gu, x, e)
+            if adapter is not None:
+                at = adapter.prepare(kernels.ExpertGroups.single(e, tok, len(experts.gate_up_proj)), h)
+                gu = adapter.gate_up(gu, x, at)
             g, u = gu.chunk(2, dim=-1)
             a = F.silu(g) * u  # (n, I)
             y = F.linear(a, experts.down_proj[e])  # (n, D)
-            rows[e] = y if adapter is None else adapter.down(y, a, gu, x, e)
+            rows[e] = y if adapter is None else adapter.down(y, a, gu, x, at)
     return rows
 
 
