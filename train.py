@@ -126,8 +126,8 @@ def train(args, rank, world, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     end = min(total, args.stop_after) if args.stop_after else total
-    dmep = adapter_config["method"] == "dmep"
-    prune_at = max(1, int(args.dmep_warmup * total)) if dmep else None
+    is_dmep = adapter_config["method"] == "dmep"
+    prune_at = max(1, int(args.dmep_warmup * total)) if is_dmep else None
     params = list(master.values()) if master else list(state.values())
     with checkpoint.Interrupts() as interrupts:
         for step in range(start, end):
@@ -139,7 +139,7 @@ def train(args, rank, world, device):
                 group["lr"] = lr
             batches, n_targets = data.step_batches(examples, schedule[step], tok.pad_id, rank, world)
             step_loss, step_aux, n_tokens = train_step(args, model, opt, state, master, params, batches, n_targets, step,
-                                                       dmep and step < prune_at, device, world)
+                                                       is_dmep and step < prune_at, device, world)
             dt = time.time() - t0
             tokens_seen += n_tokens
             entry = dict(step=step + 1, loss=round(step_loss, 6), lr=lr, tok_s=round(n_tokens / dt, 1),

@@ -190,7 +190,7 @@ def make_header(tensors, cfg, **about):
     """The golden file's description: the model, how the tensors were made, and every tensor in forward order."""
     entries = [dict(name=n, shape=list(t.shape), dtype=str(t.dtype)[6:], **describe(n, cfg.num_hidden_layers))
                for n, t in tensors.items()]
-    return dict(format=FORMAT, model_type=cfg.model_type, fingerprint=cfg.fingerprint(),
+    return dict(format=FORMAT, model_type=cfg.model_type, fingerprint=lora.fingerprint(cfg),
                 num_hidden_layers=cfg.num_hidden_layers, **about, tensors=entries)
 
 
@@ -384,7 +384,7 @@ def input_ids(args, cfg):
 def run_dump(args):
     if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise OSError(f"{args.out}: not a file in an existing directory")
-    device = moe.pick_device(args.device)
+    device = hub.pick_device(args.device)
     model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
     if args.adapter is not None:
         lora.load_adapter(model, args.adapter)  # refuses an adapter made for another base
@@ -420,7 +420,7 @@ def run_hf(args):
         import transformers
     except ImportError:
         raise ValueError("verify.py hf needs transformers (pip install transformers); dump and compare do not") from None
-    device = moe.pick_device(args.device)
+    device = hub.pick_device(args.device)
     ours = load_model(args.model, dtype=torch.float32, device=device)
     reference_path(ours)
     ids = input_ids(args, ours.config).to(device)

@@ -6,14 +6,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import hub
 import lora
-import moe
 import verify
 from conftest import FP32_VARIANTS, VARIANTS, make_ids
 
 
 def ours(path, dtype=torch.float32):
-    model = moe.load_model(str(path), dtype=dtype)
+    model = hub.load_model(str(path), dtype=dtype)
     verify.reference_path(model)
     return model
 
@@ -169,13 +169,13 @@ def test_missing_tensors_listed_not_fatal(checkpoints, tmp_path, capsys):
 def test_grad_of_adapter_tensors(checkpoints, tmp_path, capsys):
     """--grad records d loss / d every adapter tensor, equal to autograd's through the model's own (fast) path."""
     path = checkpoints("olmoe").path
-    model = moe.load_model(str(path), dtype=torch.float32)
+    model = hub.load_model(str(path), dtype=torch.float32)
     config = lora.attach(model, "lora", r=4, alpha=8)
     with torch.no_grad():
         for n, p in lora.adapter_state(model).items():
             p.normal_(0, 0.05) if "B" in n.rsplit(".", 1)[-1] else None  # B != 0: every factor gets a gradient
     lora.save_adapter(model, tmp_path / "run", {**config, "base": dict(model_type=model.config.model_type,
-                                                                       fingerprint=model.config.fingerprint())})
+                                                                       fingerprint=lora.fingerprint(model.config))})
     out = tmp_path / "g.safetensors"
     code, _, err = run_cli(["dump", "--model", path, "--adapter", tmp_path / "run", "--ids", "4 5 6 7 8 9", "--grad",
                             "--out", out], capsys)
