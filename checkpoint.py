@@ -19,6 +19,7 @@ import threading
 import torch
 from safetensors.torch import load_file
 
+import dmep
 import lora
 import parallel
 
@@ -104,7 +105,7 @@ def restore(args, ckpt, model, opt, state, master, device, world):
     if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(ckpt["cuda_rng"])
     for n, m in model.named_modules():
-        if isinstance(m, lora.LoRAMoELinear):
+        if isinstance(m, dmep.LoRAMoELinear):
             m.util.copy_(ckpt["dmep_util"][n])
     print(f"resumed at step {ckpt['step']}")
     return ckpt["step"], ckpt["log"]

@@ -9,7 +9,7 @@
   adapting only the most-routed experts (MoE-Sieve) really saves the work of the others.
 - `attach` places the adapters of every method: for the LoRA methods attention q/k/v/o always, and for the
   expert methods also the router, the shared expert, dense MLP layers and the planned routed experts; PERFT's
-  adapters (perft.py; PERFT-E's ExpertAdapter here) and DMEP's LoRA-MoE modules (dmep.py). The whole network is
+  adapters (perft.py) and DMEP's LoRA-MoE modules (dmep.py). The whole network is
   frozen once; only adapter tensors train. Adapters save as adapter.safetensors + adapter_config.json.
 Adapter weights are kept in fp32 and cast to the activations' dtype for the products (mixed precision).
 
@@ -31,8 +31,8 @@ import dmep
 import kernels
 import moe
 import perft
-from dmep import LoRAMoELinear  # noqa: F401  (lora.LoRAMoELinear, as train.py and bench.py name it)
-from perft import ParallelAdapter  # noqa: F401
+from dmep import LoRAMoELinear
+from perft import ExpertAdapter, ParallelAdapter
 
 LORA_METHODS = ("lora", "attn", "sieve", "random", "coverage", "budget")  # plain LoRA: mergeable, exportable
 EXPERT_METHODS = ("lora", "sieve", "random", "coverage", "budget")  # LoRA on routed experts
@@ -181,60 +181,7 @@ class ExpertLoRA(nn.Module):
         self.merged = sign > 0
 
 
-# ----------------------------------------------------------------------------- PERFT-E (perft.py: S, D, R)
-
-class ExpertAdapter(nn.Module):
-    """PERFT-E (perft.py has the other three variants): an adapter B_e act(A_e x) inside every routed expert e,
-    added to the expert's output, so the frozen base router weights it: y = sum_i w_i (E_i(h) + adapter_i(h)).
-    Runs in moe.Experts on the (token, expert) pairs the router chose only, as grouped products over the
-    layer's sorted rows, with ExpertLoRA's machinery (which is why it lives here). Initialised as PERFT's
-    public code (perft.init_factors; `init="kaiming"` for LoRA's A kaiming, B = 0)."""
-
-    def __init__(self, experts, r, alpha, act="identity", dropout=0.0, rslora=False, init="theirs"):
-        super().__init__()
-        E, D, dev = experts.E, experts.gate_up_proj.shape[-1], experts.gate_up_proj.device
-        self.A, self.B = perft.init_factors(E, r, D, D, init, dev)  # (E, r, D), (E, D, r)
-        self.act, self.scale = perft.ACTS[act](), lora_scale(r, alpha, rslora)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.groupable, self.reference = kernels.can_group(D, experts.I), experts.reference
-
-    def prepare(self, g, x):  # moe.Experts' protocol; plain: the rows lo:hi of each expert e with rows
-        if self.reference or not self.groupable:
-            return g.spans(range(len(g.counts)))
-        return g.offs, x, g.token
-
-    def gate_up(self, gu, x, at):
-        return gu
-
-    def down(self, y, h, gu, x, at):  # y (rows, D) + scale B_e act(A_e x), x (rows, D); act(0) = 0: rank padding is exact
-        if self.reference or not self.groupable:
-            x, out = self.dropout(x), torch.zeros_like(y)
-            for e, lo, hi in at:
-                out[lo:hi] = F.linear(self.act(F.linear(x[lo:hi], self.A[e].to(x.dtype))), self.B[e].to(x.dtype)) * self.scale
-            return y + out
-        offs, src, token = at
-        A, B = kernels.grouped_lora_factors(self.A, self.B, self.scale, x.dtype)
-        z = self.act(kernels.a_product(self.dropout, x, A, offs, src, token))  # (P, rp)
-        return y.add_(kernels.grouped_mm(z, B.transpose(1, 2), offs=offs))  # in place: y is a grouped_mm output
-
-
 # ----------------------------------------------------------------------------- attach
-
-def _attach_perft(mlp, method, cfg, r, alpha, dropout, rslora, o):
-    """PERFT's adapter of one MoE layer: inside its experts (E) or beside the block (S, D, R)."""
-    if method == "perft-e":
-        mlp.experts.adapter = ExpertAdapter(mlp.experts, r, alpha, o["act"], dropout, rslora, o["perft_init"])
-        return
-    D, dev, scale = cfg.hidden_size, mlp.gate.weight.device, lora_scale(r, alpha, rslora)
-    common = dict(act=o["act"], dropout=dropout, init=o["perft_init"], device=dev)
-    if method == "perft-s":
-        mlp.adapter = perft.perft_s(D, r, scale, **common)
-    elif method == "perft-d":
-        mlp.adapter = perft.perft_d(D, o["perft_shared"], r, scale, **common)
-    else:  # PERFT-R renormalises its top-K weights as the base model renormalises its own, unless told
-        renorm = cfg.norm_topk_prob if o["perft_renorm"] is None else bool(o["perft_renorm"])
-        mlp.adapter = perft.perft_r(D, o["perft_experts"], o["perft_topk"], renorm, r, scale, **common)
-
 
 def _wrap(parent, name, **kw):
     setattr(parent, name, LoRALinear(getattr(parent, name), **kw))
@@ -276,7 +223,7 @@ def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None, **opti
             continue
         if method.startswith("perft"):  # beside (S/D/R) or inside (E) the MoE block; attention untouched
             if moe_layer:
-                _attach_perft(mlp, method, cfg, r, alpha, dropout, rslora, o)
+                perft.attach(mlp, method, cfg, r, scale, dropout, o)
             continue
         for name in ATTN:
             _wrap(block.self_attn, name, **kw)

@@ -36,7 +36,7 @@ def memory_label(device):
 def dmep_prune(model, opt, args, n_before, log):
     """Prune, report counts / parameters / throughput before and after, return the optimizer's new params."""
     for m in model.modules():  # torchrun: the utilization over all ranks' tokens, so all prune alike
-        if isinstance(m, lora.LoRAMoELinear):
+        if isinstance(m, dmep.LoRAMoELinear):
             m.util.copy_(parallel.all_sum(m.util) / parallel.world())
     report = dmep.prune(model, opt, args.dmep_tau)
     n_after = lora.count_trainable(model)

@@ -8,8 +8,8 @@ variants, one constructor each below (lora.attach calls them, one per MoE layer)
     perft_r   PERFT-R  N adapters and a NEW trainable router D -> N: top-K per token, each chosen adapter
                        weighted by that router's own softmax weight                (ParallelAdapter + router)
     perft_e   PERFT-E  one adapter inside every routed expert, weighted by the frozen base router's top-k
-                       weights (lora.ExpertAdapter: it runs in the expert hook of moe.Experts, beside
-                       ExpertLoRA, on the (token, expert) pairs the base router chose)
+                       weights (ExpertAdapter: it runs in the expert hook of moe.Experts, as
+                       lora.ExpertLoRA does, on the (token, expert) pairs the base router chose)
 
 Faithful to the public code of the paper (github.com/yuninxia/moe-routing-bench, 3rdparty/PERFT-MoE):
 - initialisation (commonsense/utils.py: init_trainable_parameters): every adapter's A (r x D) ~ N(0,1)*sqrt(2/r),
@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
 import moe
 
 INITS = ("theirs", "kaiming")
@@ -127,6 +128,64 @@ def perft_r(D, n, k, renorm, r, scale, act="identity", dropout=0.0, init="theirs
     if not 1 <= k <= n:
         raise ValueError(f"--perft-topk {k} must be between 1 and --perft-experts {n}")
     return ParallelAdapter(D, n, r, scale, act, k, renorm, dropout, init, device)
+
+
+class ExpertAdapter(nn.Module):
+    """PERFT-E: an adapter B_e act(A_e x) inside every routed expert e,
+    added to the expert's output, so the frozen base router weights it: y = sum_i w_i (E_i(h) + adapter_i(h)).
+    Runs in moe.Experts' adapter hook (the protocol in its docstring), on the (token, expert) pairs the router
+    chose only: plain, expert by expert; fast, as kernels.py's grouped products over the layer's sorted rows
+    (the same as lora.ExpertLoRA's). Initialised as PERFT's public code (init_factors)."""
+
+    def __init__(self, experts, r, scale, act="identity", dropout=0.0, init="theirs"):
+        super().__init__()
+        E, D, dev = experts.E, experts.gate_up_proj.shape[-1], experts.gate_up_proj.device
+        self.A, self.B = init_factors(E, r, D, D, init, dev)  # (E, r, D), (E, D, r)
+        self.act, self.scale = ACTS[act](), scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.groupable, self.reference = kernels.can_group(D, experts.I), experts.reference
+
+    def prepare(self, g, x):  # moe.Experts' protocol; plain: the rows lo:hi of each expert e with rows
+        if self.reference or not self.groupable:
+            return g.spans(range(len(g.counts)))
+        return g.offs, x, g.token
+
+    def gate_up(self, gu, x, at):
+        return gu
+
+    def down(self, y, h, gu, x, at):  # y (rows, D) + scale B_e act(A_e x), x (rows, D); act(0) = 0: rank padding is exact
+        if self.reference or not self.groupable:
+            x, out = self.dropout(x), torch.zeros_like(y)
+            for e, lo, hi in at:
+                out[lo:hi] = F.linear(self.act(F.linear(x[lo:hi], self.A[e].to(x.dtype))), self.B[e].to(x.dtype)) * self.scale
+            return y + out
+        offs, src, token = at
+        A, B = kernels.grouped_lora_factors(self.A, self.B, self.scale, x.dtype)
+        z = self.act(kernels.a_product(self.dropout, x, A, offs, src, token))  # (P, rp)
+        return y.add_(kernels.grouped_mm(z, B.transpose(1, 2), offs=offs))  # in place: y is a grouped_mm output
+
+
+
+def perft_e(experts, r, scale, act="identity", dropout=0.0, init="theirs"):
+    """PERFT-E: one adapter inside every routed expert of `experts` (moe.Experts), weighted by the base router."""
+    return ExpertAdapter(experts, r, scale, act, dropout, init)
+
+
+def attach(mlp, method, cfg, r, scale, dropout, options):
+    """PERFT's adapter of one MoE layer `mlp` (moe.MoE): inside its experts (E) or beside the block (S, D, R).
+    options: lora.OPTIONS's act, perft_init, perft_shared, perft_experts, perft_topk, perft_renorm."""
+    o, D, dev = options, cfg.hidden_size, mlp.gate.weight.device
+    if method == "perft-e":
+        mlp.experts.adapter = perft_e(mlp.experts, r, scale, o["act"], dropout, o["perft_init"])
+        return
+    common = dict(act=o["act"], dropout=dropout, init=o["perft_init"], device=dev)
+    if method == "perft-s":
+        mlp.adapter = perft_s(D, r, scale, **common)
+    elif method == "perft-d":
+        mlp.adapter = perft_d(D, o["perft_shared"], r, scale, **common)
+    else:  # PERFT-R renormalises its top-K weights as the base model renormalises its own, unless told
+        renorm = cfg.norm_topk_prob if o["perft_renorm"] is None else bool(o["perft_renorm"])
+        mlp.adapter = perft_r(D, o["perft_experts"], o["perft_topk"], renorm, r, scale, **common)
 
 
 def balance_loss(model, attention_mask=None, all_sum=None):
