@@ -40,7 +40,7 @@ RECIPE = dict(
     method="perft-r",
     rank=8, alpha=16,  # math/OLMoE-1B-7B.lora.sh: configs "8 16 ... 4 2 8.4-2" (r 8, alpha 2r)
     perft_experts=4, perft_topk=2,  # the same script's "4 2" (N = 4 adapter experts, top-2)
-    perft_renorm=None,  # None: as the base model's norm_topk_prob (modeling_olmoe.py, OlmoeSparseMoeBlock)
+    perft_renorm="base",  # as the base model's norm_topk_prob (modeling_olmoe.py, OlmoeSparseMoeBlock)
     perft_aux_coef=0.01,  # configuration_olmoe.py: shared_routing_adapter_router_aux_loss_coef=0.01
     aux_coef=0.01,  # the base router's loss is on too: finetune.py output_router_logits=True, router_aux_loss_coef 0.01
     adapter_act="identity",  # adapter_type 'LoRA' (OlmoeBlockLoraExpert)

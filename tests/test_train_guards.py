@@ -247,3 +247,13 @@ def test_recipe_sets_defaults_and_explicit_flags_win(ckpt, train_file):
     a = train.flags.parse_args(["--model", ckpt, "--data", train_file, "--recipe", "moe-sieve", "--allow-long-seq",
                                 "--lr", "1e-3"])
     assert (a.loss_on, a.schedule, a.grad_accum, a.seq_len, a.rank, a.alpha, a.lr) == ("all", "linear", 8, 2048, 32, 64, 1e-3)
+
+
+@pytest.mark.parametrize("recipe", ["moe-sieve", "perft", "dmep"])
+def test_every_recipe_is_a_valid_run(ckpt, train_file, tmp_path, recipe):
+    """Each paper's recipe gives flag values train.py accepts, and builds its adapters (a dry run)."""
+    a = train.flags.parse_args(["--model", ckpt, "--data", train_file, "--recipe", recipe, "--allow-long-seq"])
+    for dest, value in train.flags.RECIPES[recipe].items():
+        assert getattr(a, dest) == value, dest
+    assert train.main(["--model", ckpt, "--recipe", recipe, "--allow-long-seq", "--dry-run",
+                       "--out", str(tmp_path / "o")]) == 0
