@@ -86,6 +86,10 @@ def finish(args, model, adapter_config, log, run):
     checkpoint.write_json(os.path.join(args.out, "summary.json"), summary)
     print(f"done: {summary['trainable_params']:,} trainable params | adapter {size / 2**20:.2f} MiB | {wall:.1f}s | "
           f"{summary['tok_s']:,.0f} tok/s | final loss {summary['final_loss']}")
+    for name, what in (("plan.json", "adapted experts per layer"), ("profile.json", "the routing profile"),
+                       ("dmep.json", "DMEP's pruning report"), ("dmep_utilization.png", "DMEP's utilization")):
+        if os.path.exists(os.path.join(args.out, name)):  # the methods that make them
+            written.append(f"{name} ({what})")
     written += ["log.jsonl (one line per step)", "summary.json", "checkpoint.pt + its tensors (for --resume)"]
     if plot_log(log, os.path.join(args.out, "loss.png")):
         written.append("loss.png (loss and lr against step)")

@@ -64,7 +64,8 @@ def train(args, rank, world, device):
     model, tok = build_model(args, dtype, device, world)
     cfg = model.config
     print(f"train.py: {cfg.model_type} {cfg.num_hidden_layers} layers x {cfg.num_experts} experts top-{cfg.num_experts_per_tok}"
-          f" | base {dtype} on {device} | method {args.method} r={args.rank} alpha={args.alpha:g}")
+          f" | base {dtype} on {device} | " + (f"adapter {args.adapter}" if args.adapter else
+                                                  f"method {args.method} r={args.rank} alpha={args.alpha:g}"))
     if args.adapter:  # export a saved adapter, no training
         adapter_config = lora.load_adapter(model, args.adapter)
         for w in outputs.write_exports(args, model, adapter_config):
