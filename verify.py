@@ -39,41 +39,11 @@ import kernels
 import lora
 import moe
 
-load_model = hub.load_model
 FORMAT = "moe-lora verify 1"
 PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
 
 
 # ----------------------------------------------------------------------------- collecting
-
-def reference_path(model):  # the plain computation: set_reference where moe.py has it, else the expert loop
-    model.set_reference(True)
-
-
-def rotate_half(x):  # [x1, x2] -> [-x2, x1], HF's RoPE convention (the two halves of each head)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def qkv_heads(cfg, attn, q, k, v, cos, sin):
-    """q, k after q/k norm, clip and RoPE, and v after clip, each (B, T, heads, S), from the projections (B, T, *).
-    The steps and their order are those of moe.Attention (and transformers): what forward hooks cannot see."""
-    B, T, S = q.shape[0], q.shape[1], cfg.head_dim
-    if cfg.qk_norm == "full":  # OLMoE: over the whole projection, before splitting into heads
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    if cfg.clip_qkv is not None:
-        q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-    q, k, v = q.view(B, T, -1, S), k.view(B, T, -1, S), v.view(B, T, -1, S)  # (B, T, H|G, S)
-    if cfg.qk_norm == "head":  # Qwen3-MoE: per head
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
-
-
-def rope_cos_sin(cfg, inv_freq, T, dtype):  # (1, T, 1, S) each, positions 0..T-1, computed in fp32 as moe.py
-    freqs = torch.arange(T, dtype=torch.float)[:, None] * inv_freq.float().cpu()  # (T, S/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[None, :, None], emb.sin().to(dtype)[None, :, None]
-
 
 def expert_rows(experts, h, idx, adapter=None):
     """{e: (n_e, D)} each routed expert's unweighted output on its tokens (ascending), the obvious loop over
@@ -95,44 +65,46 @@ def expert_rows(experts, h, idx, adapter=None):
     return rows
 
 
-def collect(model, cfg, ids, rope=None, grad=False):
-    """{name: tensor} of one forward pass (and, with grad, one backward of the loss into the adapters).
-    Forward hooks on the hub-named modules record their outputs; q/k after RoPE come from `rope` (a list the
-    forward fills with (q, k) per layer) or are recomputed from the projections. Works on moe.py's Transformer
-    and on transformers' models, which use the same module names."""
+def collect(model, cfg, ids, grad=False):
+    """{name: tensor} of one forward pass (and, with grad, one backward of the loss into the adapters), in forward
+    order. Forward hooks on the modules named in WHAT record their outputs, so this works on moe.py's Transformer
+    and on transformers' models, which use the same names. q and k after RoPE, which no hook sees, are what the
+    model's own RoPE function returns, wrapped for the pass: moe.apply_rope (called for q, then for k) or
+    transformers' apply_rotary_pos_emb (both at once)."""
     B, T = ids.shape
-    rec, inputs = {"input_ids": ids.cpu(), "attention_mask": torch.ones_like(ids.cpu())}, {}
-    modules = dict(model.named_modules())
+    rec, inputs, rope = {"input_ids": ids.cpu(), "attention_mask": torch.ones_like(ids.cpu())}, {}, []
 
     def keep(name):  # o_proj: its input; others: the output (ours: (y, routing) from MoE and Block, HF (y, weights))
         def hook(mod, args, out):
             t = args[0] if name.endswith("o_proj") else out[0] if isinstance(out, tuple) else out
-            rec[name + ".input" * name.endswith("o_proj")] = t.detach().cpu().clone().reshape(B, T, -1)  # a copy: HF clamps v in place
+            # a copy: transformers clamps v in place
+            rec[name + ".input" * name.endswith("o_proj")] = t.detach().cpu().clone().reshape(B, T, -1)
             inputs[name] = args  # the experts': (h, topk ids, topk weights)
         return hook
 
-    handles = [mod.register_forward_hook(keep(name)) for name, mod in modules.items() if re.fullmatch(
-        r"model\.embed_tokens|model\.norm|model\.layers\.\d+(\.(input_layernorm|post_attention_layernorm|self_attn(\.[qkvo]_proj)?"
-        r"|mlp(\.gate|\.experts|\.shared_expert|\.shared_expert_gate)?))?", name)]
+    modules = dict(model.named_modules())
+    key = lambda name: re.sub(r"^model\.layers\.\d+", "model.layers.i", name)  # the name as WHAT writes it
+    handles = [m.register_forward_hook(keep(n)) for n, m in modules.items() if {key(n), key(n) + ".input"} & WHAT.keys()]
+    modeling = sys.modules[type(model).__module__]
+    fn = "apply_rope" if modeling is moe else "apply_rotary_pos_emb"
+    plain = getattr(modeling, fn)
+    setattr(modeling, fn, lambda *a, **kw: rope.append(plain(*a, **kw)) or rope[-1])
     try:
         with torch.set_grad_enabled(grad):
             out = model(ids)
             logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, V)
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     finally:
+        setattr(modeling, fn, plain)
         for h in handles:
             h.remove()
-    rec["lm_head"], rec["loss"] = logits.detach().cpu(), loss.detach().cpu()
-    inv_freq = getattr(model, "inv_freq", moe.rope_inv_freq(cfg))  # moe.py's buffer; transformers' has the same values
+    rec["lm_head"], rec["loss"] = logits.detach().cpu(), loss.detach().cpu()  # lm_head: also when tied (no module)
+    qk = [t.detach().transpose(1, 2).cpu() for r in rope for t in (r if isinstance(r, tuple) else [r])]  # (B, T, H|G, S)
     for i in range(cfg.num_hidden_layers):
-        p, attn = f"model.layers.{i}.", modules[f"model.layers.{i}.self_attn"]
-        with torch.no_grad():
-            cos, sin = rope_cos_sin(cfg, inv_freq, T, rec[p + "self_attn.q_proj"].dtype)
-            qkv = (rec[p + f"self_attn.{n}_proj"].to(ids.device) for n in "qkv")
-            q, k, v = (t.cpu() for t in qkv_heads(cfg, attn, *qkv, cos.to(ids.device), sin.to(ids.device)))
-        if rope:  # transformers' own q and k after RoPE (B, H, T, S)
-            q, k = (t.detach().cpu().transpose(1, 2) for t in rope[i])
-        rec[p + "self_attn.q"], rec[p + "self_attn.k"], rec[p + "self_attn.v"] = q, k, v
+        p, clip = f"model.layers.{i}.", cfg.clip_qkv
+        v = rec[p + "self_attn.v_proj"].view(B, T, -1, cfg.head_dim)  # (B, T, G, S)
+        rec[p + "self_attn.q"], rec[p + "self_attn.k"] = qk[2 * i], qk[2 * i + 1]
+        rec[p + "self_attn.v"] = v if clip is None else v.clamp(-clip, clip)
         if p + "mlp.experts" in rec:
             h, idx, w = inputs[p + "mlp.experts"]
             rec[p + "mlp.topk_ids"], rec[p + "mlp.topk_weights"] = idx.reshape(B, T, -1).cpu(), w.detach().reshape(B, T, -1).cpu()
@@ -146,42 +118,52 @@ def collect(model, cfg, ids, rope=None, grad=False):
     return {n: rec[n] for n in forward_order(cfg, rec)}
 
 
-WHAT = {  # a layer's tensors, in forward order: name after "model.layers.i." -> what it is
-    "input_layernorm": "(B, T, D) attention input norm",
-    "self_attn.q_proj": "(B, T, H*S) q projection (bias, LoRA included)",
-    "self_attn.k_proj": "(B, T, G*S) k projection", "self_attn.v_proj": "(B, T, G*S) v projection",
-    "self_attn.q": "(B, T, H, S) q after q/k norm, clip_qkv and RoPE", "self_attn.k": "(B, T, G, S) k, as q",
-    "self_attn.v": "(B, T, G, S) v after clip_qkv",
-    "self_attn.o_proj.input": "(B, T, H*S) attention output before o_proj", "self_attn": "(B, T, D) after o_proj",
-    "post_attention_layernorm": "(B, T, D) MLP input norm", "mlp.gate": "(B, T, E) router logits",
-    "mlp.topk_ids": "(B, T, K) chosen experts", "mlp.topk_weights": "(B, T, K) their weights",
-    "mlp.experts.*": "(n_e, D) expert e's unweighted output on its tokens (ascending), recomputed from the weights",
-    "mlp.experts": "(B, T, D) weighted sum of the routed experts",
-    "mlp.shared_expert": "(B, T, D) shared expert, before its gate", "mlp.shared_expert_gate": "(B, T, 1) its gate logit",
-    "mlp": "(B, T, D) MoE (or dense MLP) output", "": "(B, T, D) residual stream after the layer"}
-OUTSIDE = {"input_ids": "(B, T) token ids", "attention_mask": "(B, T) all 1: no padding", "model.embed_tokens":
-           "(B, T, D) embeddings", "model.norm": "(B, T, D) final norm", "lm_head": "(B, T, V) logits", "loss": "() loss"}
+WHAT = {  # every tensor's name -> what it is, in forward order; the layer's (model.layers.i.*) come once per layer
+    "input_ids": "(B, T) token ids", "attention_mask": "(B, T) all 1: no padding",
+    "model.embed_tokens": "(B, T, D) embeddings",
+    "model.layers.i.input_layernorm": "(B, T, D) attention input norm",
+    "model.layers.i.self_attn.q_proj": "(B, T, H*S) q projection (bias, LoRA included)",
+    "model.layers.i.self_attn.k_proj": "(B, T, G*S) k projection",
+    "model.layers.i.self_attn.v_proj": "(B, T, G*S) v projection",
+    "model.layers.i.self_attn.q": "(B, T, H, S) q after q/k norm, clip_qkv and RoPE",
+    "model.layers.i.self_attn.k": "(B, T, G, S) k, as q",
+    "model.layers.i.self_attn.v": "(B, T, G, S) v after clip_qkv",
+    "model.layers.i.self_attn.o_proj.input": "(B, T, H*S) attention output before o_proj",
+    "model.layers.i.self_attn": "(B, T, D) after o_proj",
+    "model.layers.i.post_attention_layernorm": "(B, T, D) MLP input norm",
+    "model.layers.i.mlp.gate": "(B, T, E) router logits",
+    "model.layers.i.mlp.topk_ids": "(B, T, K) chosen experts",
+    "model.layers.i.mlp.topk_weights": "(B, T, K) their weights",
+    "model.layers.i.mlp.experts.*": "(n_e, D) expert e's unweighted output on its tokens (ascending), "
+                                    "recomputed from the weights",
+    "model.layers.i.mlp.experts": "(B, T, D) weighted sum of the routed experts",
+    "model.layers.i.mlp.shared_expert": "(B, T, D) shared expert, before its gate",
+    "model.layers.i.mlp.shared_expert_gate": "(B, T, 1) its gate logit",
+    "model.layers.i.mlp": "(B, T, D) MoE (or dense MLP) output",
+    "model.layers.i": "(B, T, D) residual stream after the layer",
+    "model.norm": "(B, T, D) final norm", "lm_head": "(B, T, V) logits", "loss": "() loss"}
 
 
 def forward_order(cfg, rec):
     """The names in `rec` in the order a forward pass makes them (the order compare walks); grad.* last."""
-    names = ["input_ids", "attention_mask", "model.embed_tokens"]
-    for i, part in itertools.product(range(cfg.num_hidden_layers), WHAT):
-        name = f"model.layers.{i}" + (f".{part}" if part else "")
-        names += [name.replace("*", str(e)) for e in range(cfg.num_experts)] if part.endswith("*") else [name]
-    names += ["model.norm", "lm_head", "loss"] + sorted(n for n in rec if n.startswith("grad."))
-    return [n for n in names if n in rec]
+    names = []
+    for in_layer, keys in itertools.groupby(WHAT, key=lambda k: k.startswith("model.layers.i")):
+        for i, key in itertools.product(range(cfg.num_hidden_layers) if in_layer else [None], list(keys)):
+            name = key.replace("model.layers.i", f"model.layers.{i}")
+            names += [name.replace("*", str(e)) for e in range(cfg.num_experts)] if name.endswith("*") else [name]
+    return [n for n in names if n in rec] + sorted(n for n in rec if n.startswith("grad."))
 
 
 def describe(name, L):
     """dict(layer, depth, what) of a tensor name in an L-layer model: layer -1 before the first block, L after."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.?(.*)", name)
+    m = re.fullmatch(r"model\.layers\.(\d+)(.*)", name)
     if m:
-        return dict(layer=int(m.group(1)), depth=int(m.group(1)) + 2, what=WHAT[re.sub(r"\d+$", "*", m.group(2))])
+        i, part = int(m.group(1)), re.sub(r"experts\.\d+$", "experts.*", m.group(2))
+        return dict(layer=i, depth=i + 2, what=WHAT["model.layers.i" + part])
     if name.startswith("grad."):
         return dict(layer=L, depth=2 * (L + 2), what="d loss / d this adapter tensor, one step on this batch")
-    before = name in ("input_ids", "attention_mask", "model.embed_tokens")
-    return dict(layer=-1 if before else L, depth=1 if before else L + 2, what=OUTSIDE[name])
+    before = list(WHAT).index(name) < list(WHAT).index("model.layers.i.input_layernorm")
+    return dict(layer=-1 if before else L, depth=1 if before else L + 2, what=WHAT[name])
 
 
 # ----------------------------------------------------------------------------- the golden file
@@ -362,35 +344,42 @@ def parse_args(argv=None):
 
 def input_ids(args, cfg):
     """(B, T) ids from --ids or --data (cut to the shortest sequence: no padding), else fixed random ids."""
+    if args.ids is None and args.data is None:
+        return torch.randint(3, cfg.vocab_size, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    where = args.data if args.ids is None else f"--ids {args.ids!r}"
     if args.ids is not None:
         seqs = [part.split() for part in args.ids.split(",")]
-        if not all(x.isdigit() for s in seqs for x in s) or len({len(s) for s in seqs}) != 1 or len(seqs[0]) < 2:
-            raise ValueError(f"--ids {args.ids!r}: need integers, at least 2 per sequence, every sequence as long")
-    elif args.data is not None:
+        if not all(x.isdigit() for s in seqs for x in s) or len({len(s) for s in seqs}) != 1:
+            raise ValueError(f"{where}: need integers, every sequence as long")
+    else:
         records = data.read_jsonl(args.data)
         data.check_records(records, args.data)
         tok = data.load_tokenizer(args.model)
         seqs = [data.encode_example(tok, r, args.seq_len)[0] for r in records[: args.samples]]
-        if min(map(len, seqs)) < 2:
-            raise ValueError(f"{args.data}: a record has fewer than 2 tokens")
-    else:
-        return torch.randint(3, cfg.vocab_size, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
-    ids = torch.tensor([[int(x) for x in s[: min(map(len, seqs))]] for s in seqs])  # (B, T)
+    T = min(map(len, seqs), default=0)
+    if T < 2:
+        raise ValueError(f"{where}: need at least 2 tokens in every sequence")
+    ids = torch.tensor([[int(x) for x in s[:T]] for s in seqs])  # (B, T)
     if ids.max() >= cfg.vocab_size:
-        raise ValueError(f"{'--ids' if args.ids else args.data}: token id {int(ids.max())} >= vocab_size {cfg.vocab_size}")
+        raise ValueError(f"{where}: token id {int(ids.max())} >= vocab_size {cfg.vocab_size}")
     return ids
+
+
+def reference(args, dtype, adapter=None, grad=False):
+    """(model, ids, golden tensors): moe.py's plain path (the loop over experts, no fused kernels) on the ids."""
+    device = hub.pick_device(args.device)
+    model = hub.load_model(args.model, dtype=dtype, device=device)
+    if adapter is not None:
+        lora.load_adapter(model, adapter)  # refuses an adapter made for another base
+    model.set_reference(True)
+    ids = input_ids(args, model.config).to(device)
+    return model, ids, collect(model, model.config, ids, grad=grad)
 
 
 def run_dump(args):
     if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise OSError(f"{args.out}: not a file in an existing directory")
-    device = hub.pick_device(args.device)
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
-    if args.adapter is not None:
-        lora.load_adapter(model, args.adapter)  # refuses an adapter made for another base
-    reference_path(model)
-    ids = input_ids(args, model.config)
-    tensors = collect(model, model.config, ids.to(device), grad=args.grad)
+    model, ids, tensors = reference(args, getattr(torch, args.dtype), args.adapter, args.grad)
     write_golden(args.out, tensors, make_header(tensors, model.config, model=args.model, adapter=args.adapter))
     print(f"verify: wrote {len(tensors)} tensors ({os.path.getsize(args.out) / 2**20:.1f} MiB; {ids.shape[0]} x "
           f"{ids.shape[1]} tokens, {model.config.model_type}, {args.dtype}) to {args.out}")
@@ -403,33 +392,16 @@ def run_compare(args):
     return print_report(rows, first, missing, header, args.golden, args.theirs)
 
 
-def collect_hf(hf, cfg, ids):
-    """collect() on a transformers model, with its own q and k after RoPE: its modeling module's
-    apply_rotary_pos_emb is wrapped for the pass to record what it returns."""
-    modeling = sys.modules[type(hf).__module__]
-    seen, plain = [], modeling.apply_rotary_pos_emb
-    modeling.apply_rotary_pos_emb = lambda q, k, *a, **kw: seen.append(plain(q, k, *a, **kw)) or seen[-1]
-    try:
-        return collect(hf, cfg, ids, rope=seen)
-    finally:
-        modeling.apply_rotary_pos_emb = plain
-
-
 def run_hf(args):
     try:
         import transformers
     except ImportError:
         raise ValueError("verify.py hf needs transformers (pip install transformers); dump and compare do not") from None
-    device = hub.pick_device(args.device)
-    ours = load_model(args.model, dtype=torch.float32, device=device)
-    reference_path(ours)
-    ids = input_ids(args, ours.config).to(device)
-    golden = collect(ours, ours.config, ids)
+    ours, ids, golden = reference(args, torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager",
                                                            experts_implementation="eager", dtype=torch.float32)
-    theirs = collect_hf(hf.to(device).eval(), ours.config, ids)
     header = make_header(golden, ours.config)
-    rows, first, missing = compare(golden, theirs, header)
+    rows, first, missing = compare(golden, collect(hf.to(ids.device).eval(), ours.config, ids), header)
     return print_report(rows, first, missing, header, "moe.py", f"transformers {transformers.__version__} (eager)")
 
 

@@ -14,7 +14,7 @@ from conftest import FP32_VARIANTS, VARIANTS, make_ids
 
 def ours(path, dtype=torch.float32):
     model = hub.load_model(str(path), dtype=dtype)
-    verify.reference_path(model)
+    model.set_reference(True)
     return model
 
 
@@ -142,7 +142,7 @@ def test_rope_other_half_convention_found_at_q(checkpoints, monkeypatch):
 
     monkeypatch.setattr(modeling, "rotate_half", rotate_pairs)
     with torch.no_grad():
-        theirs = verify.collect_hf(ck.hf, model.config, ids)
+        theirs = verify.collect(ck.hf, model.config, ids)
     _, first, _ = verify.compare(golden, theirs, header)
     assert first == ("model.layers.0.self_attn.q", 0, 1)
 
