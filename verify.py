@@ -12,10 +12,10 @@ Sequences are cut to one length: no position is padding, so every implementation
 To check your implementation, save the same names (any subset) with safetensors' save_file and run compare.
 
 Tolerance (compare): |theirs - golden| <= 16 * u * depth * max|golden| for every token; u is the unit roundoff
-of the coarser of the two runs' dtypes (finfo.eps / 2: fp32 6.0e-8, bf16 2^-8 = 3.9e-3), depth the number of layers the
-value has been through (1: embeddings, i + 2: layer i, L + 2: after the last; twice that for gradients). Each
-layer has a few rounded operations that another implementation may round the other way (another summation
-order, a fused kernel): errors of a few u of the tensor's scale per layer, adding up layer by layer.
+of the coarser of the two runs' dtypes (finfo.eps / 2: fp32 6.0e-8, bf16 2^-8 = 3.9e-3), depth the number of
+layers the value has been through (1: embeddings, i + 2: layer i, L + 2: after the last; twice that for
+gradients). Each layer has a few rounded operations that another implementation may round the other way
+(another summation order, a fused kernel): errors of a few u of the tensor's scale per layer, adding up.
 Routing: top-k sets are compared per token. A flip is a near-tie when the golden run's gap between the k-th and
 (k+1)-th router probability is below the router logits' tolerance: rounding alone can swap those experts, so it
 is reported, not failed. From then on the token's rows in that layer, and from the next layer on every later
@@ -42,83 +42,7 @@ import moe
 FORMAT = "moe-lora verify 1"
 PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
 
-
-# ----------------------------------------------------------------------------- collecting
-
-def expert_rows(experts, h, idx, adapter=None):
-    """{e: (n_e, D)} each routed expert's unweighted output on its tokens (ascending), the obvious loop over
-    experts from the stacked weights gate_up_proj (E, 2I, D) = [gate; up] and down_proj (E, D, I). `adapter`:
-    the adapter inside the experts (lora.ExpertLoRA, PERFT-E), called as moe.Experts' loop calls it."""
-    rows = {}
-    for e in range(experts.gate_up_proj.shape[0]):
-        tok = (idx == e).any(dim=-1).nonzero().squeeze(1)  # (n,)
-        if len(tok):
-            x = h[tok]  # (n, D)
-            gu = F.linear(x, experts.gate_up_proj[e])  # (n, 2I)
-            if adapter is not None:
-                at = adapter.prepare(kernels.ExpertGroups.single(e, tok, len(experts.gate_up_proj)), h)
-                gu = adapter.gate_up(gu, x, at)
-            g, u = gu.chunk(2, dim=-1)
-            a = F.silu(g) * u  # (n, I)
-            y = F.linear(a, experts.down_proj[e])  # (n, D)
-            rows[e] = y if adapter is None else adapter.down(y, a, gu, x, at)
-    return rows
-
-
-def collect(model, cfg, ids, grad=False):
-    """{name: tensor} of one forward pass (and, with grad, one backward of the loss into the adapters), in forward
-    order. Forward hooks on the modules named in WHAT record their outputs, so this works on moe.py's Transformer
-    and on transformers' models, which use the same names. q and k after RoPE, which no hook sees, are what the
-    model's own RoPE function returns, wrapped for the pass: moe.apply_rope (called for q, then for k) or
-    transformers' apply_rotary_pos_emb (both at once)."""
-    B, T = ids.shape
-    rec, inputs, rope = {"input_ids": ids.cpu(), "attention_mask": torch.ones_like(ids.cpu())}, {}, []
-
-    def keep(name):  # o_proj: its input; others: the output (ours: (y, routing) from MoE and Block, HF (y, weights))
-        def hook(mod, args, out):
-            t = args[0] if name.endswith("o_proj") else out[0] if isinstance(out, tuple) else out
-            # a copy: transformers clamps v in place
-            rec[name + ".input" * name.endswith("o_proj")] = t.detach().cpu().clone().reshape(B, T, -1)
-            inputs[name] = args  # the experts': (h, topk ids, topk weights)
-        return hook
-
-    modules = dict(model.named_modules())
-    key = lambda name: re.sub(r"^model\.layers\.\d+", "model.layers.i", name)  # the name as WHAT writes it
-    handles = [m.register_forward_hook(keep(n)) for n, m in modules.items() if {key(n), key(n) + ".input"} & WHAT.keys()]
-    modeling = sys.modules[type(model).__module__]
-    fn = "apply_rope" if modeling is moe else "apply_rotary_pos_emb"
-    plain = getattr(modeling, fn)
-    setattr(modeling, fn, lambda *a, **kw: rope.append(plain(*a, **kw)) or rope[-1])
-    try:
-        with torch.set_grad_enabled(grad):
-            out = model(ids)
-            logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, V)
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-    finally:
-        setattr(modeling, fn, plain)
-        for h in handles:
-            h.remove()
-    rec["lm_head"], rec["loss"] = logits.detach().cpu(), loss.detach().cpu()  # lm_head: also when tied (no module)
-    qk = [t.detach().transpose(1, 2).cpu() for r in rope for t in (r if isinstance(r, tuple) else [r])]  # (B, T, H|G, S)
-    for i in range(cfg.num_hidden_layers):
-        p, clip = f"model.layers.{i}.", cfg.clip_qkv
-        v = rec[p + "self_attn.v_proj"].view(B, T, -1, cfg.head_dim)  # (B, T, G, S)
-        rec[p + "self_attn.q"], rec[p + "self_attn.k"] = qk[2 * i], qk[2 * i + 1]
-        rec[p + "self_attn.v"] = v if clip is None else v.clamp(-clip, clip)
-        if p + "mlp.experts" in rec:
-            h, idx, w = inputs[p + "mlp.experts"]
-            rec[p + "mlp.topk_ids"], rec[p + "mlp.topk_weights"] = idx.reshape(B, T, -1).cpu(), w.detach().reshape(B, T, -1).cpu()
-            experts = modules[p + "mlp.experts"]
-            with torch.no_grad():
-                for e, y in expert_rows(experts, h, idx, getattr(experts, "adapter", None)).items():
-                    rec[f"{p}mlp.experts.{e}"] = y.cpu()
-    if grad:
-        loss.backward()
-        rec.update({f"grad.{n}": p.grad.detach().cpu() for n, p in lora.adapter_state(model).items() if p.grad is not None})
-    return {n: rec[n] for n in forward_order(cfg, rec)}
-
-
-WHAT = {  # every tensor's name -> what it is, in forward order; the layer's (model.layers.i.*) come once per layer
+WHAT = {  # every tensor's name -> what it is, in forward order; the model.layers.i.* come once for each layer i
     "input_ids": "(B, T) token ids", "attention_mask": "(B, T) all 1: no padding",
     "model.embed_tokens": "(B, T, D) embeddings",
     "model.layers.i.input_layernorm": "(B, T, D) attention input norm",
@@ -134,36 +58,98 @@ WHAT = {  # every tensor's name -> what it is, in forward order; the layer's (mo
     "model.layers.i.mlp.gate": "(B, T, E) router logits",
     "model.layers.i.mlp.topk_ids": "(B, T, K) chosen experts",
     "model.layers.i.mlp.topk_weights": "(B, T, K) their weights",
-    "model.layers.i.mlp.experts.*": "(n_e, D) expert e's unweighted output on its tokens (ascending), "
-                                    "recomputed from the weights",
+    "model.layers.i.mlp.experts.*": "(n_e, D) expert e's own (unweighted) output on its tokens (ascending)",
     "model.layers.i.mlp.experts": "(B, T, D) weighted sum of the routed experts",
     "model.layers.i.mlp.shared_expert": "(B, T, D) shared expert, before its gate",
     "model.layers.i.mlp.shared_expert_gate": "(B, T, 1) its gate logit",
     "model.layers.i.mlp": "(B, T, D) MoE (or dense MLP) output",
     "model.layers.i": "(B, T, D) residual stream after the layer",
-    "model.norm": "(B, T, D) final norm", "lm_head": "(B, T, V) logits", "loss": "() loss"}
+    "model.norm": "(B, T, D) final norm", "lm_head": "(B, T, V) logits", "loss": "() next-token cross-entropy"}
 
 
-def forward_order(cfg, rec):
-    """The names in `rec` in the order a forward pass makes them (the order compare walks); grad.* last."""
-    names = []
-    for in_layer, keys in itertools.groupby(WHAT, key=lambda k: k.startswith("model.layers.i")):
-        for i, key in itertools.product(range(cfg.num_hidden_layers) if in_layer else [None], list(keys)):
-            name = key.replace("model.layers.i", f"model.layers.{i}")
-            names += [name.replace("*", str(e)) for e in range(cfg.num_experts)] if name.endswith("*") else [name]
-    return [n for n in names if n in rec] + sorted(n for n in rec if n.startswith("grad."))
+def key(name):  # a tensor's name as WHAT writes it: model.layers.3.mlp.experts.5 -> model.layers.i.mlp.experts.*
+    return re.sub(r"experts\.\d+$", "experts.*", re.sub(r"^model\.layers\.\d+", "model.layers.i", name))
 
 
 def describe(name, L):
     """dict(layer, depth, what) of a tensor name in an L-layer model: layer -1 before the first block, L after."""
-    m = re.fullmatch(r"model\.layers\.(\d+)(.*)", name)
-    if m:
-        i, part = int(m.group(1)), re.sub(r"experts\.\d+$", "experts.*", m.group(2))
-        return dict(layer=i, depth=i + 2, what=WHAT["model.layers.i" + part])
     if name.startswith("grad."):
         return dict(layer=L, depth=2 * (L + 2), what="d loss / d this adapter tensor, one step on this batch")
-    before = list(WHAT).index(name) < list(WHAT).index("model.layers.i.input_layernorm")
-    return dict(layer=-1 if before else L, depth=1 if before else L + 2, what=WHAT[name])
+    m = re.match(r"model\.layers\.(\d+)", name)
+    layer = int(m[1]) if m else -1 if name in ("input_ids", "attention_mask", "model.embed_tokens") else L
+    return dict(layer=layer, depth=1 if layer < 0 else layer + 2, what=WHAT[key(name)])
+
+
+# ----------------------------------------------------------------------------- collecting
+
+def expert_rows(experts, h, idx):
+    """{e: (n_e, D)} each routed expert's unweighted output on its tokens (ascending), the obvious loop over
+    experts from the stacked weights gate_up_proj (E, 2I, D) = [gate; up] and down_proj (E, D, I). An adapter
+    inside the experts (moe.Experts.adapter: lora.ExpertLoRA, PERFT-E) is called as moe.Experts' loop calls it."""
+    rows, adapter = {}, getattr(experts, "adapter", None)  # transformers' experts have none
+    for e in range(experts.gate_up_proj.shape[0]):
+        tok = (idx == e).any(dim=-1).nonzero().squeeze(1)  # (n,)
+        if len(tok):
+            x = h[tok]  # (n, D)
+            gu = F.linear(x, experts.gate_up_proj[e])  # (n, 2I)
+            if adapter is not None:
+                at = adapter.prepare(kernels.ExpertGroups.single(e, tok, len(experts.gate_up_proj)), h)
+                gu = adapter.gate_up(gu, x, at)
+            a = moe.swiglu(gu)  # (n, I)
+            y = F.linear(a, experts.down_proj[e])  # (n, D)
+            rows[e] = y if adapter is None else adapter.down(y, a, gu, x, at)
+    return rows
+
+
+def collect(model, cfg, ids, grad=False):
+    """{name: tensor} of one forward pass, in the order it makes them (and, with grad, then the gradients of the
+    loss with respect to the adapter tensors). Forward hooks on the modules WHAT names record their outputs, so
+    this works on moe.py's Transformer and on transformers' models, which use the same names. q and k after RoPE,
+    which no hook sees, are what the model's own RoPE function returns, wrapped for the pass: moe.apply_rope
+    (called for q, then for k) or transformers' apply_rotary_pos_emb (both at once)."""
+    B, T = ids.shape
+    rec, qk = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, []
+    keep = lambda t: t.detach().to("cpu", copy=True)  # a copy: transformers clamps v in place
+
+    def hook(mod, args, out, name):  # o_proj: its input; others: the output (ours (y, routing), HF (y, weights))
+        if name.endswith(".experts"):  # first the routing, read from the experts' input, and each expert's rows
+            (h, idx, w), mlp = args, name[:-len("experts")]  # (N, D), (N, K), (N, K)
+            rec[mlp + "topk_ids"], rec[mlp + "topk_weights"] = keep(idx).reshape(B, T, -1), keep(w).reshape(B, T, -1)
+            with torch.no_grad():
+                rec.update({f"{name}.{e}": keep(y) for e, y in expert_rows(mod, h, idx).items()})
+        t = args[0] if name.endswith("o_proj") else out[0] if isinstance(out, tuple) else out
+        rec[name + ".input" * name.endswith("o_proj")] = keep(t).reshape(B, T, -1)
+
+    def rope(*args, **kwargs):  # q and k (B, H|G, T, S) of layer i are the (2i)-th and (2i+1)-th rotated
+        out = plain(*args, **kwargs)
+        qk.extend(out if isinstance(out, tuple) else [out])
+        if len(qk) % 2 == 0:  # layer i's q and k: then v after clip_qkv, as the attention uses them
+            p, clip = f"model.layers.{len(qk) // 2 - 1}.self_attn.", cfg.clip_qkv
+            rec[p + "q"], rec[p + "k"] = (keep(t).transpose(1, 2) for t in qk[-2:])  # (B, T, H|G, S)
+            v = rec[p + "v_proj"].reshape(B, T, -1, cfg.head_dim)
+            rec[p + "v"] = v if clip is None else v.clamp(-clip, clip)
+        return out
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in model.named_modules()
+               if {key(n), key(n) + ".input"} & WHAT.keys()]
+    modeling = sys.modules[type(model).__module__]
+    rope_fn = "apply_rope" if modeling is moe else "apply_rotary_pos_emb"
+    plain = getattr(modeling, rope_fn)
+    setattr(modeling, rope_fn, rope)
+    try:
+        with torch.set_grad_enabled(grad):
+            out = model(ids)
+            logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T, V)
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    finally:
+        setattr(modeling, rope_fn, plain)
+        for h in handles:
+            h.remove()
+    rec["lm_head"], rec["loss"] = keep(logits), keep(loss)  # lm_head: also when tied to the embeddings (no module)
+    if grad:
+        loss.backward()
+        rec.update({f"grad.{n}": keep(p.grad) for n, p in lora.adapter_state(model).items() if p.grad is not None})
+    return {n: t.cpu() for n, t in rec.items()}
 
 
 # ----------------------------------------------------------------------------- the golden file
@@ -194,7 +180,8 @@ def read_tensors(path, need_header=False):
         raise ValueError(f"{path}: cannot read as safetensors ({e})") from None
     try:
         header = json.loads(meta["verify"]) if "verify" in meta else None
-        assert header is None or (header["format"] == FORMAT and {"name", "shape", "dtype", "layer", "depth", "what"} <= set(header["tensors"][0]))
+        fields = {"name", "shape", "dtype", "layer", "depth", "what"}
+        assert header is None or header["format"] == FORMAT and fields <= set(header["tensors"][0])
     except (ValueError, KeyError, TypeError, IndexError, AssertionError):
         raise ValueError(f"{path}: its 'verify' header is not one this verify.py writes ({FORMAT})") from None
     if need_header and header is None:
@@ -203,16 +190,6 @@ def read_tensors(path, need_header=False):
 
 
 # ----------------------------------------------------------------------------- compare
-
-def routing_flips(g_ids, t_ids, g_logits, tol):
-    """(N,) masks: tokens whose top-k sets differ, and the near-ties among them (golden gap between the k-th and
-    (k+1)-th router probability below `tol`); and the gaps."""
-    K = g_ids.shape[-1]
-    flip = (g_ids.reshape(-1, K).sort(-1).values != t_ids.reshape(-1, K).sort(-1).values).any(-1)  # (N,)
-    p = torch.softmax(g_logits.reshape(flip.shape[0], -1).float(), dim=-1).sort(-1, descending=True).values
-    gap = p[:, K - 1] - p[:, K] if p.shape[1] > K else torch.ones_like(p[:, 0])  # (N,); K = E: nothing to flip
-    return flip, flip & (gap < tol), gap
-
 
 def tolerance(g, t, depth, run_dtypes=()):
     """The rule of the docstring: 16 unit roundoffs per layer passed, of the tensor's largest golden value. The
@@ -229,8 +206,23 @@ def close(g, t, tokens, skip, depth, run_dtypes):
     skip = skip.any().reshape(1) if tokens is None else skip[tokens]
     bad, err = (diff > tol) & ~skip, diff.max().item() if diff.numel() else 0.0
     if bad.any():
-        return err, err / tol, -1 if tokens is None else int(tokens[bad][0]), f"max abs err {diff[bad].max():.3g} > tol {tol:.3g}"
+        token = -1 if tokens is None else int(tokens[bad][0])
+        return err, err / tol, token, f"max abs err {diff[bad].max():.3g} > tol {tol:.3g}"
     return err, err / tol, None, "rows after a near-tie flip left out" if skip.any() else ""
+
+
+def same_routing(g_ids, t_ids, g_logits, skip, tol):
+    """(err, err / tol, first failing token or None, note) of the top-k sets, and the (N,) near-tie flips: the
+    tokens whose sets differ where golden's gap between the k-th and (k+1)-th router probability is below tol."""
+    K = g_ids.shape[-1]
+    flip = (g_ids.reshape(-1, K).sort(-1).values != t_ids.reshape(-1, K).sort(-1).values).any(-1)  # (N,)
+    p = torch.softmax(g_logits.reshape(flip.shape[0], -1).float(), dim=-1).sort(-1, descending=True).values
+    gap = p[:, K - 1] - p[:, K] if p.shape[1] > K else torch.ones_like(p[:, 0])  # (N,); K = E: nothing to flip
+    near, hard = flip & (gap < tol), (flip & (gap >= tol) & ~skip).nonzero().squeeze(1).tolist()
+    if hard:
+        return (1.0, 1.0, hard[0], f"top-k set differs, probability gap {gap[hard[0]]:.2g} >= {tol:.2g}"), near
+    note = f"{int(near.sum())} near-tie flip(s), not failed: tokens {near.nonzero().squeeze(1).tolist()}"
+    return (0.0, 0.0, None, note if near.any() else ""), near
 
 
 def compare(golden, theirs, header):
@@ -244,29 +236,23 @@ def compare(golden, theirs, header):
     excused, pending = torch.zeros(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool)  # near-tie tokens
     rows, first, missing, layer_now = [], None, [], -1
     for ent in header["tensors"]:
-        name, layer, depth, g, t = ent["name"], ent["layer"], ent["depth"], golden[ent["name"]], theirs.get(ent["name"])
+        name, layer, depth = ent["name"], ent["layer"], ent["depth"]
+        g, t, expert = golden[name], theirs.get(name), re.fullmatch(r"(.*\.mlp\.)experts\.(\d+)", name)
         if layer > layer_now:  # a near-tie in layer i reaches the later tokens of its sequence from layer i+1 on
             excused, layer_now = excused | pending, layer
-        expert = re.fullmatch(r"(.*\.mlp\.)experts\.(\d+)", name)
         if t is None or (expert and expert.group(1) + "topk_ids" not in theirs):
             missing.append(name)
-        if t is None or name in ("input_ids", "attention_mask") or name in missing:
+        if name in missing or name in ("input_ids", "attention_mask"):
             continue
-        if name.endswith(".mlp.topk_ids"):
+        if name.endswith(".mlp.topk_ids"):  # a flip is a near-tie within the router logits' tolerance
             router = golden[name[:-8] + "gate"]
             tol = tolerance(router, theirs.get(name[:-8] + "gate", router), depth, run_dtypes)
-            flip, near, gap = routing_flips(g, t, router, tol)
-            hard = flip & ~near & ~excused
-            err = ratio = float(hard.any())
-            token = int(hard.nonzero()[0]) if hard.any() else None
-            note = (f"top-k set differs, probability gap {gap[token]:.2g} >= {tol:.2g}" if token is not None else
-                    f"{int(near.sum())} near-tie flip(s), not failed: tokens {near.nonzero().squeeze(1).tolist()}" if near.any() else "")
+            (err, ratio, token, note), near = same_routing(g, t, router, excused, tol)
             excused |= near
-            for n in near.nonzero().squeeze(1).tolist():
-                pending[n: (n // T + 1) * T] = True
+            pending |= near.view(B, T).cumsum(1).bool().view(N)  # from each near-tie on, to the end of its sequence
         elif expert:  # the rows of the tokens routed to this expert in both runs
-            e = int(expert.group(2))
-            g_tok, t_tok = ((f[expert.group(1) + "topk_ids"].reshape(N, -1) == e).any(-1).nonzero().squeeze(1) for f in (golden, theirs))
+            g_tok, t_tok = ((f[expert.group(1) + "topk_ids"].reshape(N, -1) == int(expert.group(2))).any(-1)
+                            .nonzero().squeeze(1) for f in (golden, theirs))
             if t.shape[0] != len(t_tok) or t.shape[1:] != g.shape[1:]:
                 err, ratio, token, note = 1.0, 1.0, -1, f"shape {tuple(t.shape)}: not one row per token routed here"
             else:
@@ -275,27 +261,29 @@ def compare(golden, theirs, header):
                 err, ratio, token, note = close(g, t, both, excused, depth, run_dtypes)
         elif g.shape != t.shape:
             err, ratio, token, note = 1.0, 1.0, -1, f"shape {tuple(t.shape)}, golden {tuple(g.shape)}"
-        else:
+        else:  # per token: rows of (B, T, ...) tensors; the loss and gradients whole
             per_token = g.dim() >= 2 and tuple(g.shape[:2]) == (B, T)
-            rows_of = (lambda x: x.reshape(N, -1)) if per_token else (lambda x: x)
-            err, ratio, token, note = close(rows_of(g), rows_of(t), torch.arange(N) if per_token else None, excused, depth,
-                                            run_dtypes)
+            g, t = (g.reshape(N, -1), t.reshape(N, -1)) if per_token else (g, t)
+            err, ratio, token, note = close(g, t, torch.arange(N) if per_token else None, excused, depth, run_dtypes)
         rows.append((name, err, ratio, note, token is not None))
         if token is not None and first is None:
             first = (name, layer, None if token < 0 else token)
     return rows, first, missing
 
 
-def print_report(rows, first, missing, header, golden_name, theirs_name):
-    """One line per tensor (one per layer for its experts), then the verdict; returns the exit status."""
-    print(f"verify: {theirs_name} against {golden_name} ({header['model_type']})\ntolerance per token: |theirs - golden| "
-          f"<= {PER_LAYER} u * depth * max|golden| (u: fp32 6.0e-8, bf16 3.9e-3); near-tie routing flips are not failed")
+def report(golden, theirs, header, golden_name, theirs_name):
+    """compare, printed: a line per tensor (per layer for its experts), then the verdict; returns the exit status."""
+    rows, first, missing = compare(golden, theirs, header)
+    print(f"verify: {theirs_name} against {golden_name} ({header['model_type']})")
+    print(f"tolerance per token: |theirs - golden| <= {PER_LAYER} u * depth * max|golden| (u: fp32 6.0e-8, "
+          "bf16 3.9e-3); near-tie routing flips are not failed")
     print(f"{'tensor':<46} {'max abs err':>11} {'err/tol':>8}")
     for name, group in itertools.groupby(rows, key=lambda r: re.sub(r"experts\.\d+$", "experts.*", r[0])):
         group = list(group)
         bad = [r for r in group if r[4]]
-        if name.endswith("*"):
-            name, bad = f"{name} ({len(group)} experts)", [(*r[:3], f"expert {r[0].rsplit('.', 1)[1]}: {r[3]}", 1) for r in bad]
+        if name.endswith("*"):  # name the expert in the note
+            bad = [(*r[:3], f"expert {r[0].rsplit('.', 1)[1]}: {r[3]}", 1) for r in bad]
+            name = f"{name} ({len(group)} experts)"
         note = bad[0][3] if bad else next((r[3] for r in group if r[3]), "")
         print(f"{name:<46} {max(r[1] for r in group):11.3g} {max(r[2] for r in group):8.3g}  "
               f"{'DIVERGES' if bad else 'ok'} {note}".rstrip())
@@ -306,8 +294,10 @@ def print_report(rows, first, missing, header, golden_name, theirs_name):
         print(f"verify: no divergence beyond tolerance ({len(rows)} tensors compared, {len(missing)} missing)")
         return 0
     (name, layer, token), T = first, header["tensors"][0]["shape"][1]
-    where = "before the first layer" if layer < 0 else "after the last layer" if layer >= header["num_hidden_layers"] else f"layer {layer}"
-    print(f"verify: first divergence: {where}, {name}" + (f", token (b{token // T}, t{token % T})" if token is not None else ""))
+    where = f"layer {layer}" if 0 <= layer < header["num_hidden_layers"] else "before the first layer" if layer < 0 \
+        else "after the last layer"
+    at = "" if token is None else f", token (b{token // T}, t{token % T})"
+    print(f"verify: first divergence: {where}, {name}{at}")
     return 1
 
 
@@ -322,14 +312,14 @@ def parse_args(argv=None):
     for p in (dump, hf):
         p.add_argument("--model", required=True, help="model directory (config.json, *.safetensors)")
         src = p.add_mutually_exclusive_group(required=p is dump)  # hf without either: fixed random ids
-        src.add_argument("--data", default=None, help=".jsonl records, tokenised with the model's tokenizer")
-        src.add_argument("--ids", default=None, help='token ids, "1 2 3"; several sequences of one length: "1 2, 3 4"')
+        src.add_argument("--data", help=".jsonl records, tokenised with the model's tokenizer")
+        src.add_argument("--ids", help='token ids, "1 2 3"; several sequences of one length: "1 2, 3 4"')
         p.add_argument("--samples", type=int, default=2, help="sequences (--data: the first N records)")
         p.add_argument("--seq-len", type=int, default=16, help="at most this many tokens per sequence")
         p.add_argument("--device", default="cpu", help="cpu or cuda")
-    dump.add_argument("--adapter", default=None, help="adapter directory written by train.py, applied on top")
-    dump.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype for the run")
-    dump.add_argument("--grad", action="store_true", help="also the loss gradients of the adapter tensors (needs --adapter)")
+    dump.add_argument("--adapter", help="adapter directory written by train.py, applied on top")
+    dump.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the run")
+    dump.add_argument("--grad", action="store_true", help="also d loss / d each adapter tensor (needs --adapter)")
     dump.add_argument("--out", required=True, help="the golden .safetensors file to write")
     cmp = sub.add_parser("compare", help="compare a file of tensors with a golden file, in forward order")
     cmp.add_argument("golden", help="golden file from `verify.py dump`")
@@ -344,8 +334,9 @@ def parse_args(argv=None):
 
 def input_ids(args, cfg):
     """(B, T) ids from --ids or --data (cut to the shortest sequence: no padding), else fixed random ids."""
-    if args.ids is None and args.data is None:
-        return torch.randint(3, cfg.vocab_size, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    if args.ids is None and args.data is None:  # the same on every run
+        seed = torch.Generator().manual_seed(0)
+        return torch.randint(3, cfg.vocab_size, (args.samples, args.seq_len), generator=seed)
     where = args.data if args.ids is None else f"--ids {args.ids!r}"
     if args.ids is not None:
         seqs = [part.split() for part in args.ids.split(",")]
@@ -388,31 +379,29 @@ def run_dump(args):
 
 def run_compare(args):
     golden, header = read_tensors(args.golden, need_header=True)
-    rows, first, missing = compare(golden, read_tensors(args.theirs)[0], header)
-    return print_report(rows, first, missing, header, args.golden, args.theirs)
+    return report(golden, read_tensors(args.theirs)[0], header, args.golden, args.theirs)
 
 
 def run_hf(args):
     try:
         import transformers
     except ImportError:
-        raise ValueError("verify.py hf needs transformers (pip install transformers); dump and compare do not") from None
+        raise ValueError("verify.py hf needs transformers (pip install transformers)") from None
     ours, ids, golden = reference(args, torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager",
                                                            experts_implementation="eager", dtype=torch.float32)
-    header = make_header(golden, ours.config)
-    rows, first, missing = compare(golden, collect(hf.to(ids.device).eval(), ours.config, ids), header)
-    return print_report(rows, first, missing, header, "moe.py", f"transformers {transformers.__version__} (eager)")
+    theirs = collect(hf.to(ids.device).eval(), ours.config, ids)
+    name = f"transformers {transformers.__version__} (eager)"
+    return report(golden, theirs, make_header(golden, ours.config), "moe.py", name)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:  # exit 1: a divergence; 2: bad input
-        code = {"dump": run_dump, "compare": run_compare, "hf": run_hf}[args.cmd](args)
+    try:  # exit 0: no divergence (or written); 1: a divergence; 2: bad input
+        sys.exit({"dump": run_dump, "compare": run_compare, "hf": run_hf}[args.cmd](args))
     except (ValueError, OSError) as e:  # ConfigError, CheckpointError, AdapterError, DataError are ValueErrors
         print(f"verify: error: {e}", file=sys.stderr)
         sys.exit(2)
-    sys.exit(code)
 
 
 if __name__ == "__main__":
