@@ -4,12 +4,12 @@
     python verify.py compare golden.safetensors theirs.safetensors
     python verify.py hf --model DIR              # the same tensors from transformers, compared with ours
 
-`dump` runs moe.py's plain path (the loop over experts) on a few sequences and writes the intermediate tensors
-of the forward pass into one safetensors file, with a JSON header ("verify") listing each tensor's name, shape,
-dtype, layer and what it is (WHAT below), in forward order. Names are the hub's module names (a module's
-output), so the matching tensor is easy to find in any implementation; token n of a (N, ...) tensor is b*T + t.
-Sequences are cut to one length: no position is padding, so every implementation computes every one.
-To check your implementation, save the same names (any subset) with safetensors' save_file and run compare.
+`dump` runs moe.py's plain path (the loop over experts) on a few sequences cut to one length (no position is
+padding, so every implementation computes every one) and writes the forward pass's intermediate tensors to one
+safetensors file, with a JSON header ("verify") listing each tensor's name, shape, dtype, layer and what it is
+(WHAT below) in forward order. Names are the hub's module names (a module's output), easy to find in any
+implementation; token n of a (N, ...) tensor is b*T + t. To check yours, save the same names (any subset) with
+safetensors' save_file and run compare.
 
 Tolerance (compare): |theirs - golden| <= 16 * u * depth * max|golden| for every token; u is the unit roundoff
 of the coarser of the two runs' dtypes (finfo.eps / 2: fp32 6.0e-8, bf16 2^-8 = 3.9e-3), depth the number of
@@ -42,33 +42,29 @@ import moe
 FORMAT = "moe-lora verify 1"
 PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
 
-WHAT = {  # every tensor's name -> what it is, in forward order; the model.layers.i.* come once for each layer i
+WHAT = {  # every tensor's name -> what it is, in forward order
     "input_ids": "(B, T) token ids", "attention_mask": "(B, T) all 1: no padding",
     "model.embed_tokens": "(B, T, D) embeddings",
-    "model.layers.i.input_layernorm": "(B, T, D) attention input norm",
-    "model.layers.i.self_attn.q_proj": "(B, T, H*S) q projection (bias, LoRA included)",
-    "model.layers.i.self_attn.k_proj": "(B, T, G*S) k projection",
-    "model.layers.i.self_attn.v_proj": "(B, T, G*S) v projection",
-    "model.layers.i.self_attn.q": "(B, T, H, S) q after q/k norm, clip_qkv and RoPE",
-    "model.layers.i.self_attn.k": "(B, T, G, S) k, as q",
-    "model.layers.i.self_attn.v": "(B, T, G, S) v after clip_qkv",
-    "model.layers.i.self_attn.o_proj.input": "(B, T, H*S) attention output before o_proj",
-    "model.layers.i.self_attn": "(B, T, D) after o_proj",
-    "model.layers.i.post_attention_layernorm": "(B, T, D) MLP input norm",
-    "model.layers.i.mlp.gate": "(B, T, E) router logits",
-    "model.layers.i.mlp.topk_ids": "(B, T, K) chosen experts",
-    "model.layers.i.mlp.topk_weights": "(B, T, K) their weights",
-    "model.layers.i.mlp.experts.*": "(n_e, D) expert e's own (unweighted) output on its tokens (ascending)",
-    "model.layers.i.mlp.experts": "(B, T, D) weighted sum of the routed experts",
-    "model.layers.i.mlp.shared_expert": "(B, T, D) shared expert, before its gate",
-    "model.layers.i.mlp.shared_expert_gate": "(B, T, 1) its gate logit",
-    "model.layers.i.mlp": "(B, T, D) MoE (or dense MLP) output",
-    "model.layers.i": "(B, T, D) residual stream after the layer",
+    "model.layers.i": {  # then each layer i in turn: model.layers.i.input_layernorm, ..., model.layers.i (its output)
+        "input_layernorm": "(B, T, D) attention input norm",
+        "self_attn.q_proj": "(B, T, H*S) q projection (bias, LoRA included)",
+        "self_attn.k_proj": "(B, T, G*S) k projection", "self_attn.v_proj": "(B, T, G*S) v projection",
+        "self_attn.q": "(B, T, H, S) q after q/k norm, clip_qkv and RoPE", "self_attn.k": "(B, T, G, S) k, as q",
+        "self_attn.v": "(B, T, G, S) v after clip_qkv",
+        "self_attn.o_proj.input": "(B, T, H*S) attention output before o_proj", "self_attn": "(B, T, D) after o_proj",
+        "post_attention_layernorm": "(B, T, D) MLP input norm", "mlp.gate": "(B, T, E) router logits",
+        "mlp.topk_ids": "(B, T, K) chosen experts", "mlp.topk_weights": "(B, T, K) their weights",
+        "mlp.experts.*": "(n_e, D) expert e's unweighted output on its tokens (ascending), from its weights",
+        "mlp.experts": "(B, T, D) weighted sum of the routed experts",
+        "mlp.shared_expert": "(B, T, D) shared expert, before its gate",
+        "mlp.shared_expert_gate": "(B, T, 1) its gate logit",
+        "mlp": "(B, T, D) MoE (or dense MLP) output", "": "(B, T, D) residual stream after the layer"},
     "model.norm": "(B, T, D) final norm", "lm_head": "(B, T, V) logits", "loss": "() next-token cross-entropy"}
 
 
-def key(name):  # a tensor's name as WHAT writes it: model.layers.3.mlp.experts.5 -> model.layers.i.mlp.experts.*
-    return re.sub(r"experts\.\d+$", "experts.*", re.sub(r"^model\.layers\.\d+", "model.layers.i", name))
+def what(name):  # WHAT's line for a tensor name (None: not a name verify.py records)
+    m = re.fullmatch(r"model\.layers\.\d+\.?(.*)", name)
+    return WHAT["model.layers.i"].get(re.sub(r"experts\.\d+$", "experts.*", m[1])) if m else WHAT.get(name)
 
 
 def describe(name, L):
@@ -77,7 +73,7 @@ def describe(name, L):
         return dict(layer=L, depth=2 * (L + 2), what="d loss / d this adapter tensor, one step on this batch")
     m = re.match(r"model\.layers\.(\d+)", name)
     layer = int(m[1]) if m else -1 if name in ("input_ids", "attention_mask", "model.embed_tokens") else L
-    return dict(layer=layer, depth=1 if layer < 0 else layer + 2, what=WHAT[key(name)])
+    return dict(layer=layer, depth=1 if layer < 0 else layer + 2, what=what(name))
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -102,11 +98,10 @@ def expert_rows(experts, h, idx):
 
 
 def collect(model, cfg, ids, grad=False):
-    """{name: tensor} of one forward pass, in the order it makes them (and, with grad, then the gradients of the
-    loss with respect to the adapter tensors). Forward hooks on the modules WHAT names record their outputs, so
-    this works on moe.py's Transformer and on transformers' models, which use the same names. q and k after RoPE,
-    which no hook sees, are what the model's own RoPE function returns, wrapped for the pass: moe.apply_rope
-    (called for q, then for k) or transformers' apply_rotary_pos_emb (both at once)."""
+    """{name: tensor} of one forward pass in the order it makes them (with grad, then d loss / d each adapter
+    tensor). Forward hooks on the modules WHAT names record their outputs: moe.py's Transformer and transformers'
+    models use the same names. q and k after RoPE, which no hook sees, are what the model's RoPE function returns,
+    wrapped for the pass: moe.apply_rope (for q, then for k) or transformers' apply_rotary_pos_emb (both at once)."""
     B, T = ids.shape
     rec, qk = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, []
     keep = lambda t: t.detach().to("cpu", copy=True)  # a copy: transformers clamps v in place
@@ -131,7 +126,7 @@ def collect(model, cfg, ids, grad=False):
         return out
 
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in model.named_modules()
-               if {key(n), key(n) + ".input"} & WHAT.keys()]
+               if what(n) or what(n + ".input")]
     modeling = sys.modules[type(model).__module__]
     rope_fn = "apply_rope" if modeling is moe else "apply_rotary_pos_emb"
     plain = getattr(modeling, rope_fn)
@@ -180,8 +175,7 @@ def read_tensors(path, need_header=False):
         raise ValueError(f"{path}: cannot read as safetensors ({e})") from None
     try:
         header = json.loads(meta["verify"]) if "verify" in meta else None
-        fields = {"name", "shape", "dtype", "layer", "depth", "what"}
-        assert header is None or header["format"] == FORMAT and fields <= set(header["tensors"][0])
+        assert header is None or header["format"] == FORMAT and {"name", "layer", "depth"} <= set(header["tensors"][0])
     except (ValueError, KeyError, TypeError, IndexError, AssertionError):
         raise ValueError(f"{path}: its 'verify' header is not one this verify.py writes ({FORMAT})") from None
     if need_header and header is None:
@@ -293,7 +287,7 @@ def report(golden, theirs, header, golden_name, theirs_name):
     if first is None:
         print(f"verify: no divergence beyond tolerance ({len(rows)} tensors compared, {len(missing)} missing)")
         return 0
-    (name, layer, token), T = first, header["tensors"][0]["shape"][1]
+    (name, layer, token), T = first, golden["input_ids"].shape[1]
     where = f"layer {layer}" if 0 <= layer < header["num_hidden_layers"] else "before the first layer" if layer < 0 \
         else "after the last layer"
     at = "" if token is None else f", token (b{token // T}, t{token % T})"
@@ -337,13 +331,12 @@ def input_ids(args, cfg):
     if args.ids is None and args.data is None:  # the same on every run
         seed = torch.Generator().manual_seed(0)
         return torch.randint(3, cfg.vocab_size, (args.samples, args.seq_len), generator=seed)
-    where = args.data if args.ids is None else f"--ids {args.ids!r}"
     if args.ids is not None:
-        seqs = [part.split() for part in args.ids.split(",")]
+        where, seqs = f"--ids {args.ids!r}", [part.split() for part in args.ids.split(",")]
         if not all(x.isdigit() for s in seqs for x in s) or len({len(s) for s in seqs}) != 1:
             raise ValueError(f"{where}: need integers, every sequence as long")
     else:
-        records = data.read_jsonl(args.data)
+        where, records = args.data, data.read_jsonl(args.data)
         data.check_records(records, args.data)
         tok = data.load_tokenizer(args.model)
         seqs = [data.encode_example(tok, r, args.seq_len)[0] for r in records[: args.samples]]
@@ -357,23 +350,23 @@ def input_ids(args, cfg):
 
 
 def reference(args, dtype, adapter=None, grad=False):
-    """(model, ids, golden tensors): moe.py's plain path (the loop over experts, no fused kernels) on the ids."""
+    """(config, ids, golden tensors): moe.py's plain path (the loop over experts, no fused kernels) on the ids."""
     device = hub.pick_device(args.device)
     model = hub.load_model(args.model, dtype=dtype, device=device)
     if adapter is not None:
         lora.load_adapter(model, adapter)  # refuses an adapter made for another base
     model.set_reference(True)
     ids = input_ids(args, model.config).to(device)
-    return model, ids, collect(model, model.config, ids, grad=grad)
+    return model.config, ids, collect(model, model.config, ids, grad=grad)
 
 
 def run_dump(args):
     if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise OSError(f"{args.out}: not a file in an existing directory")
-    model, ids, tensors = reference(args, getattr(torch, args.dtype), args.adapter, args.grad)
-    write_golden(args.out, tensors, make_header(tensors, model.config, model=args.model, adapter=args.adapter))
+    cfg, ids, tensors = reference(args, getattr(torch, args.dtype), args.adapter, args.grad)
+    write_golden(args.out, tensors, make_header(tensors, cfg, model=args.model, adapter=args.adapter))
     print(f"verify: wrote {len(tensors)} tensors ({os.path.getsize(args.out) / 2**20:.1f} MiB; {ids.shape[0]} x "
-          f"{ids.shape[1]} tokens, {model.config.model_type}, {args.dtype}) to {args.out}")
+          f"{ids.shape[1]} tokens, {cfg.model_type}, {args.dtype}) to {args.out}")
     return 0
 
 
@@ -387,12 +380,11 @@ def run_hf(args):
         import transformers
     except ImportError:
         raise ValueError("verify.py hf needs transformers (pip install transformers)") from None
-    ours, ids, golden = reference(args, torch.float32)
+    cfg, ids, golden = reference(args, torch.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="eager",
                                                            experts_implementation="eager", dtype=torch.float32)
-    theirs = collect(hf.to(ids.device).eval(), ours.config, ids)
-    name = f"transformers {transformers.__version__} (eager)"
-    return report(golden, theirs, make_header(golden, ours.config), "moe.py", name)
+    theirs = collect(hf.to(ids.device).eval(), cfg, ids)
+    return report(golden, theirs, make_header(golden, cfg), "moe.py", f"transformers {transformers.__version__}")
 
 
 def main(argv=None):
