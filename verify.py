@@ -42,7 +42,7 @@ import moe
 FORMAT = "moe-lora verify 1"
 PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
 
-WHAT = {  # every tensor's name -> what it is, in forward order
+WHAT = {  # every tensor's name -> what it is, in the order moe.py's forward makes them
     "input_ids": "(B, T) token ids", "attention_mask": "(B, T) all 1: no padding",
     "model.embed_tokens": "(B, T, D) embeddings",
     "model.layers.i": {  # then each layer i in turn: model.layers.i.input_layernorm, ..., model.layers.i (its output)
@@ -56,8 +56,8 @@ WHAT = {  # every tensor's name -> what it is, in forward order
         "mlp.topk_ids": "(B, T, K) chosen experts", "mlp.topk_weights": "(B, T, K) their weights",
         "mlp.experts.*": "(n_e, D) expert e's unweighted output on its tokens (ascending), from its weights",
         "mlp.experts": "(B, T, D) weighted sum of the routed experts",
+        "mlp.shared_expert_gate": "(B, T, 1) the shared expert's gate logit",
         "mlp.shared_expert": "(B, T, D) shared expert, before its gate",
-        "mlp.shared_expert_gate": "(B, T, 1) its gate logit",
         "mlp": "(B, T, D) MoE (or dense MLP) output", "": "(B, T, D) residual stream after the layer"},
     "model.norm": "(B, T, D) final norm", "lm_head": "(B, T, V) logits", "loss": "() next-token cross-entropy"}
 
