@@ -1,6 +1,7 @@
 """verify.py: golden tensors agree with themselves and with transformers, and a planted difference is found at
 the layer, tensor and token where it is made."""
 import os
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from conftest import FP32_VARIANTS, VARIANTS, make_ids
 
 def ours(path, dtype=torch.float32):
     model = hub.load_model(str(path), dtype=dtype)
-    verify.reference_path(model)
+    model.set_reference(True)
     return model
 
 
@@ -46,6 +47,24 @@ def test_dump_then_compare_with_itself(checkpoints, tmp_path, capsys):
     assert tensors["model.layers.0.self_attn.q"].shape == (2, 6, 4, 16)
     code, text, _ = run_cli(["compare", out, out], capsys)
     assert code == 0 and "no divergence" in text
+
+
+def test_tensors_in_what_order_and_described(checkpoints):
+    """Every recorded tensor has a WHAT description, and the file lists them in WHAT's order (the order moe.py's
+    forward makes them, shared expert included), so the table a reader consults is the file's own order."""
+    model = ours(checkpoints("qwen2_moe").path)
+    _, header = golden_of(model, make_ids(1, 6))
+    top, parts = list(verify.WHAT), list(verify.WHAT["model.layers.i"])
+
+    def rank(name):  # (place in WHAT, layer, place among a layer's tensors); expert rows share their rank
+        m = re.fullmatch(r"model\.layers\.(\d+)\.?(.*)", name)
+        if m:
+            return top.index("model.layers.i"), int(m[1]), parts.index(re.sub(r"experts\.\d+$", "experts.*", m[2]))
+        return top.index(name), 0, 0
+
+    names = [e["name"] for e in header["tensors"]]
+    assert names == sorted(names, key=rank) and "model.layers.0.mlp.shared_expert_gate" in names
+    assert all(isinstance(e["what"], str) for e in header["tensors"])
 
 
 def test_golden_values_are_the_models(checkpoints):
@@ -142,7 +161,7 @@ def test_rope_other_half_convention_found_at_q(checkpoints, monkeypatch):
 
     monkeypatch.setattr(modeling, "rotate_half", rotate_pairs)
     with torch.no_grad():
-        theirs = verify.collect_hf(ck.hf, model.config, ids)
+        theirs = verify.collect(ck.hf, model.config, ids)
     _, first, _ = verify.compare(golden, theirs, header)
     assert first == ("model.layers.0.self_attn.q", 0, 1)
 
