@@ -1,0 +1,41 @@
+"""The documentation points only at files that exist, and the README's file map names every file of the code.
+
+A reader follows the README's links and file map to the code; a renamed or removed file must not leave a dead
+pointer behind, and a new file must get its line in the map."""
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md", "model/README.md", "tasks/README.md", "notes/fidelity.md", "notes/speed.md", "notes/history.md"]
+
+
+def read(rel):
+    with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_every_relative_link_opens_a_file_of_the_repository():
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", read(doc)):
+            if re.match(r"[a-z]+://", target) or target.startswith("#"):
+                continue
+            path = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), target.split("#")[0]))
+            assert os.path.exists(path), f"{doc}: link to {target}, which is not in the repository"
+
+
+def test_file_map_names_every_python_file_and_test():
+    text = read("README.md")
+    mapped = set(re.findall(r"^([\w./-]+\.py)\s", text, flags=re.M))
+    code = {f for f in os.listdir(ROOT) if f.endswith(".py")}
+    tests = {f for f in os.listdir(os.path.join(ROOT, "tests")) if f.startswith("test_") and f.endswith(".py")}
+    missing = sorted((code | tests) - mapped)
+    assert not missing, f"README.md's file map has no line for {missing}"
+    gone = sorted(f for f in mapped if not os.path.exists(os.path.join(ROOT, f))
+                  and not os.path.exists(os.path.join(ROOT, "tests", f)))
+    assert not gone, f"README.md's file map names files that do not exist: {gone}"
+
+
+def test_no_pointer_to_files_outside_the_repository():
+    for doc in DOCS:
+        for name in ("DESIGN.md", "STYLE.md", "../shared"):
+            assert name not in read(doc), f"{doc} mentions {name}, which is not in the repository"
