@@ -195,7 +195,7 @@ def device_and_dtype(args, device, world):
 
 def build_model(args, dtype, device, world):
     """(model, tokenizer): the meta model for --dry-run, random weights for --init-config, else the checkpoint's
-    weights, checked for NaN / inf (a base with one would train to a NaN adapter)."""
+    weights (hub.load_model refuses a NaN or inf in them: a base with one would train to a NaN adapter)."""
     if args.dry_run:
         with torch.device("meta"):
             return moe.Transformer(hub.read_config(args.init_config or args.model)), None
@@ -208,7 +208,6 @@ def build_model(args, dtype, device, world):
         model.to(device)
     else:
         model = hub.load_model(args.model, dtype=dtype, device=device, shard=parallel.shard if world > 1 else None)
-        checkpoint.check_finite(model.named_parameters(), f"--model {args.model}")
     if args.reference:  # the whole step on the plain code of moe.py (no kernels.py)
         model.set_reference(True)
     return model, data.load_tokenizer(args.model)
