@@ -1,0 +1,141 @@
+"""What a GPU run would meet, checked on the CPU with a fake device capability, a fake grouped_mm, a fake
+free-memory figure or a counting writer: the slow-grouped_mm warning, zero gradients for experts without
+rows whatever grouped_mm returns for them, exports that hold one shard at a time, and evaluation that never
+holds (B, T, V) logits."""
+import warnings
+
+import pytest
+import torch
+
+import kernels
+import lora
+import moe
+from tiny import expert_layer_inputs
+
+FP32 = dict(atol=1e-5, rtol=1e-5)  # fp32 values of size ~1-10 regrouped: a few roundings (test_kernels.py)
+
+
+# ----------------------------------------------------------------------------- the slow-grouped_mm warning
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A CUDA build without ROCm whose device has the capability set by calling the returned function."""
+    cap = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(kernels, "_warned_slow", False)
+    return lambda c: cap.__setitem__(0, c)
+
+
+@pytest.mark.parametrize("cap,dtype", [((8, 0), torch.bfloat16), ((9, 0), torch.float32), ((12, 0), torch.bfloat16),
+                                       ((8, 6), torch.float16)])
+def test_grouped_mm_without_fast_kernel_warns_once_naming_capability_and_dtype(fake_cuda, cap, dtype):
+    """An A100 (8.0), float32 on an H100, a consumer Blackwell (12.0): one warning naming the fallback, the
+    capability and the dtype, and no second one in the same process."""
+    fake_cuda(cap)
+    with pytest.warns(UserWarning, match=rf"{str(dtype)[6:]} on cuda.*capability {cap[0]}\.{cap[1]}.*falls back"):
+        kernels.warn_if_slow(torch.device("cuda"), dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.warn_if_slow(torch.device("cuda"), dtype)
+
+
+@pytest.mark.parametrize("cap", [(9, 0), (10, 0)])
+def test_grouped_mm_fast_kernel_does_not_warn(fake_cuda, cap):
+    """bfloat16 on capability 9.x (H100/H200) or 10.x (B200): torch's fast kernel runs, nothing is said.
+    Nor on the CPU, where grouped_mm is always the per-group loop."""
+    fake_cuda(cap)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.warn_if_slow(torch.device("cuda"), torch.bfloat16)
+        kernels.warn_if_slow(torch.device("cpu"), torch.float32)
+    assert not kernels._warned_slow
+
+
+def test_grouped_experts_checks_its_device_and_dtype(monkeypatch):
+    """The grouped expert path asks warn_if_slow about the device of its rows and the dtype of its weights."""
+    seen = []
+    monkeypatch.setattr(kernels, "warn_if_slow", lambda device, dtype: seen.append((device, dtype)))
+    E, D, I = 8, 48, 32
+    x, idx, w = expert_layer_inputs(10, 2, E, D)
+    kernels.grouped_experts(x, idx, w, torch.randn(E, 2 * I, D), torch.randn(E, D, I))
+    assert seen == [(torch.device("cpu"), torch.float32)]
+
+
+# ----------------------------------------------------------------------------- empty groups' gradients
+
+def _garbage_for_empty_groups(real):
+    """grouped_mm as Blackwell's kernel behaves (pytorch issue 172439): the weight-gradient form (2D x 2D,
+    grouped along the rows) returns NaN for a group without rows instead of zeros."""
+    def fake(a, b, offs):
+        out = real(a, b, offs=offs)
+        if a.dim() == 2 and b.dim() == 2:  # (m, p, q)
+            sizes = torch.diff(offs, prepend=offs.new_zeros(1))
+            out = torch.where(sizes[:, None, None] == 0, torch.nan, out)
+        return out
+    return fake
+
+
+def _adapted_experts(method, ids=None, dropout=0.0):
+    E, D, I = 8, 48, 32
+    experts = moe.Experts(E, D, I).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(0.1 * torch.randn(E, 2 * I, D, generator=g))
+        experts.down_proj.copy_(0.1 * torch.randn(E, D, I, generator=g))
+    if method == "perft-e":
+        experts.adapter = lora.ExpertAdapter(experts, 4, 8, dropout=dropout)
+    else:
+        experts.adapter = lora.ExpertLoRA(experts, ids, 4, 8, dropout=dropout)
+    with torch.no_grad():
+        for p in experts.adapter.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return experts
+
+
+def _adapter_grads(experts, reference):
+    """Gradients of every adapter tensor, on a batch in which expert 3 gets no row."""
+    x, _, w = expert_layer_inputs(40, 2, 8, 48)
+    others = torch.tensor([0, 1, 2, 4, 5, 6, 7])
+    idx = torch.stack([others[torch.randperm(7, generator=torch.Generator().manual_seed(i))[:2]] for i in range(40)])
+    moe.set_reference(experts, reference)
+    experts.zero_grad()
+    torch.manual_seed(0)  # the same dropout masks in both paths (the plain one draws them alike only without dropout)
+    (experts(x, idx, w) * torch.randn(40, 48, generator=torch.Generator().manual_seed(1))).sum().backward()
+    return {n: p.grad.clone() for n, p in experts.adapter.named_parameters()}
+
+
+@pytest.mark.parametrize("method,ids,dropout", [("sieve", [1, 3, 6], 0.0), ("lora", list(range(8)), 0.0),
+                                                ("perft-e", None, 0.0), ("sieve", [1, 3, 6], 0.1)],
+                         ids=["sieve", "lora", "perft-e", "sieve-dropout"])
+def test_expert_without_rows_gets_exactly_zero_gradient_whatever_grouped_mm_returns(monkeypatch, method, ids,
+                                                                                   dropout):
+    """Expert 3 is adapted but gets no row. With a grouped_mm that returns NaN for empty groups in the
+    weight-gradient product, on a device where that is known to happen (faked), expert 3's factors get
+    exactly zero gradient and every other gradient is the loop path's; without the zeroing the fake would
+    have reached them (checked too, so the fake is known to bite). Dropout: the A product autograd keeps."""
+    experts = _adapted_experts(method, ids, dropout)
+    j = 3 if ids is None else ids.index(3)  # expert 3's slot in the adapter's stacked factors
+    monkeypatch.setattr(kernels, "_torch_grouped_mm", _garbage_for_empty_groups(kernels._torch_grouped_mm))
+    monkeypatch.setattr(kernels, "_empty_groups_unreliable", lambda device: False)
+    assert all(g[j].isnan().all() for g in _adapter_grads(experts, reference=False).values())
+    monkeypatch.setattr(kernels, "_empty_groups_unreliable", lambda device: True)
+    fast = _adapter_grads(experts, reference=False)
+    if dropout == 0:
+        plain = _adapter_grads(experts, reference=True)
+        for n in fast:
+            torch.testing.assert_close(fast[n], plain[n], **FP32, msg=n)
+    for n, g in fast.items():
+        assert torch.equal(g[j], torch.zeros_like(g[j])), n
+        assert g.abs().sum() > 0 and not g.isnan().any(), n
+
+
+def test_empty_groups_are_zeroed_on_blackwell_only(monkeypatch):
+    """The zeroing costs a pass over the factor gradients, so it is paid where grouped_mm's kernel is wrong
+    (capability 10.x and later) and in compiled graphs, not on the CPU or on capability 9.x."""
+    cap = [(10, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
+    assert kernels._empty_groups_unreliable(torch.device("cuda"))
+    cap[0] = (9, 0)
+    assert not kernels._empty_groups_unreliable(torch.device("cuda"))
+    assert not kernels._empty_groups_unreliable(torch.device("cpu"))
