@@ -3,14 +3,16 @@ free-memory figure or a counting writer: the slow-grouped_mm warning, zero gradi
 rows whatever grouped_mm returns for them, exports that hold one shard at a time, and evaluation that never
 holds (B, T, V) logits."""
 import warnings
+import weakref
 
 import pytest
 import torch
 
+import hub
 import kernels
 import lora
 import moe
-from tiny import expert_layer_inputs
+from tiny import _config_dict, expert_layer_inputs, save_checkpoint, tiny_model
 
 FP32 = dict(atol=1e-5, rtol=1e-5)  # fp32 values of size ~1-10 regrouped: a few roundings (test_kernels.py)
 
@@ -139,3 +141,39 @@ def test_empty_groups_are_zeroed_on_blackwell_only(monkeypatch):
     cap[0] = (9, 0)
     assert not kernels._empty_groups_unreliable(torch.device("cuda"))
     assert not kernels._empty_groups_unreliable(torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- exports stream
+
+@pytest.mark.parametrize("model_type", ["olmoe", "mixtral"])
+def test_merged_export_holds_one_shard_of_host_tensors_at_a_time(tmp_path, monkeypatch, model_type):
+    """export_merged writes shard by shard: when a shard is written, no host tensor of an earlier one is
+    alive any more, and no shard holds more than shard_bytes (or its one larger tensor). The files load as
+    base + adapter, and the model is left unmerged (as before, up to the round trip's rounding)."""
+    model = tiny_model(model_type)
+    save_checkpoint(model, _config_dict(model_type), tmp_path / "src")
+    lora.attach(model, "lora", r=4, alpha=8)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in lora.adapter_state(model).values():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    x = torch.randint(3, 96, (2, 12), generator=g)
+    before = model(x).detach()
+    written, alive, real = [], [], hub.save_file
+
+    def counting_writer(tensors, path, metadata=None):
+        assert all(ref() is None for ref in alive), "a host tensor of an earlier shard is still held"
+        assert all(t.device.type == "cpu" for t in tensors.values())
+        written.append(sum(t.nbytes for t in tensors.values()))
+        alive[:] = [weakref.ref(t) for t in tensors.values()]
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(hub, "save_file", counting_writer)
+    shard_bytes = 16 << 10
+    hub.export_merged(model, str(tmp_path / "src"), str(tmp_path / "merged"), shard_bytes=shard_bytes)
+    biggest = max(t.nbytes for t in hub.checkpoint_views(model).values())
+    assert len(written) >= 3 and max(written) <= max(shard_bytes, biggest), written
+    # merged W + scale B A against the unmerged sum of products: fp32 regroupings of logits of size ~1
+    torch.testing.assert_close(hub.load_model(str(tmp_path / "merged"))(x), before, atol=1e-4, rtol=1e-4)
+    # merge then unmerge rounds W + s BA - s BA in fp32 once each: the weights, so the logits, within fp32 rounding
+    torch.testing.assert_close(model(x), before)
