@@ -8,6 +8,8 @@ import weakref
 import pytest
 import torch
 
+import data
+import eval as ev
 import hub
 import kernels
 import lora
@@ -177,3 +179,43 @@ def test_merged_export_holds_one_shard_of_host_tensors_at_a_time(tmp_path, monke
     torch.testing.assert_close(hub.load_model(str(tmp_path / "merged"))(x), before, atol=1e-4, rtol=1e-4)
     # merge then unmerge rounds W + s BA - s BA in fp32 once each: the weights, so the logits, within fp32 rounding
     torch.testing.assert_close(model(x), before)
+
+
+# ----------------------------------------------------------------------------- evaluation streams
+
+def test_eval_log_probs_stream_through_the_head_without_full_logits(monkeypatch):
+    """eval's per-token log-probabilities from moe.Transformer: the head sees only the labelled rows, at most
+    `chunk` at a time (never a (B, T, V) tensor), and the numbers are those of the full logits' fp32
+    log-softmax (right-padded batch, some labels ignored)."""
+    model = tiny_model("olmoe")
+    seqs = [[5, 9, 14, 3, 77, 40, 8, 19, 33], [6, 7, 8, 9], [50, 51, 52, 53, 54, 55]]
+    ids, mask, labels = data.pad_batch(seqs, [[0] + [1] * (len(s) - 1) for s in seqs], 0)
+    with torch.no_grad():
+        logits = model(ids, mask)  # (B, T, V): the plain way, for the expected numbers
+        full = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        full = full * (labels != data.IGNORE)
+        shapes, head = [], model.head
+        monkeypatch.setattr(model, "head", lambda h: shapes.append(tuple(h.shape)) or head(h))
+        streamed = ev._label_logprobs(model, ids, mask, labels, chunk=5)
+    n = int((labels != data.IGNORE).sum())
+    assert all(len(s) == 2 and s[0] <= 5 for s in shapes) and sum(s[0] for s in shapes) == n, shapes
+    torch.testing.assert_close(streamed, full, **FP32)  # the same fp32 math per row; log-probs of size ~5
+
+
+def test_generation_applies_the_head_to_the_last_position_only(monkeypatch):
+    """generate.generate's prefill asks moe.Transformer for hidden states and puts only the last position
+    of each prompt through the head: (B, D) rows per call, never (B, T, V) logits. Greedy tokens are those
+    of the full forward's last-position argmax, step by step."""
+    import generate
+
+    model = tiny_model("olmoe")
+    prompt = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expect = prompt
+        for _ in range(4):  # no cache: the whole sequence again each step
+            expect = torch.cat([expect, model(expect)[:, -1].argmax(-1, keepdim=True)], 1)
+    shapes, head = [], model.head
+    monkeypatch.setattr(model, "head", lambda h: shapes.append(tuple(h.shape)) or head(h))
+    out = generate.generate(model, prompt, max_new_tokens=4)
+    assert shapes and all(s == (2, model.config.hidden_size) for s in shapes), shapes
+    assert torch.equal(out, expect)
