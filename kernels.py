@@ -11,19 +11,20 @@ ways against transformers: tests/test_parity.py). This file imports no other fil
   grouped matrix products over the (token, slot) pairs sorted by expert once per layer.
 - grouped_lora_factors, RegatheredProduct, a_product: lora.ExpertLoRA's per-expert products, grouped.
 - chunked_cross_entropy_sum: moe.cross_entropy_sum's plain form, without (N, V) fp32 logits at once.
+- grouped_mm: torch's grouped_mm itself, with exactly zero weight gradient for a group without rows.
 
 Shape letters: D hidden, I expert width, E experts, K top-k, N tokens, P (token, slot) pairs (N*K), V vocab.
 
-What a GPU meets here that the CPU tests cannot show: grouped_mm is fast only in bfloat16 on H100/B200-class
-devices (warn_if_slow says so once elsewhere); Blackwell's kernel is wrong for empty groups' weight gradients
-(group_weight_grad zeroes them). And one host sync per MoE layer is deliberate: an adapter on a subset of
-the experts (sieve, random, coverage, budget) finds the rows routed to its experts with `nonzero`
-(lora.ExpertLoRA.prepare), whose result's size the host must know before it can allocate the LoRA tensors
-of those rows only. Eager, the host waits there once per layer for the router's work to finish, so the
-launch queue runs dry briefly (launch latency, not bandwidth); under torch.compile it is a graph break per
-MoE layer, so each block compiles as two graphs and ops across the break are not fused, and the step
-cannot be captured as one CUDA graph. The sync-free alternative, masking (P, width) tensors of every
-pair, moves as many bytes as LoRA on every expert, which is what the sieve is there to avoid.
+What a GPU meets here that the CPU tests cannot show: torch's grouped_mm is fast only in bfloat16 on
+H100/B200-class devices (elsewhere warn_if_slow says so, once); Blackwell's kernel is wrong for empty groups'
+weight gradients (group_weight_grad zeroes them). And one host sync per MoE layer is deliberate: an adapter on
+a subset of the experts (sieve, random, coverage, budget) finds the rows routed to its experts with `nonzero`
+(lora.ExpertLoRA.prepare), whose result's size the host must know before it can allocate the LoRA tensors of
+those rows only. Eager, the host waits there once per layer for the router's work to finish, so the launch
+queue runs dry briefly (launch latency, not bandwidth); under torch.compile it is a graph break per MoE layer,
+so each such block compiles as two graphs or more and ops across the break are not fused, and the step cannot
+be captured as one CUDA graph. The sync-free alternative, masking (P, width) tensors of every pair, moves as
+many bytes as LoRA on every expert, which is what the sieve is there to avoid.
 """
 import warnings
 from typing import NamedTuple
@@ -39,7 +40,7 @@ def can_group(*dims):
     return _torch_grouped_mm is not None and all(d % 8 == 0 for d in dims)
 
 
-# ----------------------------------------------------------------------------- grouped_mm, and where it is not what it seems
+# ----------------------------------------------------------------------------- grouped_mm as torch has it, almost
 
 def grouped_mm(x, w, offs):
     """torch's grouped_mm(x, w, offs=offs): the rows x (n, k), sorted by group, times w[g] (m, k, out) for
@@ -52,7 +53,7 @@ def grouped_mm(x, w, offs):
 
 class GroupedMM(torch.autograd.Function):
     """torch's grouped_mm with autograd's two gradient products, the weight's through group_weight_grad.
-    Keeps x only if w needs its gradient and w only if x needs its own, as autograd does."""
+    Keeps x only if w needs its gradient and w only if x needs its own."""
 
     @staticmethod
     def forward(ctx, x, w, offs):
