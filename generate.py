@@ -32,7 +32,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, temperatu
     p = next(model.parameters())
     cache = KVCache(model.config, B, T + max_new_tokens, p.device, p.dtype)
     pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # (B, T)
-    logits = model(input_ids, attention_mask, pos, cache)[:, -1]  # (B, V)
+    logits = _next_logits(model, input_ids, attention_mask, pos, cache)  # (B, V)
     out, done = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p, generator)  # (B,)
@@ -44,8 +44,17 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=32, temperatu
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(nxt[:, None])], dim=1)
         pos = pos[:, -1:] + 1
-        logits = model(nxt[:, None], attention_mask, pos, cache)[:, -1]
+        logits = _next_logits(model, nxt[:, None], attention_mask, pos, cache)
     return out
+
+
+def _next_logits(model, ids, mask, pos, cache):
+    """(B, V) logits of the last position. A model with a `head` (moe.Transformer) applies it to that
+    position only, so the prefill of a long prompt never makes (B, T, V) logits; any other model returns
+    its logits."""
+    if hasattr(model, "head"):
+        return model.head(model(ids, mask, pos, cache, hidden=True)[:, -1])
+    return model(ids, mask, pos, cache)[:, -1]
 
 
 def sample(logits, temperature, top_p, generator=None):

@@ -237,9 +237,19 @@ def _write_dir(out_dir, fill):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def checkpoint_views(model):
+    """{hub tensor name: that tensor as it lies in the model}: views of the parameters on their device, no
+    copy (one process: FSDP2 shards hold only their rows; see model_tensors). write_checkpoint copies them
+    to the host a shard at a time."""
+    params = dict(model.named_parameters())
+    return {disk: (_base_param(params, name) if index is None else _base_param(params, name)[index]).detach()
+            for disk, (name, index) in checkpoint_names(model.config).items()}
+
+
 def model_tensors(model):
-    """{hub tensor name: CPU copy} of the (base) weights, under the names load_model reads.
-    FSDP2 shards are gathered whole first (every rank must call this)."""
+    """{hub tensor name: CPU copy} of the (base) weights, under the names load_model reads: the whole model
+    in host memory at once. FSDP2 shards are gathered whole first (every rank must call this). One process
+    needs none of it: checkpoint_views + write_checkpoint hold one shard at a time."""
     params = {n: p.full_tensor() if type(p).__name__ == "DTensor" else p for n, p in model.named_parameters()}
     return {disk: (_base_param(params, name) if index is None else _base_param(params, name)[index]).detach().to("cpu", copy=True).contiguous()
             for disk, (name, index) in checkpoint_names(model.config).items()}
@@ -247,7 +257,9 @@ def model_tensors(model):
 
 def write_checkpoint(tensors, out_dir, config, src_dir, shard_bytes=4 << 30):
     """A hub-style checkpoint directory: sharded safetensors + index, config.json (its dtype set to the
-    tensors'), and the tokenizer files of src_dir. Written under a temporary name, then swapped in."""
+    tensors'), and the tokenizer files of src_dir. Written under a temporary name, then swapped in.
+    `tensors` may lie on any device: each shard is copied to the host just before it is written and let
+    go after, so host memory holds one shard (at most shard_bytes, or one larger tensor) at a time."""
     def fill(tmp):
         shards, size = [[]], 0
         for name, t in tensors.items():
@@ -260,7 +272,9 @@ def write_checkpoint(tensors, out_dir, config, src_dir, shard_bytes=4 << 30):
         weight_map = {}
         for i, names in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: tensors[n] for n in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
+            shard = {n: tensors[n].detach().to("cpu", copy=True).contiguous() for n in names}
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            del shard  # before the next shard is made
             weight_map.update({n: fname for n in names})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
@@ -278,15 +292,15 @@ def write_checkpoint(tensors, out_dir, config, src_dir, shard_bytes=4 << 30):
 
 def export_merged(model, src_dir, out_dir, shard_bytes=4 << 30):
     """A complete checkpoint of base + adapter under the hub's tensor names (sharded, with an index),
-    config.json and tokenizer files copied, loadable by transformers. Merges, copies, unmerges."""
-    lora.merge(model)
-    try:
-        tensors = model_tensors(model)
-    finally:
-        lora.merge(model, -1)
+    config.json and tokenizer files copied, loadable by transformers. Merges in place, writes the merged
+    weights a shard at a time (host memory: one shard, not the model), unmerges."""
     with open(os.path.join(src_dir, "config.json")) as f:
         config = json.load(f)
-    write_checkpoint(tensors, out_dir, config, src_dir, shard_bytes)
+    lora.merge(model)
+    try:
+        write_checkpoint(checkpoint_views(model), out_dir, config, src_dir, shard_bytes)
+    finally:
+        lora.merge(model, -1)
 
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -11,20 +11,110 @@ ways against transformers: tests/test_parity.py). This file imports no other fil
   grouped matrix products over the (token, slot) pairs sorted by expert once per layer.
 - grouped_lora_factors, RegatheredProduct, a_product: lora.ExpertLoRA's per-expert products, grouped.
 - chunked_cross_entropy_sum: moe.cross_entropy_sum's plain form, without (N, V) fp32 logits at once.
+- grouped_mm: torch's grouped_mm itself, with exactly zero weight gradient for a group without rows.
 
 Shape letters: D hidden, I expert width, E experts, K top-k, N tokens, P (token, slot) pairs (N*K), V vocab.
+
+What a GPU meets here that the CPU tests cannot show: torch's grouped_mm is fast only in bfloat16 on
+H100/B200-class devices (elsewhere warn_if_slow says so, once); Blackwell's kernel is wrong for empty groups'
+weight gradients (group_weight_grad zeroes them). And one host sync per MoE layer is deliberate: an adapter on
+a subset of the experts (sieve, random, coverage, budget) finds the rows routed to its experts with `nonzero`
+(lora.ExpertLoRA.prepare), whose result's size the host must know before it can allocate the LoRA tensors of
+those rows only. Eager, the host waits there once per layer for the router's work to finish, so the launch
+queue runs dry briefly (launch latency, not bandwidth); under torch.compile it is a graph break per MoE layer,
+so each such block compiles as two graphs or more and ops across the break are not fused, and the step cannot
+be captured as one CUDA graph. The sync-free alternative, masking (P, width) tensors of every pair, moves as
+many bytes as LoRA on every expert, which is what the sieve is there to avoid.
 """
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_torch_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def can_group(*dims):
     """Whether grouped_mm can run on rows of these widths (it wants 16-byte aligned rows)."""
-    return grouped_mm is not None and all(d % 8 == 0 for d in dims)
+    return _torch_grouped_mm is not None and all(d % 8 == 0 for d in dims)
+
+
+# ----------------------------------------------------------------------------- grouped_mm as torch has it, almost
+
+def grouped_mm(x, w, offs):
+    """torch's grouped_mm(x, w, offs=offs): the rows x (n, k), sorted by group, times w[g] (m, k, out) for
+    the rows of group g (offs: the groups' int32 end rows). Where w needs a gradient, through GroupedMM,
+    which gives a group without rows exactly zero gradient (see there); otherwise torch's op itself."""
+    if torch.is_grad_enabled() and w.requires_grad:
+        return GroupedMM.apply(x, w, offs)
+    return _torch_grouped_mm(x, w, offs=offs)
+
+
+class GroupedMM(torch.autograd.Function):
+    """torch's grouped_mm with autograd's two gradient products, the weight's through group_weight_grad.
+    Keeps x only if w needs its gradient and w only if x needs its own."""
+
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w if ctx.needs_input_grad[0] else None, offs)
+        ctx.w_transposed = w.stride(1) == 1  # w = W.transpose(1, 2) of a contiguous W, as the adapters pass B
+        return _torch_grouped_mm(x, w, offs=offs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, offs = ctx.saved_tensors
+        dx = _torch_grouped_mm(g, w.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None  # (n, k)
+        dw = None
+        if ctx.needs_input_grad[1]:  # (m, k, out): x^T g per group, made in w's layout (no copy to match it later)
+            dw = group_weight_grad(g, x, offs).transpose(1, 2) if ctx.w_transposed else group_weight_grad(x, g, offs)
+        return dx, dw, None
+
+
+def group_weight_grad(a, b, offs):
+    """(m, p, q): a[rows of group j]^T @ b[rows of group j] for each group j, zero for a group without rows
+    (a (n, p), b (n, q)): the gradient of a grouped product's weights.
+    torch's grouped_mm should give that zero itself, and does on the CPU and on the fallback (an (k, 0) @
+    (0, out) product); but on Blackwell (CUDA capability 10.x) its kernel returns wrong values for an empty
+    group (pytorch issue 172439): an adapted expert that got no row in a batch would get a gradient from
+    nothing, and Adam would move it. There, and in compiled code (no device query inside a graph), the
+    empty groups are zeroed by a mask of the group sizes: exact whatever the kernel returned, NaN included,
+    at the price of one more pass over the factor gradients (bench.py --traffic, OLMoE, r 16: 0.04 GiB more
+    than a LoRA layer's 21.55, 0.2%; which is why it is not paid where the kernel is right)."""
+    dw = _torch_grouped_mm(a.t(), b, offs=offs)
+    if _empty_groups_unreliable(dw.device):
+        sizes = torch.diff(offs, prepend=offs.new_zeros(1))  # (m,) rows per group, no host sync
+        dw = torch.where(sizes[:, None, None] > 0, dw, 0)
+    return dw
+
+
+def _empty_groups_unreliable(device):
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
+
+
+_warned_slow = False
+
+
+def warn_if_slow(device, dtype):
+    """Warn once per process when grouped_mm runs where torch has no fast kernel for it. torch's CUDA
+    grouped_mm (GroupedBlas.cpp, as of torch 2.11) runs its CUTLASS kernel only when both inputs are bfloat16 on
+    a device of capability 9.x or 10.x (H100/H200, B200); anything else (an A100, float32 on an H100)
+    silently falls back to one matmul per group after copying offs to the host: a host sync on every call,
+    4 per MoE layer per training step for the frozen experts and 12 more with expert LoRA. Only warned: the
+    fallback still gives the right numbers. Not checked under torch.compile (inductor picks its own kernel)
+    nor on ROCm (its rule is its own build's)."""
+    global _warned_slow
+    if _warned_slow or device.type != "cuda" or torch.version.hip or torch.compiler.is_compiling():
+        return
+    cap = torch.cuda.get_device_capability(device)
+    if dtype == torch.bfloat16 and cap[0] in (9, 10):
+        return
+    _warned_slow = True
+    warnings.warn(f"kernels.grouped_mm: no fast kernel for {str(dtype).removeprefix('torch.')} on {device} "
+                  f"(capability {cap[0]}.{cap[1]}): torch falls back to one matmul per expert with a host sync per "
+                  "call; its fast kernel needs bfloat16 on capability 9.x or 10.x", stacklevel=3)
 
 
 def _swiglu(gu):  # moe.swiglu (this file cannot import moe: moe imports it)
@@ -135,6 +225,7 @@ def grouped_experts(x, idx, w, gate_up_proj, down_proj, adapter=None):
     x (N, D), idx (N, K), w (N, K) -> (N, D). Tests: test_kernels.py::test_grouped_experts_*,
     test_parity.py (the whole model both ways)."""
     N, K = idx.shape
+    warn_if_slow(x.device, gate_up_proj.dtype)
     groups = ExpertGroups.sort(idx, gate_up_proj.shape[0])
     at = adapter.prepare(groups, x) if adapter is not None else None
     xs = x[groups.token]  # (P, D) token rows in expert order
@@ -216,7 +307,7 @@ class RegatheredProduct(torch.autograd.Function):
         xr = src if index is None else src.index_select(0, index)
         xr = _swiglu(xr) if ctx.swiglu else xr
         dxr = grouped_mm(dz, A, offs=offs) if ctx.needs_input_grad[0] else None  # (n, in)
-        dA = grouped_mm(dz.t(), xr, offs=offs)  # (m, r, in): one product per expert
+        dA = group_weight_grad(dz, xr, offs)  # (m, r, in): one product per expert, empty ones zero
         return dxr, dA, None, None, None, None
 
 
