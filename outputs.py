@@ -60,7 +60,8 @@ def finish(args, model, adapter_config, log, run):
     written and how to use it. `run`: wall, tokens, n_train, n_unpruned, total, prune_at, device, dtype, main."""
     full, dmep = adapter_config["method"] == "full", adapter_config["method"] == "dmep"
     if full:  # a hub-style checkpoint: OUT/model (every rank helps gather the shards, rank 0 writes)
-        tensors = hub.model_tensors(model)
+        sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())  # FSDP2: gathered whole first
+        tensors = hub.model_tensors(model) if sharded else hub.checkpoint_views(model)  # views: a shard at a time
         bad = checkpoint.first_non_finite(tensors.items()) if run["main"] else None
         if bad:
             raise checkpoint.NonFiniteError(f"{bad} is not finite; OUT/model not written")
@@ -75,8 +76,9 @@ def finish(args, model, adapter_config, log, run):
     if not run["main"]:
         return 0
     written = ["model/ (the trained checkpoint)" if full else "adapter.safetensors + adapter_config.json (the adapter)"]
-    size = os.path.getsize(os.path.join(args.out, "model", "model-00001-of-00001.safetensors") if full
-                           else os.path.join(args.out, "adapter.safetensors"))
+    files = ([os.path.join(args.out, "model", f) for f in os.listdir(os.path.join(args.out, "model"))
+              if f.endswith(".safetensors")] if full else [os.path.join(args.out, "adapter.safetensors")])
+    size = sum(os.path.getsize(f) for f in files)
     extra = dmep_speeds(model, log, run) if dmep and run["prune_at"] is not None else {}
     wall = run["wall"]
     summary = dict(**extra, method=adapter_config["method"], adapter_bytes=size, steps=run["total"],
