@@ -256,7 +256,8 @@ def evaluate(model, tok, task, records, path=None, **kw):
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # what to evaluate
     ap.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer)")
     ap.add_argument("--adapter", default=None, help="adapter directory written by train.py (adapter_config.json + "
@@ -265,14 +266,14 @@ def parse_args(argv=None):
                     help="ppl: perplexity of {text}; mc: accuracy on {query, choices, gold}; "
                     "gen: exact match on {question, answer}")
     ap.add_argument("--data", required=True, help=".jsonl or .jsonl.gz records of the kind the task reads")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N records only (default: all)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N records only (None: all)")
     # how
     ap.add_argument("--batch-size", type=int, default=8, help="sequences (mc: query-choice pairs) per forward pass")
     ap.add_argument("--seq-len", type=int, default=2048,
                     help="longest sequence: ppl window length; mc and gen cut the start of longer prompts")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="gen: most tokens generated per answer")
     # where
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (None: cuda if available)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="model dtype (auto: bfloat16 on CUDA, float32 on the CPU, as train.py)")
     ap.add_argument("--reference", action="store_true",
@@ -283,7 +284,9 @@ def parse_args(argv=None):
     for flag in ("limit", "batch_size", "seq_len", "max_new_tokens"):
         v = getattr(args, flag)
         if v is not None and v < 1:
-            ap.error(f"--{flag.replace('_', '-')} must be at least 1")
+            ap.error(f"--{flag.replace('_', '-')} {v}: must be at least 1")
+    if args.out is not None and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
+        ap.error(f"--out {args.out}: must name a file in an existing directory")  # before the model is loaded
     return args
 
 

@@ -239,3 +239,11 @@ def test_cli_errors_exit_1_name_the_file_and_write_nothing(files, tmp_path, caps
     err = capsys.readouterr().err
     assert err.startswith("eval.py: error: ") and all(s in err for s in expect), err
     assert not out.exists() and not list(tmp_path.glob("r.json*"))
+
+
+def test_out_that_is_a_directory_is_refused_before_loading(files, tmp_path, capsys):
+    """--out naming a directory: exit 2 at once, the flag named (the model is not loaded, nothing is written)."""
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", str(tmp_path / "never_read"), "--task", "ppl", "--data", str(files["text"]),
+                 "--out", str(tmp_path)])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err
