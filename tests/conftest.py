@@ -151,7 +151,7 @@ def unit_roundoff(dtype):
 
 def tol(dtype, magnitude, steps):
     """The absolute error `steps` roundings in `dtype` can leave in values of size `magnitude`."""
-    return steps * unit_roundoff(dtype) * float(magnitude)
+    return steps * unit_roundoff(dtype) * float(torch.as_tensor(magnitude).detach())  # a number or a tensor
 
 
 def assert_within(ours, ref, steps, dtype=torch.float32, magnitude=None, msg=""):
