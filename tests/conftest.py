@@ -141,7 +141,8 @@ def make_ids(batch, seq, seed=0, low=3):
 # cached vs full, sharded vs one process): up to 3 layers and the head, each a few reductions of length <= 64
 # (attention over <= 32 head dims and <= 20 positions, the expert and MLP products over D = 64 or I <= 48, the
 # norm's mean over D) that the two sides may sum in different orders: 64 u per layer for 4 layers.
-FORWARD = 256  # x u(fp32) = 1.5e-5 of the largest logit; a 1e-3 relative error in one expert is ~10x that
+FORWARD = 256  # x u(fp32) = 1.5e-5 of the largest logit; one expert off by 1e-3 moves the logits by ~17x that
+# (test_parity.py::test_logit_tolerance_sees_a_small_expert_error), the roundings seen use ~16 u of it
 
 
 def unit_roundoff(dtype):
@@ -175,8 +176,8 @@ def assert_decisive(values, k, steps, dtype=torch.float32):
     """Premise of an exact comparison of a top-k choice (expert sets, greedy tokens) made from values computed
     two ways: in every row the k-th largest value beats the (k+1)-th by more than twice the error allowed for
     the values (tol of `steps` u of their largest size), so rounding on any CPU cannot reorder them. The
-    fixtures' smallest gaps are ~8x that (and the errors seen ~16 u, not 256); if this fails, the data has a
-    near-tie, not the code a bug."""
+    fixtures' smallest gaps are ~8x that (with FORWARD steps); if this fails, the data has a near-tie, not the
+    code a bug."""
     top = torch.topk(values.float(), k + 1, dim=-1).values
     gap = (top[..., k - 1] - top[..., k]).min().item()
     need = 2 * tol(dtype, values.abs().max().item(), steps)

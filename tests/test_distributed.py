@@ -122,6 +122,9 @@ def test_gradient_accumulation_under_torchrun_equals_the_bigger_batch(ckpt, trai
     assert train.main([str(a) for a in base + ["--batch-size", 4, "--out", tmp_path / "one"]]) == 0
     torchrun(*base, "--batch-size", 2, "--grad-accum", 2, "--out", tmp_path / "two")
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=TOL)
+    # the comparison tells the batches apart: 2 sequences a step (--grad-accum ignored) give another curve
+    assert train.main([str(a) for a in base + ["--batch-size", 2, "--out", tmp_path / "small"]]) == 0
+    assert losses(tmp_path / "small") != pytest.approx(losses(tmp_path / "one"), rel=TOL)
     a, b = load_file(tmp_path / "one" / "adapter.safetensors"), load_file(tmp_path / "two" / "adapter.safetensors")
     for k in a:
         torch.testing.assert_close(b[k], a[k], **ADAPTER, msg=k)
