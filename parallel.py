@@ -12,9 +12,14 @@
 - Only rank 0 writes files. With one process (no torchrun) everything here is a no-op.
 """
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# How long a rank waits in a collective for the others: generous, because on a loaded machine one rank may still
+# be loading or writing a checkpoint while the other waits (NCCL's own default would be 10 minutes).
+TIMEOUT = timedelta(minutes=30)
 
 
 def setup(device=None):
@@ -23,7 +28,7 @@ def setup(device=None):
     if world == 1:
         return 0, 1, None
     cuda = torch.cuda.is_available() and device != "cpu"
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
@@ -95,7 +100,12 @@ def load_full_state(model, opt, weights, opt_state):
                    options=StateDictOptions(full_state_dict=True, strict=False))  # strict=False: buffers not saved
 
 
-def cleanup():
+def cleanup(ok=True):
+    """Close the process group. After a run that ended well on this rank, first a barrier: no rank closes its
+    connections while another still has a collective in flight. After an error, no barrier: the other ranks may
+    be inside another collective, which a barrier would be paired with (a hang until TIMEOUT); closing this rank's
+    connections instead makes their collective fail at once ("Connection closed by peer"), so torchrun exits."""
     if dist.is_initialized():
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()

@@ -45,13 +45,16 @@ def main(argv=None):
 
 def run(args):
     rank, world, device = parallel.setup(args.device)
+    code = None  # stays None if train raises
     try:
         if rank == 0:
-            return train(args, rank, world, device)
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # one report, from rank 0
-            return train(args, rank, world, device)
+            code = train(args, rank, world, device)
+        else:
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # one report, from rank 0
+                code = train(args, rank, world, device)
+        return code
     finally:
-        parallel.cleanup()
+        parallel.cleanup(ok=code is not None)  # after an exception on one rank the others must not wait for it
 
 
 def train(args, rank, world, device):

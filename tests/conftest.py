@@ -127,12 +127,61 @@ def make_ids(batch, seq, seed=0, low=3):
     return torch.randint(low, VOCAB, (batch, seq), generator=g)
 
 
-def assert_logits_close(ours, ref, rel=1e-5):
-    """max |ours - ref| <= rel * max(1, max |ref|): an fp32 tolerance scaled to the logits' size."""
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    scale = max(1.0, ref.abs().max().item())
-    err = (ours.float() - ref.float()).abs().max().item()
-    assert err <= rel * scale, f"max abs err {err:.3g} > {rel:.1g} * {scale:.3g}"
+# ----------------------------------------------------------------------------- tolerances
+# A tolerance here is a count of roundings, never a number one CPU happened to print. One rounding to nearest
+# changes a value by at most the dtype's unit roundoff u (half the spacing of the numbers in [1, 2)): fp32
+# 2^-24 ~ 6e-8, bf16 2^-8 ~ 4e-3, relative. Two computations of the same formula that round differently
+# (another summation order, a fused kernel, a CPU whose matmul or sum blocks the reduction otherwise) differ
+# by a few u per rounding step, and an fp32 sum of n terms by up to ~n u of the terms' size (worst case; ~sqrt(n)
+# u typically). So each tolerance is `steps` u times the size of the values compared (max |reference|), with
+# the count of steps stated where it is used. Bit-equality is claimed only where both sides run the same
+# elementwise ops in the same order, or no arithmetic at all.
+
+# fp32 logits (or losses) of the tiny models computed two ways (ours vs transformers, fast twins vs plain code,
+# cached vs full, sharded vs one process): up to 3 layers and the head, each a few reductions of length <= 64
+# (attention over <= 32 head dims and <= 20 positions, the expert and MLP products over D = 64 or I <= 48, the
+# norm's mean over D) that the two sides may sum in different orders: 64 u per layer for 4 layers.
+FORWARD = 256  # x u(fp32) = 1.5e-5 of the largest logit; one expert off by 1e-3 moves the logits by ~17x that
+# (test_parity.py::test_logit_tolerance_sees_a_small_expert_error), the roundings seen use ~16 u of it
+
+
+def unit_roundoff(dtype):
+    """u: the largest relative error of one rounding to nearest in `dtype` (fp32 2^-24, bf16 2^-8)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def tol(dtype, magnitude, steps):
+    """The absolute error `steps` roundings in `dtype` can leave in values of size `magnitude`."""
+    return steps * unit_roundoff(dtype) * float(torch.as_tensor(magnitude).detach())  # a number or a tensor
+
+
+def assert_within(ours, ref, steps, dtype=torch.float32, magnitude=None, msg=""):
+    """max |ours - ref| <= tol(dtype, magnitude, steps), the magnitude being max |ref| unless given (give it when
+    ref has entries far smaller than the quantities that produced them, e.g. a difference of two logits)."""
+    ours, ref = torch.as_tensor(ours), torch.as_tensor(ref)
+    assert ours.shape == ref.shape, (msg, ours.shape, ref.shape)
+    mag = ref.detach().abs().max().item() if magnitude is None else float(torch.as_tensor(magnitude).detach())
+    err = (ours.detach().double() - ref.detach().double()).abs().max().item()
+    bound = tol(dtype, mag, steps)
+    assert err <= bound, (f"{msg} max |diff| {err:.3g} > {steps} u({dtype}) x {mag:.3g} = {bound:.3g} "
+                          f"({err / (unit_roundoff(dtype) * max(mag, 1e-30)):.0f} u of the magnitude)")
+
+
+def assert_logits_close(ours, ref, steps=FORWARD, dtype=torch.float32):
+    """fp32 logits computed two ways: within `steps` roundings of the largest reference logit (see FORWARD)."""
+    assert_within(ours.float(), ref.float(), steps, dtype, msg="logits:")
+
+
+def assert_decisive(values, k, steps, dtype=torch.float32):
+    """Premise of an exact comparison of a top-k choice (expert sets, greedy tokens) made from values computed
+    two ways: in every row the k-th largest value beats the (k+1)-th by more than twice the error allowed for
+    the values (tol of `steps` u of their largest size), so rounding on any CPU cannot reorder them. The
+    fixtures' smallest gaps are ~8x that (with FORWARD steps); if this fails, the data has a near-tie, not the
+    code a bug."""
+    top = torch.topk(values.float(), k + 1, dim=-1).values
+    gap = (top[..., k - 1] - top[..., k]).min().item()
+    need = 2 * tol(dtype, values.abs().max().item(), steps)
+    assert gap > need, f"near-tie: the top-{k} choice is decided by a gap {gap:.3g} <= 2 x tolerance {need:.3g}"
 
 
 def hf_topk(router_logits, top_k):

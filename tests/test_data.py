@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+from conftest import assert_within
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OLMO_DIR = os.path.join(HERE, "data", "olmo_tokenizer")
@@ -356,7 +357,7 @@ def test_pad_batch_loss_counts_masked_tokens_only():
     loss = torch.nn.functional.cross_entropy(logits.view(-1, 10), labels.view(-1), ignore_index=-100)
     logp = logits.log_softmax(-1)
     picks = [logp[0, 0, 1], logp[0, 1, 4], logp[0, 3, 5], logp[1, 1, 6]]  # position t predicts token t+1
-    assert torch.allclose(loss, -torch.stack(picks).mean())
+    assert_within(loss, -torch.stack(picks).mean(), 8)  # the same log-softmax values, a mean of 4 in another order
 
 
 def test_pack_examples():

@@ -1,7 +1,7 @@
 """Exports checked by loading them in the real libraries: PEFT onto transformers, and a merged checkpoint."""
 import pytest
 import torch
-from conftest import load_hf, make_ids
+from conftest import FORWARD, assert_logits_close, assert_within, load_hf, make_ids
 
 import hub
 import lora
@@ -40,7 +40,7 @@ def test_peft_loads_our_export_and_gives_our_logits(checkpoints, tmp_path, name,
     with torch.no_grad():
         theirs = ref(x).logits
     assert (ours - ck.hf(x).logits).abs().max() > 1e-2  # the adapter matters
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert_logits_close(ours, theirs)  # peft adds the expert deltas to the weights: one more rounding each
 
 
 @pytest.mark.parametrize("name", ["olmoe", "qwen2_moe", "qwen3_moe"])
@@ -54,8 +54,8 @@ def test_merged_checkpoint_loads_in_transformers(checkpoints, tmp_path, name):
     assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) > 1
     with torch.no_grad():
         theirs = load_hf(tmp_path / "merged")(x).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(model(x), ours)  # the model is left unmerged and unchanged
+    assert_logits_close(ours, theirs)  # the merged weights are rounded once more (W + s B A)
+    assert_logits_close(model(x), ours)  # left unmerged: merging and unmerging in place round each weight twice
 
 
 @pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys did not match")
@@ -78,7 +78,9 @@ def test_adapter_gradients_match_peft_on_transformers(checkpoints, tmp_path, nam
     checked = 0
     for n, p in lora.adapter_state(model).items():
         if n in theirs:  # attention and router LoRA: the same (r, in) / (out, r) layout in both
-            scale = theirs[n].abs().max()  # gradients here are of size 1-100: fp32 agreement relative to that
-            assert scale > 0 and (p.grad - theirs[n]).abs().max() <= 1e-5 * scale, n
+            # the forward's reductions (FORWARD, see conftest) and the backward's, transposed: twice that, of
+            # each gradient's own largest entry
+            assert theirs[n].abs().max() > 0, n
+            assert_within(p.grad, theirs[n], 2 * FORWARD, msg=n)
             checked += 1
     assert checked >= 10 * model.config.num_hidden_layers // 2, checked  # q/k/v/o (A and B) per layer, + routers

@@ -14,6 +14,7 @@ import moe
 import perft
 import router_profile as rp
 import sieve
+from conftest import assert_within
 from tiny import tiny_model
 
 
@@ -140,12 +141,12 @@ def test_perft_r_pooled_loss_and_the_base_aux_loss_equal_a_direct_computation():
     _, routing = m(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), return_routing=True, hidden=True)
     ads = [layer.mlp.adapter for layer in m.model.layers]
     want = direct_balance_loss([a.router_logits for a in ads], mask, 4, 2)
-    # fp32 sums of at most 22 rows of probabilities (values below 4): a few ulps of 1
-    torch.testing.assert_close(lora.router_balance_loss(m, mask), want, rtol=1e-6, atol=1e-6)
+    # fp32 softmax (a few roundings), means over <= 22 rows, a sum over E = 4: 32 u of the loss's size
+    assert_within(lora.router_balance_loss(m, mask), want, 32)
     per_module = sum(direct_balance_loss([a.router_logits], mask, 4, 2) for a in ads) / 2
     assert abs(want - per_module) > 1e-4  # pooling is not the average of the per-layer losses here
     base = direct_balance_loss([r.logits for r in routing], mask, 8, 2)
-    torch.testing.assert_close(moe.load_balancing_loss([r.logits for r in routing], 8, 2, mask), base, rtol=1e-6, atol=1e-6)
+    assert_within(moe.load_balancing_loss([r.logits for r in routing], 8, 2, mask), base, 32)  # E = 8: as above
 
 
 @pytest.mark.parametrize("norm", [False, True])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_logits_close, make_ids
+from conftest import FORWARD, assert_decisive, assert_logits_close, make_ids
 from transformers import GenerationConfig
 
 import generate
@@ -24,6 +24,15 @@ def hf_greedy(hf, ids, mask, new, eos=None):
         hf.generation_config.eos_token_id = saved
 
 
+def assert_greedy_decisive(hf, seqs, mask, new):
+    """Premise of comparing greedy tokens exactly: at every generated position HF's winning logit beats the
+    runner-up by far more than the logits' tolerance (FORWARD), so no CPU's rounding can change a choice."""
+    full = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        logits = hf(seqs, attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits
+    assert_decisive(logits[:, -new - 1:-1], 1, FORWARD)
+
+
 def left_padded_batch():
     """Three prompts of lengths 7, 3 and 10, left-padded with PAD to length 10."""
     ids = make_ids(3, 10, seed=7)
@@ -40,6 +49,7 @@ def test_greedy_single_prompt_matches_hf(checkpoints, name):
     ids = make_ids(1, 8, seed=6)
     ref = hf_greedy(ck.hf, ids, torch.ones_like(ids), new=12)
     assert ref.shape == (1, 20)
+    assert_greedy_decisive(ck.hf, ref, torch.ones_like(ids), 12)
     out = generate.generate(hub.load_model(ck.path), ids, max_new_tokens=12)
     assert torch.equal(out, ref)
 
@@ -51,6 +61,7 @@ def test_greedy_left_padded_batch_matches_hf(checkpoints, name):
     ids, mask = left_padded_batch()
     ref = hf_greedy(ck.hf, ids, mask, new=10)
     assert ref.shape == (3, 20)
+    assert_greedy_decisive(ck.hf, ref, mask, 10)  # also the premise of the EOS test below (mixtral, same prompts)
     out = generate.generate(hub.load_model(ck.path), ids, attention_mask=mask, max_new_tokens=10, pad_token_id=PAD)
     assert torch.equal(out, ref)
 

@@ -1,15 +1,16 @@
 """CUDA-only checks (skipped without a GPU): the same tiny checkpoints on the GPU.
 
 Tolerances follow from the unit roundoff of each dtype, u = 2^-24 in fp32 and 2^-8 in bf16 (half the spacing
-between neighbours, 2^-7 of a value at the bottom of its binade): fp32 on CUDA vs HF fp32 on the CPU within
-1e-4 of the logit scale (other kernels sum the same products in another order, TF32 kept off: a few hundred u
-through the layers); bf16 fast vs loop within 2e-2 of the logit scale (the two paths round the expert products
-at different points: about five bf16 roundings), as on the CPU. Every random input is seeded.
+between neighbours, 2^-7 of a value at the bottom of its binade; conftest.tol): fp32 on CUDA vs HF fp32 on the
+CPU within 8 x FORWARD = 2048 u(fp32) of the largest logit (CUDA's kernels sum the same products in other orders
+with TF32 kept off, as a CPU's do, FORWARD; and its exp, rsqrt, sin and cos differ from the CPU's by a few u at
+every use); bf16 fast vs loop within 6 u(bf16) of the largest logit (the two paths round the expert products at
+different points: about five bf16 roundings), as on the CPU. Every random input is seeded.
 """
 
 import pytest
 import torch
-from conftest import assert_logits_close, make_ids
+from conftest import FORWARD, assert_logits_close, assert_within, make_ids
 from test_parity import check_rmsnorm_backward
 from test_train import ckpt, train_file  # noqa: F401  (module-scoped fixtures)
 
@@ -35,7 +36,7 @@ def no_tf32():
 @pytest.mark.parametrize("name", ["mixtral_bf16", "olmoe", "qwen2_moe"])
 @torch.no_grad()
 def test_cuda_bf16_fast_matches_loop(checkpoints, name):
-    """On CUDA in bf16 the grouped_mm path equals the per-expert loop within 2e-2 of the logit scale."""
+    """On CUDA in bf16 the grouped_mm path equals the per-expert loop within 6 u(bf16) of the logit scale."""
     model = hub.load_model(checkpoints(name).path, dtype=torch.bfloat16, device="cuda")
     ids = make_ids(4, 64, seed=20).cuda()
     model.set_expert_path("loop")
@@ -44,7 +45,7 @@ def test_cuda_bf16_fast_matches_loop(checkpoints, name):
     fast, r_fast = model(ids, return_routing=True)
     assert fast.dtype == torch.bfloat16 and fast.device.type == "cuda"
     assert torch.equal(r_loop[0].topk_idx, r_fast[0].topk_idx)
-    assert_logits_close(fast, loop, rel=2e-2)
+    assert_logits_close(fast.float(), loop.float(), steps=6, dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -74,12 +75,12 @@ def test_cuda_rmsnorm_fused_kernels_equal_hf(dtype):
 @pytest.mark.parametrize("name", ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"])
 @torch.no_grad()
 def test_cuda_fp32_matches_hf(checkpoints, name, path):
-    """fp32 logits on CUDA equal HF's eager CPU logits within 1e-4 of the logit scale, both expert paths."""
+    """fp32 logits on CUDA equal HF's eager CPU logits within 8 x FORWARD u of the logit scale, both expert paths."""
     ck = checkpoints(name)
     model = hub.load_model(ck.path, device="cuda")
     model.set_expert_path(path)
     ids = make_ids(2, 12)
-    assert_logits_close(model(ids.cuda()).cpu(), ck.hf(ids).logits, rel=1e-4)
+    assert_logits_close(model(ids.cuda()).cpu(), ck.hf(ids).logits, steps=8 * FORWARD)
 
 
 @torch.no_grad()
@@ -130,11 +131,13 @@ def _fast_matches_loop(device, plan_ids):
         y = experts(x, idx, w)
         (y.float() * probe.float()).sum().backward()
         out[path] = y.detach().float(), x.grad.float(), {n: p.grad.clone() for n, p in experts.adapter.named_parameters()}
-    close = lambda a, b, rel: (a - b).abs().max().item() <= rel * max(1e-3, b.abs().max().item())
-    assert close(out["fast"][0], out["loop"][0], 2e-2), "output"
-    assert close(out["fast"][1], out["loop"][1], 2e-2), "input gradient"
+    # bf16: the paths round the products at different points, a few roundings of the largest value (5 u), and an
+    # adapter gradient sums the rounded rows of a whole expert (13 u); sizes below 1e-3 count as 1e-3
+    close = lambda a, b, steps, msg: assert_within(a, b, steps, torch.bfloat16, max(1e-3, b.abs().max().item()), msg)
+    close(out["fast"][0], out["loop"][0], 5, "output")
+    close(out["fast"][1], out["loop"][1], 5, "input gradient")
     for n in out["fast"][2]:
-        assert close(out["fast"][2][n], out["loop"][2][n], 5e-2), n
+        close(out["fast"][2][n], out["loop"][2][n], 13, n)
 
 
 @torch.no_grad()
@@ -163,8 +166,8 @@ def test_cuda_bf16_fast_path_with_expert_lora_matches_loop(plan_ids):
     """bf16 on CUDA, one layer (D 256, I 128, 16 experts, top-4, 512 tokens), LoRA r=16 on 5 of 16 experts
     (sieve) or on all 16 (lora): the grouped fast path (whose backward gathers the LoRA inputs again and
     takes A's gradient from a K-grouped product) equals the per-expert loop on the same routing. Tolerance
-    (bf16 rounding of the intermediate products): output and input gradient within 2e-2 of their largest
-    magnitude, adapter gradients within 5e-2 (they sum over all rows of an expert)."""
+    (bf16 rounding of the intermediate products): output and input gradient within 5 u(bf16) (2e-2) of their
+    largest magnitude, adapter gradients within 13 u(bf16) (5e-2: they sum over all rows of an expert)."""
     _fast_matches_loop("cuda", plan_ids)
 
 

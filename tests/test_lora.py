@@ -5,6 +5,7 @@ import torch
 import kernels
 import lora
 import moe
+from conftest import FORWARD, assert_within
 from tiny import expert_layer_inputs, kept_for_backward, tiny_model
 
 TYPES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"]
@@ -48,9 +49,11 @@ def test_fast_path_equals_loop_path_with_expert_lora(model_type, method):
         logits = m(x)
         logits.square().mean().backward()
         out[path] = logits.detach(), {n: p.grad.clone() for n, p in lora.adapter_state(m).items()}
-    torch.testing.assert_close(out["fast"][0], out["loop"][0], atol=1e-5, rtol=1e-5)
+    # the same products summed in other blocks (FORWARD, see conftest); the gradients run the forward's
+    # reductions again, transposed: twice that, of each gradient's own largest entry
+    assert_within(out["fast"][0], out["loop"][0], FORWARD, msg="logits:")
     for n in out["fast"][1]:
-        torch.testing.assert_close(out["fast"][1][n], out["loop"][1][n], atol=1e-5, rtol=1e-4, msg=n)
+        assert_within(out["fast"][1][n], out["loop"][1][n], 2 * FORWARD, msg=n)
 
 
 @pytest.mark.parametrize("r", [3, 8])
@@ -62,7 +65,7 @@ def test_unaligned_rank_is_exact_in_the_grouped_path(r):
     x = ids()
     fast = m(x)
     m.set_expert_path("loop")
-    torch.testing.assert_close(fast, m(x), atol=1e-5, rtol=1e-5)
+    assert_within(fast, m(x), FORWARD)  # the zero padding adds exact zeros; the rest is grouped_mm vs the loop
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -76,11 +79,13 @@ def test_merged_equals_unmerged(model_type):
     adapted = m(x)
     assert (adapted - base).abs().max() > 1e-2  # the adapters really change the output
     lora.merge(m)
-    torch.testing.assert_close(m(x), adapted, atol=2e-5, rtol=1e-5)
+    # merging rounds each weight once (W + s B A, a sum over r <= 8): one more rounding step at the input of
+    # every reduction, well inside the forward's budget (FORWARD, see conftest)
+    assert_within(m(x), adapted, FORWARD)
     lora.merge(m, -1)
     for mod in lora.adapter_modules(m):  # switch the adapters off: the weights must be the base ones again
         mod.merged = True
-    torch.testing.assert_close(m(x), base, atol=2e-5, rtol=1e-5)
+    assert_within(m(x), base, FORWARD)  # unmerging rounds each weight once more
 
 
 @pytest.mark.parametrize("model_type", TYPES)
@@ -152,9 +157,11 @@ def test_grad_checkpoint_gives_the_same_gradients(method, dropout):
         loss = m(ids(), labels=ids(seed=1))
         loss.backward()
         out[ckpt] = loss.detach(), {n: p.grad for n, p in lora.adapter_state(m).items()}
-    torch.testing.assert_close(out[True][0], out[False][0], atol=0, rtol=1e-6)
+    # the same ops run again in backward; only the order in which autograd adds up a tensor's gradient
+    # contributions may change: a few roundings of the values compared
+    assert_within(out[True][0], out[False][0], 4, msg="loss:")
     for n, g in out[False][1].items():
-        torch.testing.assert_close(out[True][1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+        assert_within(out[True][1][n], g, 16, msg=n)
 
 
 def test_tokens_routed_to_frozen_experts_cost_no_lora_work(monkeypatch):
@@ -289,8 +296,8 @@ def test_compiled_blocks_match_fp32_eager():
     grouped_mm for), with a sieve subset on layer 0 (its nonzero is a graph break) and every expert on layer 1:
     loss and every adapter gradient agree with the fp32 eager model. Every token is routed to all 8 experts
     (top-8 of 8), so no bf16 rounding can flip a routing choice: with top-2, one flipped token moved a gradient
-    by 10% or not depending on the rounding of unrelated ops, which made this a test of luck. Tolerance: 1%
-    for the loss, 10% of each gradient's largest entry (compiled bf16 measured within 6%)."""
+    by 10% or not depending on the rounding of unrelated ops, which made this a test of luck. Tolerance: 3 u(bf16)
+    (1.2%) for the loss, 26 u(bf16) (10%) of each gradient's largest entry, see below."""
     x = ids(B=2, T=32)
     out = {}
     for mode in ("fp32", "compiled"):
@@ -306,9 +313,12 @@ def test_compiled_blocks_match_fp32_eager():
         loss.backward()
         out[mode] = loss.detach().float(), {n: p.grad.float() for n, p in lora.adapter_state(m).items()}
     torch._dynamo.reset()
-    torch.testing.assert_close(out["compiled"][0], out["fp32"][0], rtol=1e-2, atol=0)
+    # bf16 against fp32: every op of the forward rounds its output to bf16 (u = 2^-8), and the mean loss keeps
+    # ~2-3 of those roundings of its size; a gradient passes back through the 2 layers' ~12 rounded products
+    # (attention, experts and their LoRA, the head) and through as many forward roundings: 26 u = 10%
+    assert_within(out["compiled"][0], out["fp32"][0], 3, torch.bfloat16, msg="loss:")
     for n, g in out["fp32"][1].items():
-        assert (out["compiled"][1][n] - g).abs().max() <= 0.1 * g.abs().max(), n
+        assert_within(out["compiled"][1][n], g, 26, torch.bfloat16, msg=n)
 
 
 @pytest.mark.parametrize("method", ["attn", "lora", "perft-e"])

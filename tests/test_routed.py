@@ -10,6 +10,7 @@ import dmep
 import moe
 import train
 from test_train import CONFIGS, ckpt, train_file  # noqa: F401  (module-scoped fixtures)
+from conftest import FORWARD, assert_within
 from tiny import tiny_model
 
 ROUTED = ["perft-s", "perft-d", "perft-r", "perft-e", "dmep"]
@@ -54,7 +55,9 @@ def test_perft_e_is_weighted_by_the_frozen_base_router(act):
         e, w = r.topk_idx[:, k], r.topk_w[:, k]
         z = f(torch.einsum("td,trd->tr", h, ad.A[e]))
         want += w[:, None] * torch.einsum("tr,tdr->td", z, ad.B[e]) * ad.scale
-    torch.testing.assert_close((after - before)[0], want, atol=1e-5, rtol=1e-5)
+    # after and before each round the block's output (of size max |after|); want sums over D = 32 and r = 4 in
+    # another order: 64 u of the block output's size
+    assert_within((after - before)[0], want, 64, magnitude=after.abs().max())
     grads = {}
     for path in ("fast", "loop"):  # the fast path makes the A product's input rows again in backward
         m.set_expert_path(path)
@@ -62,8 +65,8 @@ def test_perft_e_is_weighted_by_the_frozen_base_router(act):
         out = block(h[None])[0]
         out.square().sum().backward()
         grads[path] = out.detach(), ad.A.grad.clone(), ad.B.grad.clone()
-    for fast, loop in zip(grads["fast"], grads["loop"]):
-        torch.testing.assert_close(fast, loop, atol=1e-5, rtol=1e-4)
+    for i, (fast, loop) in enumerate(zip(grads["fast"], grads["loop"])):  # reductions over D = 32, r, the rows
+        assert_within(fast, loop, 64, msg=f"output/A/B {i}:")
 
 
 @pytest.mark.parametrize("renorm", [False, True])
@@ -82,7 +85,7 @@ def test_perft_r_is_weighted_by_its_own_router(renorm):
     g = g / g.sum(-1, keepdim=True) if renorm else g
     want = sum(g[:, k, None] * torch.einsum("tr,tdr->td", torch.einsum("td,trd->tr", h, ad.A[idx[:, k]]), ad.B[idx[:, k]])
                for k in range(2)) * ad.scale
-    torch.testing.assert_close((after - before)[0], want, atol=1e-5, rtol=1e-5)
+    assert_within((after - before)[0], want, 64, magnitude=after.abs().max())  # as for PERFT-E above
     base_w = r.topk_w[:, :2]  # the base router's weights would give something else
     assert not torch.allclose(g, base_w.to(g.dtype), atol=1e-3)
 
@@ -117,7 +120,7 @@ def test_dmep_pruning_shrinks_parameters_and_optimizer_state_and_keeps_logits():
     old_state = {n: opt.state[p]["exp_avg"].clone() for n, p in lora.adapter_state(m).items()}
     report = dmep.prune(m, opt, tau=1e-6)
     assert sum(r["after"] for r in report.values()) < sum(r["before"] for r in report.values())
-    torch.testing.assert_close(m(x), before, atol=1e-5, rtol=1e-5)
+    assert_within(m(x), before, FORWARD)  # the kept experts' products, other shapes: summed in other blocks
     new = lora.adapter_state(m)
     assert sum(p.numel() for p in new.values()) < sum(p.numel() for p in old.values())
     live = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -143,12 +146,13 @@ def test_dmep_tracking_counts_real_tokens_only():
     dmep.track(m, mask, beta=0.0)
     module = m.model.layers[0].self_attn.q_proj
     chosen = torch.topk(module.router_logits, 2, dim=-1).indices[mask.reshape(-1).bool()]  # (10 real tokens, 2)
-    torch.testing.assert_close(module.util, torch.bincount(chosen.reshape(-1), minlength=8) / 20.0)  # 20 choices
+    want = torch.bincount(chosen.reshape(-1), minlength=8) / 20.0  # 20 choices
+    assert_within(module.util, want, 2)  # shares <= 1: a division, maybe a cast: a rounding each
     before = module.util.clone()
     m(x)
     dmep.track(m, None, beta=0.75)  # no mask: every token counts
     share = torch.bincount(torch.topk(module.router_logits, 2, dim=-1).indices.reshape(-1), minlength=8) / 24.0
-    torch.testing.assert_close(module.util, 0.75 * before + 0.25 * share)
+    assert_within(module.util, 0.75 * before + 0.25 * share, 4)  # two products and a sum of values <= 1
 
 
 def test_dmep_keep_rule():

@@ -9,6 +9,7 @@ import data
 import hub
 import lora
 import train
+from conftest import assert_logits_close
 from tiny import SENTENCES, tiny_checkpoint
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "data", "configs")
@@ -147,7 +148,7 @@ def test_merged_export_loads_and_equals_the_adapter(ckpt, train_file, tmp_path):
     adapted = hub.load_model(ckpt)
     lora.load_adapter(adapted, out)
     merged = hub.load_model(str(out / "merged"))
-    torch.testing.assert_close(merged(x), adapted(x), atol=2e-5, rtol=1e-5)
+    assert_logits_close(merged(x), adapted(x))  # merging rounds each weight once more (see test_lora)
     assert (out / "merged" / "tokenizer.model").exists() and (out / "merged" / "model.safetensors.index.json").exists()
 
 

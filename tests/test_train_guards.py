@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import hub
 import train
+from conftest import FORWARD, tol
 from test_train import ckpt, train_file  # noqa: F401  (module-scoped fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,16 +168,18 @@ def test_truncation_is_reported_once(ckpt, train_file, tmp_path, capsys):
 
 def test_gradient_accumulation_equals_the_bigger_batch(ckpt, train_file, tmp_path):
     """--batch-size 4 --grad-accum 1 and --batch-size 2 --grad-accum 2 see the same sequences per step and divide
-    by the same target count: the same losses and adapter up to the order of fp32 sums (losses ~5, adapter
-    entries ~1e-2: rel 1e-5 is some 100 ulps)."""
+    by the same target count: the same losses and adapter up to the order of fp32 sums (see below)."""
     base = ["--model", ckpt, "--data", train_file, "--method", "lora", "--rank", 4, "--lr", 1e-2, "--dropout", 0,
             "--steps", 4]
     assert run(*base, "--batch-size", 4, "--grad-accum", 1, "--out", tmp_path / "big") == 0
     assert run(*base, "--batch-size", 2, "--grad-accum", 2, "--out", tmp_path / "acc") == 0
     curves = [[json.loads(x)["loss"] for x in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("big", "acc")]
-    assert curves[1] == pytest.approx(curves[0], rel=1e-5)
+    # a loss (~5) moves by at most twice its logits' error (FORWARD u of logits of about its size, see conftest),
+    # from the split batch's other blockings, and as much again from adapters that earlier steps left different
+    assert curves[1] == pytest.approx(curves[0], rel=tol(torch.float32, 1, 2 * FORWARD))
     a, b = (load_file(tmp_path / d / "adapter.safetensors") for d in ("big", "acc"))
-    for k in a:  # Adam's step divides by sqrt(v): tiny gradients carry the sum-order noise up to ~1e-5 of lr 1e-2
+    for k in a:  # not a rounding count: Adam's step is lr times a scale-free ratio of gradient moments, so an entry
+        # moves by lr times its gradient's relative error, large where the gradient is near zero (k_proj): 1e-3 lr
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
