@@ -31,7 +31,7 @@ import lora
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TASKS = ("max", "count", "index")  # pretrain/tasks.py; see tasks/README.md
+TASKS = ("max", "count", "words")  # pretrain/tasks.py; see tasks/README.md
 DEFAULT_OUT = os.path.join("runs", "study")
 METHODS = ("attn", "attn@32", "lora", "sieve", "random", "budget", "coverage", "perft-s", "perft-r", "perft-e", "dmep")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
