@@ -34,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("max", "count", "words")  # pretrain/tasks.py; see tasks/README.md
 DEFAULT_OUT = os.path.join("runs", "study")
 METHODS = ("attn", "attn@32", "lora", "sieve", "random", "budget", "coverage", "perft-s", "perft-r", "perft-e", "dmep")
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}  # t(0.975, df)
 
 
 def parse_args(argv):
@@ -109,6 +110,11 @@ def accuracy(args, tok, records, adapter=None):
     return evaluation.multiple_choice(model, tok, records, batch_size=32, seq_len=512)
 
 
+def t975(df):
+    """t(0.975, df) from the table; between tabulated values the next smaller df (a slightly wider interval)."""
+    return T975[max(k for k in T975 if k <= df)]
+
+
 def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -118,7 +124,7 @@ def paired_interval(xs, ys):
     d = [x - y for x, y in zip(xs, ys)]
     if len(d) < 2:
         return statistics.mean(d), float("nan")
-    return statistics.mean(d), T975.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+    return statistics.mean(d), t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
 
 
 def main(argv=None):
@@ -204,6 +210,11 @@ def reprint(args):
         if args.out != DEFAULT_OUT:
             os.makedirs(args.out, exist_ok=True)
             checkpoint.write_json(os.path.join(args.out, f"{res['task']}.json"), res)
+    if len(merged) > 1:  # the claims over every (task, seed) pair: one average over the tasks, a tighter interval
+        common = [m for m in next(iter(merged.values()))["runs"] if all(m in r["runs"] for r in merged.values())]
+        pooled = {m: [r for res in merged.values() for r in res["runs"][m]] for m in common}
+        print(f"\nall {len(merged)} tasks pooled ({', '.join(merged)}): each (task, seed) is one pair")
+        claims(pooled)
     if args.plot and plot(list(merged.values()), args.plot):
         print(f"wrote {args.plot}")
     return 0
@@ -313,10 +324,10 @@ def plot(results, path):
     fig = Figure(figsize=(4.2 * len(results), 3.8))
     for i, res in enumerate(results):
         ax = fig.add_subplot(1, len(results), i + 1)
-        for m, rs in res["runs"].items():
+        for j, (m, rs) in enumerate(res["runs"].items()):  # 11 methods > 10 default colours: vary the marker too
             accs = [100 * r["acc"] for r in rs]
-            hw = T975.get(len(accs) - 1, 1.96) * statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else 0
-            ax.errorbar([rs[0]["params"]], [statistics.mean(accs)], yerr=[hw], fmt="o", capsize=3, label=m)
+            hw = t975(len(accs) - 1) * statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else 0
+            ax.errorbar([rs[0]["params"]], [statistics.mean(accs)], yerr=[hw], fmt="osD^v<>ph*X"[j % 11], capsize=3, label=m)
         ax.axhline(100 * res["base"]["acc"], color="grey", linestyle="--", linewidth=1, label="base")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")

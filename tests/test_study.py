@@ -1,7 +1,9 @@
 """The embedded default job and the study driver."""
 import json
+import math
 import os
 import runpy
+import statistics
 import sys
 
 import pytest
@@ -166,3 +168,16 @@ def test_routing_compares_the_tasks_top_experts(tmp_path, capsys):
     a, b = res["top25"]["max"], res["top25"]["words"]
     assert all(len(a[k]) == 4 for k in a)  # 25% of 16 experts in each of the 4 layers
     assert res["jaccard"]["max/words"] == [len(set(a[k]) & set(b[k])) / len(set(a[k]) | set(b[k])) for k in a]
+
+
+def test_report_pools_the_tasks_pairing_task_and_seed(tmp_path, capsys):
+    """With several tasks, the claims are also printed over every (task, seed) pair: 2 tasks x 3 seeds = 6 pairs,
+    t(0.975, 5) = 2.571."""
+    files = [_study(tmp_path, f"{t}.json", dict(lora=[_run(s, 0.6) for s in range(3)],
+                                                sieve=[_run(s, 0.6 + d[s], 300) for s in range(3)]), task=t, seeds=3)
+             for t, d in (("t1", [0.01, 0.02, 0.03]), ("t2", [0.0, -0.01, 0.01]))]
+    assert study.main(["--report", *files]) == 0
+    out = capsys.readouterr().out.split("all 2 tasks pooled (t1, t2)")[1]
+    d = [1, 2, 3, 0, -1, 1]
+    hw = 2.571 * statistics.stdev(d) / math.sqrt(6)
+    assert f"sieve - lora: +1.0 pp [±{hw:.1f}]" in out
