@@ -44,7 +44,8 @@ def parse_args(argv):
     ap.add_argument("--default", action="store_true", help="the embedded default job (what `python train.py` runs)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: a few steps and records (CI)")
     ap.add_argument("--model", default=os.path.join(HERE, "model"), help="base checkpoint directory")
-    ap.add_argument("--tasks", default=",".join(TASKS), help="task names: each reads tasks/<task>.train.jsonl and .val.jsonl")
+    ap.add_argument("--tasks", "--task", default=",".join(TASKS),
+                    help="task names: each reads tasks/<task>.train.jsonl and .val.jsonl")
     ap.add_argument("--tasks-dir", default=os.path.join(HERE, "tasks"), help="where the task files are")
     ap.add_argument("--train", default=None, help="your own task: a training .jsonl (formats as train.py); with --val")
     ap.add_argument("--val", default=None, help="your own task: a validation .jsonl of {query, choices, gold}")
@@ -327,7 +328,8 @@ def plot(results, path):
         for j, (m, rs) in enumerate(res["runs"].items()):  # 11 methods > 10 default colours: vary the marker too
             accs = [100 * r["acc"] for r in rs]
             hw = t975(len(accs) - 1) * statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else 0
-            ax.errorbar([rs[0]["params"]], [statistics.mean(accs)], yerr=[hw], fmt="osD^v<>ph*X"[j % 11], capsize=3, label=m)
+            ax.errorbar([rs[0]["params"]], [statistics.mean(accs)], yerr=[hw], fmt="osD^v<>ph*X"[j % 11], capsize=3,
+                        label=m)
         ax.axhline(100 * res["base"]["acc"], color="grey", linestyle="--", linewidth=1, label="base")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
@@ -368,11 +370,13 @@ def routing(args):
         print(f"{pair:<16}" + "".join(f"{j:>7.2f}" for j in js) + f"{statistics.mean(js):>7.2f}")
     os.makedirs(args.out, exist_ok=True)
     checkpoint.write_json(os.path.join(args.out, "routing.json"), dict(
-        stats={n: p["stats"] for n, p in profiles.items()}, top25={n: {str(k): v for k, v in t.items()} for n, t in top.items()},
+        stats={n: p["stats"] for n, p in profiles.items()},
+        top25={n: {str(k): v for k, v in t.items()} for n, t in top.items()},
         jaccard=jac, counts={n: p["counts"] for n, p in profiles.items()}))
-    if jac and plots.heatmap(os.path.join(args.out, "routing_overlap.png"), list(jac.values()), "Jaccard overlap of the "
-                             "tasks' top-25% experts", "MoE layer", "task pair", list(jac), "Jaccard"):
-        print(f"wrote {os.path.join(args.out, 'routing_overlap.png')}")
+    png = os.path.join(args.out, "routing_overlap.png")
+    if jac and plots.heatmap(png, list(jac.values()), "Jaccard overlap of the tasks' top-25% experts", "MoE layer",
+                             "task pair", list(jac), "Jaccard"):
+        print(f"wrote {png}")
     return 0
 
 

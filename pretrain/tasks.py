@@ -47,7 +47,8 @@ def count(rng, vocab):
     n = rng.randint(2, 9)
     xs = [rng.randint(1, 9) for _ in range(n)]
     others = rng.sample([k for k in range(2, 10) if k != n], 3)
-    return f"Question: how many numbers are in {' '.join(map(str, xs))}?\nAnswer:", [str(n)] + [str(k) for k in others], 0
+    query = f"Question: how many numbers are in {' '.join(map(str, xs))}?\nAnswer:"
+    return query, [str(n)] + [str(k) for k in others], 0
 
 
 def words(rng, vocab):

@@ -99,8 +99,8 @@ def _run(seed, acc, params=1000, nll=2.0):
 
 def _study(tmp_path, name, runs, task="toy", seeds=5):
     f = tmp_path / name
-    f.write_text(json.dumps(dict(task=task, steps=5, seeds=seeds, rank=4, base=dict(acc=0.25, acc_norm=0.25, gold_nll=3.0),
-                                 runs=runs)))
+    base = dict(acc=0.25, acc_norm=0.25, gold_nll=3.0)
+    f.write_text(json.dumps(dict(task=task, steps=5, seeds=seeds, rank=4, base=base, runs=runs)))
     return str(f)
 
 
@@ -149,7 +149,8 @@ def test_any_task_file_pair_runs(tmp_path, capsys):
     tr, va = tmp_path / "mine.train.jsonl", tmp_path / "mine.val.jsonl"
     for f in (tr, va):
         f.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    assert study.main(["--quick", "--train", str(tr), "--val", str(va), "--methods", "attn", "--out", str(tmp_path)]) == 0
+    argv = ["--quick", "--train", str(tr), "--val", str(va), "--methods", "attn", "--out", str(tmp_path)]
+    assert study.main(argv) == 0
     assert json.loads((tmp_path / "mine.json").read_text())["runs"]["attn"][0]["params"] > 0
     assert study.main(["--quick", "--train", str(tr), "--val", str(tmp_path / "no.jsonl"), "--out", str(tmp_path)]) == 1
     assert "no.jsonl" in capsys.readouterr().err
