@@ -1,7 +1,9 @@
 """The embedded default job and the study driver."""
 import json
+import math
 import os
 import runpy
+import statistics
 import sys
 
 import pytest
@@ -57,7 +59,8 @@ def test_report_reprints_a_saved_study_with_paired_intervals(tmp_path, capsys):
     assert study.main(["--report", str(f)]) == 0
     out = capsys.readouterr().out
     assert "toy: 3 seed(s), 5 steps, r=4" in out
-    assert "random 25% about 2.5 pp worse than top-25% -> -2.0 pp [±0.0] (gold nll/char +0.1000 [±0.0000])" in out
+    assert ("random 25% about 2.5 pp worse than top-25% -> random - sieve: -2.0 pp [±0.0] (gold nll/char +0.1000 "
+            "[±0.0000]) with 300 vs 300 parameters -> reproduces") in out
     assert "70.0% fewer" in out
 
 
@@ -86,5 +89,96 @@ def test_one_seed_gives_no_verdict_and_time_comes_from_step_times(tmp_path, caps
                                  runs=runs)))
     assert study.main(["--report", str(f)]) == 0
     out = capsys.readouterr().out
-    assert "within ±1 pp of full LoRA -> needs >= 3 seeds (have 1)" in out and "[±" not in out
+    assert "within ±1 pp of full LoRA -> sieve - lora: needs >= 3 seeds (have 1)" in out and "[±" not in out
     assert "up to 50% less training time -> 25.0% less per step (median step 0.150s vs 0.200s on cpu)" in out
+
+
+def _run(seed, acc, params=1000, nll=2.0):
+    return dict(seed=seed, acc=acc, acc_norm=acc, nll=nll, params=params, adapter_bytes=4 * params, train_s=1.0)
+
+
+def _study(tmp_path, name, runs, task="toy", seeds=5):
+    f = tmp_path / name
+    base = dict(acc=0.25, acc_norm=0.25, gold_nll=3.0)
+    f.write_text(json.dumps(dict(task=task, steps=5, seeds=seeds, rank=4, base=base, runs=runs)))
+    return str(f)
+
+
+def test_verdicts_follow_the_stated_rules(tmp_path, capsys):
+    """Each claim's verdict comes from its 95% interval: sieve inside ±1 pp of lora -> reproduces; random
+    3 pp below sieve -> reproduces; budget 2 pp above sieve with a tight interval -> contradicts; perft-r as
+    good as attn (interval below +1 pp) -> contradicts; dmep 0.5 pp below with a wide interval -> inconclusive."""
+    noise = [0.001, -0.001, 0.002, -0.002, 0.0]  # small per-seed wobble: tight intervals
+    wide = [0.02, -0.02, 0.01, -0.01, 0.0]
+    def rs(base, wobble=noise, params=1000):
+        return [_run(s, base + w, params) for s, w in enumerate(wobble)]
+    runs = dict(lora=rs(0.60), sieve=rs(0.602), random=rs(0.572), budget=rs(0.622), attn=rs(0.50, params=100),
+                **{"perft-r": rs(0.50, params=110), "dmep": rs(0.595, wide)})
+    for r in runs["dmep"]:
+        r["trainable_before_prune"] = 1600
+    assert study.main(["--report", _study(tmp_path, "s.json", runs)]) == 0
+    out = {line.split(" -> ")[0].strip(): line for line in capsys.readouterr().out.splitlines() if " -> " in line}
+    verdict = {k: v.rsplit(" -> ", 1)[1].split()[0] for k, v in out.items() if "[±" in v}
+    assert verdict == {"MoE-Sieve: top-25% within ±1 pp of full LoRA": "reproduces",
+                       "MoE-Sieve: random 25% about 2.5 pp worse than top-25%": "reproduces",
+                       "MoE-Sieve: greedy budget no consistent gain over uniform top-k": "contradicts",
+                       "PERFT: routed adapters beat plain PEFT (2.3-5.7 pp): PERFT-R vs attention LoRA, ~same size":
+                           "contradicts",
+                       "DMEP: pruned LoRA-MoE keeps full LoRA's accuracy (within ±1 pp)": "inconclusive"}
+
+
+def test_report_merges_files_of_the_same_task_and_plots(tmp_path, capsys):
+    """Two studies of one task (method groups run in parallel) are joined into one table; --out writes the
+    merged JSON; --plot draws accuracy against trainable parameters."""
+    a = _study(tmp_path, "a.json", dict(lora=[_run(s, 0.6) for s in range(3)]), seeds=3)
+    b = _study(tmp_path, "b.json", dict(sieve=[_run(s, 0.59 + 0.001 * s, 300) for s in range(3)]), seeds=3)
+    png, out = tmp_path / "acc.png", tmp_path / "merged"
+    assert study.main(["--report", a, b, "--plot", str(png), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "within ±1 pp of full LoRA -> sieve - lora: -0.9 pp" in text
+    merged = json.loads((out / "toy.json").read_text())
+    assert set(merged["runs"]) == {"lora", "sieve"} and merged["claims"][0]["verdict"] == "inconclusive"
+    pytest.importorskip("matplotlib")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_any_task_file_pair_runs(tmp_path, capsys):
+    """--train / --val take any task files (formats as train.py); a missing file or a lone --train is refused."""
+    recs = [dict(query=f"Question: how many numbers are in {' '.join(['1'] * n)}?\nAnswer:",
+                 choices=[str(n), str(n + 1)], gold=0) for n in range(2, 8)]
+    tr, va = tmp_path / "mine.train.jsonl", tmp_path / "mine.val.jsonl"
+    for f in (tr, va):
+        f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    argv = ["--quick", "--train", str(tr), "--val", str(va), "--methods", "attn", "--out", str(tmp_path)]
+    assert study.main(argv) == 0
+    assert json.loads((tmp_path / "mine.json").read_text())["runs"]["attn"][0]["params"] > 0
+    assert study.main(["--quick", "--train", str(tr), "--val", str(tmp_path / "no.jsonl"), "--out", str(tmp_path)]) == 1
+    assert "no.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        study.main(["--quick", "--train", str(tr)])
+    assert e.value.code == 2
+
+
+def test_routing_compares_the_tasks_top_experts(tmp_path, capsys):
+    """--routing profiles each task on the shipped model and prints CV / cold / coverage and the per-layer
+    Jaccard overlap of the tasks' top-25% sets (|A & B| / |A | B| of the sets it saved)."""
+    assert study.main(["--routing", "--tasks", "max,words", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "cov@25%" in out and "max/words" in out
+    res = json.loads((tmp_path / "routing.json").read_text())
+    a, b = res["top25"]["max"], res["top25"]["words"]
+    assert all(len(a[k]) == 4 for k in a)  # 25% of 16 experts in each of the 4 layers
+    assert res["jaccard"]["max/words"] == [len(set(a[k]) & set(b[k])) / len(set(a[k]) | set(b[k])) for k in a]
+
+
+def test_report_pools_the_tasks_pairing_task_and_seed(tmp_path, capsys):
+    """With several tasks, the claims are also printed over every (task, seed) pair: 2 tasks x 3 seeds = 6 pairs,
+    t(0.975, 5) = 2.571."""
+    files = [_study(tmp_path, f"{t}.json", dict(lora=[_run(s, 0.6) for s in range(3)],
+                                                sieve=[_run(s, 0.6 + d[s], 300) for s in range(3)]), task=t, seeds=3)
+             for t, d in (("t1", [0.01, 0.02, 0.03]), ("t2", [0.0, -0.01, 0.01]))]
+    assert study.main(["--report", *files]) == 0
+    out = capsys.readouterr().out.split("all 2 tasks pooled (t1, t2)")[1]
+    d = [1, 2, 3, 0, -1, 1]
+    hw = 2.571 * statistics.stdev(d) / math.sqrt(6)
+    assert f"sieve - lora: +1.0 pp [±{hw:.1f}]" in out
