@@ -43,6 +43,8 @@ def parse_args(argv):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--default", action="store_true", help="the embedded default job (what `python train.py` runs)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: a few steps and records (CI)")
+    ap.add_argument("--reference", action="store_true", help="train and evaluate on moe.py's plain code (slow)")
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of every run (train.py's --dropout)")
     ap.add_argument("--model", default=os.path.join(HERE, "model"), help="base checkpoint directory")
     ap.add_argument("--tasks", "--task", default=",".join(TASKS),
                     help="task names: each reads tasks/<task>.train.jsonl and .val.jsonl")
@@ -74,6 +76,9 @@ def parse_args(argv):
                      + (" (--train and --val go together)" if flag == "train" else ""))
     if args.default:  # about 5 minutes on two CPU cores: one task, the four MoE-Sieve methods, one seed
         args.tasks, args.methods, args.seeds, args.steps, args.limit = "max", "attn,lora,sieve,random", 1, 60, 200
+        # no LoRA dropout, so that --reference gives the same run: the plain loop draws dropout masks expert by
+        # expert, the grouped path for all rows at once, so with dropout the two are different random draws
+        args.dropout = 0.0
     if args.quick:
         args.steps, args.limit, args.batch_size = 3, 16, 4
     return args
@@ -92,9 +97,12 @@ def fine_tune(args, spec, seed, train_file, out):
     method, _, rank = spec.partition("@")
     flags = ["--model", args.model, "--data", train_file, "--method", method, "--rank", rank or args.rank,
              "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--seed", seed, "--out", out,
-             "--seq-len", args.seq_len, "--log-every", max(1, args.steps // 4), "--calib-samples", 256, "--warmup", 0.1]
+             "--seq-len", args.seq_len, "--log-every", max(1, args.steps // 4), "--calib-samples", 256, "--warmup", 0.1,
+             "--dropout", args.dropout]
     if args.device:
         flags += ["--device", args.device]
+    if args.reference:
+        flags.append("--reference")
     if train.main([str(f) for f in flags]) != 0:
         raise RuntimeError(f"study: train.py --method {method} --seed {seed} failed")
     with open(os.path.join(out, "summary.json")) as f:
@@ -108,6 +116,7 @@ def accuracy(args, tok, records, adapter=None):
     model = hub.load_model(args.model, dtype=torch.float32, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if adapter:
         lora.load_adapter(model, adapter)
+    model.set_reference(args.reference)
     return evaluation.multiple_choice(model, tok, records, batch_size=32, seq_len=512)
 
 

@@ -182,3 +182,22 @@ def test_report_pools_the_tasks_pairing_task_and_seed(tmp_path, capsys):
     d = [1, 2, 3, 0, -1, 1]
     hw = 2.571 * statistics.stdev(d) / math.sqrt(6)
     assert f"sieve - lora: +1.0 pp [±{hw:.1f}]" in out
+
+
+def test_reference_quick_trains_as_the_fast_default(tmp_path, monkeypatch):
+    """`python train.py --reference --quick` runs the default job on moe.py's plain code and gives the fast
+    default's losses: per step within 1e-5 relative (fp32, ~a few hundred roundings of unit roundoff 6e-8 each
+    between two summation orders of the same products, far below a real difference), and the same methods."""
+    logs = {}
+    for name, extra in (("fast", []), ("reference", ["--reference"])):
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setattr(sys, "argv", ["train.py", "--quick", *extra])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+        assert e.value.code == 0
+        runs = sorted((tmp_path / "runs" / "study").glob("*/*/seed0/log.jsonl"))
+        logs[name] = {p.parent.parent.name: [json.loads(x)["loss"] for x in p.read_text().splitlines()] for p in runs}
+        os.rename(tmp_path / "runs", tmp_path / f"runs-{name}")
+    assert set(logs["fast"]) == set(logs["reference"]) == {"attn", "lora", "sieve", "random"}
+    for method, losses in logs["fast"].items():
+        assert logs["reference"][method] == pytest.approx(losses, rel=1e-5), method
