@@ -286,14 +286,15 @@ def run(args):
 
     p = profile(model, batches, device, on_batch=progress)
     # ---- save
+    print(format_stats(p["stats"]))
     save_profile(p, args.out)
-    print(f"router_profile: wrote {args.out}")
+    print(f"router_profile: wrote {args.out} (counts and mass per layer and expert, the statistics)")
     plan = None
     if args.plan_frac is not None:
         plan = sieve.topk_plan(p, args.plan_frac)
     if args.plot and plots.routing(p, args.plot, plan):
-        print(f"router_profile: wrote {args.plot}")
-    print(format_stats(p["stats"]))
+        print(f"router_profile: wrote {args.plot} (the heatmap)")
+    print(f"next: python train.py --model {args.model} --data TRAIN.jsonl --method sieve --profile {args.out} --out RUN")
 
 
 if __name__ == "__main__":
