@@ -38,6 +38,9 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}  # t(0.975, df)
 
 
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+           "tab:olive", "tab:cyan", "black")
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Methods x seeds on a base model and multiple-choice tasks.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -328,16 +331,17 @@ def claims(runs):
 def plot(results, path):
     """Accuracy against trainable parameters, one panel per task, mean over seeds with 95% t-interval bars."""
     import plots
-    Figure = plots.figure_class(path)
+    Figure = plots.figure_class(path)  # 11 methods: matplotlib's default cycle has only 10 colours
     if Figure is None:
         return False
     fig = Figure(figsize=(4.2 * len(results), 3.8))
     for i, res in enumerate(results):
         ax = fig.add_subplot(1, len(results), i + 1)
-        for j, (m, rs) in enumerate(res["runs"].items()):  # 11 methods > 10 default colours: vary the marker too
+        for j, (m, rs) in enumerate(res["runs"].items()):  # a colour and a marker of its own for each method
             accs = [100 * r["acc"] for r in rs]
             hw = t975(len(accs) - 1) * statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else 0
             ax.errorbar([rs[0]["params"]], [statistics.mean(accs)], yerr=[hw], fmt="osD^v<>ph*X"[j % 11], capsize=3,
+                        color=COLOURS[j % len(COLOURS)],
                         label=m)
         ax.axhline(100 * res["base"]["acc"], color="grey", linestyle="--", linewidth=1, label="base")
         ax.set_xscale("log")
