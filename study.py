@@ -377,7 +377,7 @@ def routing(args):
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     jac = {f"{a}/{b}": [len(set(top[a][l]) & set(top[b][l])) / len(set(top[a][l]) | set(top[b][l])) for l in layers]
            for a, b in pairs}
-    print(f"\nJaccard of the top-25% sets per layer (1 = the same experts; two random sets of 4 of 16: 0.16 expected)")
+    print("\nJaccard of the top-25% sets per layer (1 = the same experts; two random sets of 4 of 16: 0.16 expected)")
     print(f"{'pair':<16}" + "".join(f"{'L' + str(l):>7}" for l in layers) + f"{'mean':>7}")
     for pair, js in jac.items():
         print(f"{pair:<16}" + "".join(f"{j:>7.2f}" for j in js) + f"{statistics.mean(js):>7.2f}")

@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
 import hub
 import train
 from conftest import FORWARD, tol

@@ -115,7 +115,10 @@ def reroute(tensors, p, n, slot, new):
     for e, ids_before in ((old, tensors[p + "topk_ids"]), (new, tensors[p + "topk_ids"])):
         toks = (ids_before.reshape(len(flat), -1) == e).any(-1).nonzero().squeeze(1).tolist()
         rows = dict(zip(toks, tensors.get(f"{p}experts.{e}", torch.zeros(0, 1))))
-        moved = rows.pop(n) if e == old else rows.setdefault(n, tensors[f"{p}experts.{old}"][0])
+        if e == old:
+            rows.pop(n)
+        else:
+            rows.setdefault(n, tensors[f"{p}experts.{old}"][0])
         if rows:
             t[f"{p}experts.{e}"] = torch.stack([rows[k] for k in sorted(rows)])
     return t
