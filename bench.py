@@ -326,7 +326,9 @@ def versions():
 def write_json(path, result):
     if path:
         lora.atomic_write(path, lambda t: open(t, "w").write(json.dumps(result, indent=1)))
-        print(f"wrote {path}")
+        print(f"bench: wrote {path} (every row, the versions and the targets)")
+    else:
+        print("bench: nothing written (--out FILE.json keeps the rows, the versions and the targets)")
 
 
 def main_traffic(args, cdict, argv):

@@ -307,6 +307,8 @@ def main(argv=None):
     write_summary(opts)
     with open(os.path.join(opts.out, "summary.txt")) as f:
         print(f.read(), end="")
+    print(f"[gpu_check] wrote {opts.out}: rows.jsonl (one row per line, as measured), summary.txt / summary.json "
+          "(tables and target verdicts), env.json, gpu_tests.txt / .xml, worker.log")
     return 0
 
 
