@@ -32,12 +32,10 @@ def memory_label(device):
     return "mem" if device.type == "cuda" else "rss"
 
 
-
 def dmep_prune(model, opt, args, n_before, log):
     """Prune, report counts / parameters / throughput before and after, return the optimizer's new params."""
-    for m in model.modules():  # torchrun: the utilization over all ranks' tokens, so all prune alike
-        if isinstance(m, dmep.LoRAMoELinear):
-            m.util.copy_(parallel.all_sum(m.util) / parallel.world())
+    for _, m in dmep.modules(model):  # torchrun: the utilization over all ranks' tokens, so all prune alike
+        m.util.copy_(parallel.all_sum(m.util) / parallel.world())
     report = dmep.prune(model, opt, args.dmep_tau)
     n_after = lora.count_trainable(model)
     params = [p for group in opt.param_groups for p in group["params"]]
