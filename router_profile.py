@@ -207,6 +207,53 @@ def load_profile(path):
 # ----------------------------------------------------------------------------- CLI
 
 
+def compare_tasks(model, tok, tasks, out):
+    """Each task's routing profile on its records (as the sieve's calibration: 256 records), its statistics, and
+    the Jaccard overlap |A & B| / |A | B| of the tasks' top-25% expert sets per layer: does each task heat its own
+    experts? tasks: {name: records}. Prints the tables; writes out/routing.json and out/routing_overlap.png."""
+    profiles, top = {}, {}
+    print(f"{'task':<10}{'tokens':>8}{'CV':>7}{'cold %':>8}{'cov@25%':>9}   top-25% experts per layer")
+    for name, records in tasks.items():
+        seqs = sorted(calibration(tok, records, 256), key=len)
+        batches = (data.pad_batch(seqs[i:i + 32], [[1] * len(s) for s in seqs[i:i + 32]], tok.pad_id)
+                   for i in range(0, len(seqs), 32))
+        p = profiles[name] = profile(model, batches)
+        top[name] = sieve.topk_plan(p, 0.25)
+        m = p["stats"]["mean"]
+        print(f"{name:<10}{p['tokens']:>8,}{m['cv']:>7.3f}{100 * m['cold']:>8.1f}{100 * m['cov25']:>9.1f}   "
+              + " | ".join(",".join(map(str, e)) for e in top[name].values()))
+    names, layers = list(profiles), list(next(iter(top.values())))
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    jac = {f"{a}/{b}": [len(set(top[a][l]) & set(top[b][l])) / len(set(top[a][l]) | set(top[b][l])) for l in layers]
+           for a, b in pairs}
+    n_exp, k = len(p["counts"][0]), len(next(iter(top[names[0]].values())))
+    print(f"\nJaccard of the top-25% sets per layer (1 = the same experts; two random sets of {k} of {n_exp}: "
+          f"{random_jaccard(k, n_exp):.2f} expected)")
+    print(f"{'pair':<16}" + "".join(f"{'L' + str(l):>7}" for l in layers) + f"{'mean':>7}")
+    for pair, js in jac.items():
+        print(f"{pair:<16}" + "".join(f"{j:>7.2f}" for j in js) + f"{sum(js) / len(js):>7.2f}")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "routing.json")
+    text = json.dumps(dict(stats={n: p["stats"] for n, p in profiles.items()},
+                           top25={n: {str(k): v for k, v in t.items()} for n, t in top.items()},
+                           jaccard=jac, counts={n: p["counts"] for n, p in profiles.items()}), indent=1)
+    lora.atomic_write(path, lambda t: open(t, "w").write(text))
+    written = [f"{path} (each task's statistics, top-25% sets, counts; the Jaccard overlaps)"]
+    png = os.path.join(out, "routing_overlap.png")
+    if jac and plots.heatmap(png, list(jac.values()), "Jaccard overlap of the tasks' top-25% experts", "MoE layer",
+                             "task pair", list(jac), "Jaccard"):
+        written.append(f"{png} (the overlaps as a heatmap)")
+    return written
+
+
+def random_jaccard(k, n):
+    """The expected Jaccard overlap of two independent uniformly random k-subsets of n experts."""
+    total = 0.0
+    for i in range(k + 1):  # i shared experts: hypergeometric probability, overlap i / (2k - i)
+        total += math.comb(k, i) * math.comb(n - k, k - i) / math.comb(n, k) * i / (2 * k - i)
+    return total
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # inputs and outputs

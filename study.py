@@ -1,21 +1,26 @@
 """study.py: the embedded default job, and a miniature reproduction of the papers' tables.
 
-    python train.py                     # = python study.py --default: one task, four methods, one seed (~5 min)
-    python study.py                     # every method x 5 seeds on tasks max, count, index (see results/study/)
+    python train.py                     # = python study.py --default: one task, four methods, one seed (~1 min)
+    python study.py --compare results/study   # the committed study again (every method x 5 seeds x 3 tasks),
+                                              # each run's numbers checked against results/study/<task>.json
     python study.py --train my.train.jsonl --val my.val.jsonl --methods lora,sieve,random --seeds 5
     python study.py --routing --out results/study   # each task's routing and the overlap of their top-25% experts
 
-For each task, method and seed it fine-tunes the base model with train.py (in-process, same flags for all),
-evaluates multiple-choice accuracy on the task's validation records with eval.py, and prints the table
-(trainable parameters, adapter size, time, accuracy as mean ± std over seeds, the paired difference to full
-LoRA with a 95% t-interval) and, next to each claim of the seed papers (MoE-Sieve, PERFT, DMEP), the measured
-difference, its interval and a verdict by the rule printed beside it (CLAIMS). Seeds are paired: seed s of
-every method sees the same data order, so the per-seed differences cancel most of the order's noise.
-Everything it writes goes under --out (runs/study by default).
+For each task, method and seed it fine-tunes the base model with train.py (same flags for all), evaluates
+multiple-choice accuracy on the task's validation records with eval.py, and prints the table (trainable
+parameters, adapter size, time, accuracy as mean ± std over seeds, the paired difference to full LoRA with a
+95% t-interval) and each claim of the seed papers with the measured difference, its interval and a verdict
+(claims.py). The runs go to --jobs worker processes of --threads threads each: a run's numbers depend only on
+its flags and the thread count, not on the worker or the order, so any --jobs gives the same tables. The time
+claims come from a controlled timing: lora, sieve and dmep trained again one at a time, alone, after the runs.
+Runs already done (OUT/runs/<task>/<method>/seedN/result.json with the same settings) are reused: after
+Ctrl-C, the same command goes on. Everything goes under --out (runs/study by default): <task>.json (every run's
+numbers, the table, the claims, the timing), study.txt (what was printed), accuracy_params.png, runs/.
 """
 import argparse
+import contextlib
 import json
-import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -24,6 +29,7 @@ import time
 import torch
 
 import checkpoint
+import claims
 import data
 import eval as evaluation
 import hub
@@ -34,12 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ("max", "count", "words")  # pretrain/tasks.py; see tasks/README.md
 DEFAULT_OUT = os.path.join("runs", "study")
 METHODS = ("attn", "attn@32", "lora", "sieve", "random", "budget", "coverage", "perft-s", "perft-r", "perft-e", "dmep")
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}  # t(0.975, df)
+TIMED = ("lora", "sieve", "dmep")  # the methods of the time claims
 
-
-COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
-           "tab:olive", "tab:cyan", "black")
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description="Methods x seeds on a base model and multiple-choice tasks.",
@@ -57,14 +59,20 @@ def parse_args(argv):
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated train.py methods; METHOD@R trains "
                     "it at rank R (attn@32: attention LoRA with as many parameters as perft-e)")
     ap.add_argument("--seeds", type=int, default=5, help="seeds per method (0, 1, ...)")
-    ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     ap.add_argument("--seq-len", type=int, default=64, help="tokens per training sequence (the tasks' items are short)")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 * rank)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    ap.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation records")
     ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (with --report: write the merged JSONs there)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--jobs", type=int, default=None, help="runs in parallel, one process each (default: the CPU "
+                    "cores, at most 8; 1 on CUDA); 1 = in this process")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each run (the numbers depend on it)")
+    ap.add_argument("--timing-steps", type=int, default=60, help="steps of each controlled timing run (0: none)")
+    ap.add_argument("--compare", default=None, help="a directory of a study's <task>.json: check every run's numbers "
+                    "against it (exit 1 if any differs)")
     ap.add_argument("--routing", action="store_true", help="only profile each task's routing and compare the tasks' "
                     "top-25%% expert sets (table, OUT/routing.json, OUT/routing_overlap.png)")
     ap.add_argument("--report", nargs="+", default=None, help="print the tables and claims again from study JSONs "
@@ -73,17 +81,22 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     for flag, ok in (("seeds", args.seeds >= 1), ("steps", args.steps >= 1), ("batch-size", args.batch_size >= 1),
                      ("rank", args.rank >= 1), ("lr", args.lr > 0), ("limit", args.limit is None or args.limit >= 1),
-                     ("seq-len", args.seq_len >= 2), ("train", (args.train is None) == (args.val is None))):
+                     ("seq-len", args.seq_len >= 2), ("jobs", args.jobs is None or args.jobs >= 1),
+                     ("threads", args.threads >= 1), ("timing-steps", args.timing_steps >= 0),
+                     ("train", (args.train is None) == (args.val is None))):
         if not ok:
             ap.error(f"--{flag} has an invalid value: {getattr(args, flag.replace('-', '_'))}"
                      + (" (--train and --val go together)" if flag == "train" else ""))
-    if args.default:  # about 5 minutes on two CPU cores: one task, the four MoE-Sieve methods, one seed
+    if args.default:  # about a minute on two CPU cores: one task, the four MoE-Sieve methods, one seed
         args.tasks, args.methods, args.seeds, args.steps, args.limit = "max", "attn,lora,sieve,random", 1, 60, 200
         # no LoRA dropout, so that --reference gives the same run: the plain loop draws dropout masks expert by
         # expert, the grouped path for all rows at once, so with dropout the two are different random draws
         args.dropout = 0.0
     if args.quick:
-        args.steps, args.limit, args.batch_size = 3, 16, 4
+        args.steps, args.limit, args.batch_size, args.timing_steps = 3, 16, 4, min(args.timing_steps, 3)
+    if args.jobs is None:
+        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        args.jobs = 1 if cuda else max(1, min(8, os.cpu_count() or 1))
     return args
 
 
@@ -95,22 +108,23 @@ def task_files(args):
             for t in args.tasks.split(",")]
 
 
-def fine_tune(args, spec, seed, train_file, out):
+def fine_tune(args, spec, seed, train_file, out, steps=None):
     """One train.py run of a method spec (METHOD or METHOD@RANK); its summary plus the median step time."""
     method, _, rank = spec.partition("@")
+    steps = steps or args.steps
     flags = ["--model", args.model, "--data", train_file, "--method", method, "--rank", rank or args.rank,
-             "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr, "--seed", seed, "--out", out,
-             "--seq-len", args.seq_len, "--log-every", max(1, args.steps // 4), "--calib-samples", 256, "--warmup", 0.1,
+             "--steps", steps, "--batch-size", args.batch_size, "--lr", args.lr, "--seed", seed, "--out", out,
+             "--seq-len", args.seq_len, "--log-every", max(1, steps // 4), "--calib-samples", 256, "--warmup", 0.1,
              "--dropout", args.dropout]
     if args.device:
         flags += ["--device", args.device]
     if args.reference:
         flags.append("--reference")
     if train.main([str(f) for f in flags]) != 0:
-        raise RuntimeError(f"study: train.py --method {method} --seed {seed} failed")
+        raise RuntimeError(f"train.py --method {spec} --seed {seed} failed (its output: {out}/output.txt)")
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
-    with open(os.path.join(out, "log.jsonl")) as f:  # one process's own step times: not skewed by other runs
+    with open(os.path.join(out, "log.jsonl")) as f:  # one process's own step times
         summary["step_s"] = statistics.median(json.loads(line)["step_s"] for line in f)
     return summary
 
@@ -123,21 +137,105 @@ def accuracy(args, tok, records, adapter=None):
     return evaluation.multiple_choice(model, tok, records, batch_size=32, seq_len=512)
 
 
-def t975(df):
-    """t(0.975, df) from the table; between tabulated values the next smaller df (a slightly wider interval)."""
-    return T975[max(k for k in T975 if k <= df)]
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op threads set to n inside (a run's float sums, so its numbers, depend on them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def mean_std(xs):
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+@contextlib.contextmanager
+def quietly(out):
+    """Everything printed inside goes to out/output.txt (runs in parallel would interleave their lines)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "output.txt"), "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        yield
 
 
-def paired_interval(xs, ys):
-    """Mean of the paired differences xs - ys (same seeds) and its 95% t-interval half-width."""
-    d = [x - y for x, y in zip(xs, ys)]
-    if len(d) < 2:
-        return statistics.mean(d), float("nan")
-    return statistics.mean(d), t975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+def settings(args, task, train_file, val_file):
+    """What a run's numbers depend on: a saved run is reused only if all of it is the same."""
+    keys = ("steps", "batch_size", "seq_len", "rank", "lr", "limit", "dropout", "reference", "threads", "device")
+    return dict(task=task, model=os.path.abspath(args.model), train=os.path.abspath(train_file),
+                val=os.path.abspath(val_file), **{k: getattr(args, k) for k in keys})
+
+
+def one_run(job):
+    """One (task, method, seed): fine-tune, evaluate, save OUT/runs/<task>/<method>/seedN/result.json. Its
+    printing goes to output.txt beside it. Reused if result.json has the same settings. In a worker or not."""
+    args, task, train_file, val_file, method, seed = job
+    out = os.path.join(args.out, "runs", task, method, f"seed{seed}")
+    key = settings(args, task, train_file, val_file)
+    saved = os.path.join(out, "result.json")
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            old = json.load(f)
+        if old.get("settings") == key:
+            return task, method, dict(old["run"], reused=True)
+    t0 = time.time()
+    with quietly(out), torch_threads(args.threads):
+        s = fine_tune(args, method, seed, train_file, out)
+        res = accuracy(args, data.load_tokenizer(args.model), data.read_jsonl(val_file)[: args.limit], out)
+    run = dict(seed=seed, acc=res["acc"], acc_norm=res["acc_norm"], nll=res["gold_nll"], params=s["trainable_params"],
+               adapter_bytes=s["adapter_bytes"], train_s=s["wall_s"], total_s=round(time.time() - t0, 1),
+               step_s=s["step_s"], device=s["device"], **{k: s[k] for k in ("trainable_before_prune",
+                                                                            "tok_s_before_prune", "tok_s_after_prune") if k in s})
+    checkpoint.write_json(saved, dict(settings=key, run=run))
+    return task, method, run
+
+
+def run_all(args, jobs):
+    """Every job, in --jobs spawned workers (or here with --jobs 1); {task: {method: [run per seed]}}."""
+    done, t0 = {}, time.time()
+    pool = multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 and len(jobs) > 1 else None
+    results = pool.imap_unordered(one_run, jobs) if pool else map(one_run, jobs)
+    try:
+        for i, (task, method, run) in enumerate(results, 1):
+            done.setdefault(task, {}).setdefault(method, []).append(run)
+            how = "reused" if run.pop("reused", False) else f"{run['total_s']:.0f} s"
+            print(f"[{i}/{len(jobs)}] {task} {method} seed {run['seed']}: acc {run['acc']:.3f} ({how}, "
+                  f"{time.time() - t0:.0f} s so far)", flush=True)
+    finally:
+        if pool:
+            pool.terminate()
+            pool.join()
+    return {t: {m: sorted(rs, key=lambda r: r["seed"]) for m, rs in ms.items()} for t, ms in done.items()}
+
+
+def device_name(args):
+    """The device of the timing, in words: the GPU's name, or the CPU's model and the threads used."""
+    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    name = "cpu"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return f"{name}, {args.threads} thread{'s' if args.threads > 1 else ''}"
+
+
+def timing(args, task, train_file, methods):
+    """The controlled timing of one task: lora, sieve and dmep (those studied) trained again for --timing-steps
+    steps at seed 0, one at a time in this process after the workers have ended, so nothing else runs: the
+    median step time of each, and DMEP's tokens/s before and after its pruning (bench.py's method on the real
+    model, data and plans). None: nothing to time."""
+    timed = [m for m in TIMED if m in methods]
+    if not timed or not args.timing_steps:
+        return None
+    res = dict(device=device_name(args), steps=args.timing_steps, step_s={}, dmep_tok_s=None)
+    for m in timed:
+        out = os.path.join(args.out, "runs", "timing", task, m)
+        with quietly(out), torch_threads(args.threads):
+            s = fine_tune(args, m, 0, train_file, out, steps=args.timing_steps)
+        res["step_s"][m] = round(s["step_s"], 5)
+        if m == "dmep" and s.get("tok_s_before_prune") and s.get("tok_s_after_prune"):
+            res["dmep_tok_s"] = [s["tok_s_before_prune"], s["tok_s_after_prune"]]
+    print(f"timing ({task}, {res['device']}, {args.timing_steps} steps each): " + ", ".join(
+        f"{m} {t:.4f} s/step" for m, t in res["step_s"].items()), flush=True)
+    return res
 
 
 def main(argv=None):
@@ -149,60 +247,124 @@ def main(argv=None):
         for m in methods:
             if m.partition("@")[0] not in lora.METHODS or not (m.partition("@")[2] or "1").isdigit():
                 raise ValueError(f"--methods: {m!r} is not one of {', '.join(lora.METHODS)} (optionally @RANK)")
-        names = [name for name, _, _ in task_files(args)]
-        if len(set(names)) != len(names):
+        files = task_files(args)
+        if len({name for name, _, _ in files}) != len(files):
             raise ValueError(f"--tasks {args.tasks}: a task is named twice")
         if args.routing:
             return routing(args)
-        tok = data.load_tokenizer(args.model)
-        tasks = []
-        for name, train_file, val_file in task_files(args):  # every file checked before the first run
+        tok, vals = data.load_tokenizer(args.model), {}
+        for name, train_file, val_file in files:  # every file checked before the first run
             for path in (train_file, val_file):
                 if not os.path.isfile(path):
                     raise OSError(f"{path}: task file not found (--tasks {name}, or --train / --val)")
-            val = data.read_jsonl(val_file)[: args.limit]
-            evaluation.check_task(val, "mc", val_file)
+            vals[name] = data.read_jsonl(val_file)[: args.limit]
+            evaluation.check_task(vals[name], "mc", val_file)
             data.check_records(data.read_jsonl(train_file), train_file)
-            tasks.append((name, train_file, val))
-        for name, train_file, val in tasks:
-            run_task(args, tok, name, train_file, val, methods)
+        base = {}
+        for name, _, _ in files:
+            with torch_threads(args.threads):
+                b = base[name] = accuracy(args, tok, vals[name])
+            print(f"study: base model {args.model}: acc {b['acc']:.3f} acc_norm {b['acc_norm']:.3f} gold nll/char "
+                  f"{b['gold_nll']:.3f} on {len(vals[name])} records of {name}")
+        jobs = [(args, name, tr, va, m, s) for name, tr, va in files for m in methods for s in range(args.seeds)]
+        print(f"study: {len(jobs)} runs ({len(files)} task(s) x {len(methods)} methods x {args.seeds} seeds, "
+              f"{args.steps} steps each) in {min(args.jobs, len(jobs))} process(es) of {args.threads} thread(s); "
+              f"each run's output in {os.path.join(args.out, 'runs', 'TASK', 'METHOD', 'seedN')}", flush=True)
+        done = run_all(args, jobs)
+        results = [dict(task=name, model=args.model, steps=args.steps, seeds=args.seeds, rank=args.rank,
+                        n_val=len(vals[name]), lr=args.lr, batch_size=args.batch_size, base=base[name],
+                        settings=settings(args, name, tr, va), runs={m: done[name][m] for m in methods},
+                        timing=timing(args, name, tr, methods), table=None, claims=None) for name, tr, va in files]
+        summarize(args, results, write=True)
+        return compare(args, results) if args.compare else 0
     except (ValueError, OSError, RuntimeError) as e:
         print(f"study: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    except KeyboardInterrupt:
+        print(f"study: interrupted; the finished runs are kept in {os.path.join(args.out, 'runs')}: the same command "
+              "goes on from them", file=sys.stderr)
+        return 130
 
 
-def run_task(args, tok, task, train_file, val, methods):
-    """Every method x seed on one task; prints the table and the claims, writes OUT/<task>.json."""
-    base = accuracy(args, tok, val)
-    print(f"study: base model {args.model}: acc {base['acc']:.3f} acc_norm {base['acc_norm']:.3f} gold nll/char "
-          f"{base['gold_nll']:.3f} on {len(val)} records of {task}")
-    runs, t_start = {}, time.time()
-    for m in methods:
-        for seed in range(args.seeds):
-            out = os.path.join(args.out, task, m, f"seed{seed}")
-            t0 = time.time()
-            s = fine_tune(args, m, seed, train_file, out)
-            res = accuracy(args, tok, val, out)
-            runs.setdefault(m, []).append(dict(seed=seed, acc=res["acc"], acc_norm=res["acc_norm"], nll=res["gold_nll"],
-                                               params=s["trainable_params"], adapter_bytes=s["adapter_bytes"],
-                                               train_s=s["wall_s"], total_s=round(time.time() - t0, 1),
-                                               step_s=s["step_s"], device=s["device"],
-                                               **{k: s[k] for k in ("trainable_before_prune", "tok_s_before_prune",
-                                                                    "tok_s_after_prune") if k in s}))
-    result = dict(task=task, model=args.model, steps=args.steps, seeds=args.seeds, rank=args.rank, n_val=len(val),
-                  base=base, runs=runs, wall_s=round(time.time() - t_start), table=None, claims=None)
-    result["table"], result["claims"] = report(result)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"{task}.json")
-    checkpoint.write_json(path, result)
-    print(f"\nwrote {path} (the table and every run's numbers) and each run under {os.path.join(args.out, task)}"
-          f"/METHOD/seedN\nprint it again: python study.py --report {path}")
+class Tee:
+    """A stdout that also keeps what it is given (study.txt is what the study printed)."""
+    def __init__(self, out):
+        self.out, self.kept = out, []
+
+    def write(self, s):
+        self.kept.append(s)
+        return self.out.write(s)
+
+    def flush(self):
+        self.out.flush()
+
+
+def summarize(args, results, write, plot_path=None):
+    """Print each task's table and claims and, over several tasks, the claims pooled over every (task, seed);
+    with write, OUT/<task>.json, OUT/study.txt (this printing) and the plot (OUT/accuracy_params.png)."""
+    tee = Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        for res in results:
+            res["table"], res["claims"] = claims.report(res)
+        if len(results) > 1:  # the claims over every (task, seed) pair: one average over the tasks, a tighter interval
+            common = [m for m in results[0]["runs"] if all(m in r["runs"] for r in results)]
+            pooled = {m: [r for res in results for r in res["runs"][m]] for m in common}
+            print(f"\nall {len(results)} tasks pooled ({', '.join(r['task'] for r in results)}): each (task, seed) is one pair")
+            claims.claims(pooled, [r["timing"] for r in results if r.get("timing")])
+    written = []
+    if write:
+        os.makedirs(args.out, exist_ok=True)
+        for res in results:
+            checkpoint.write_json(path := os.path.join(args.out, f"{res['task']}.json"), res)
+            written.append(f"{path} (the table, the claims, the timing and every run's numbers)")
+        text = "".join(tee.kept)
+        lora.atomic_write(path := os.path.join(args.out, "study.txt"), lambda t: open(t, "w").write(text))
+        written.append(f"{path} (the tables and claims above)")
+        plot_path = plot_path or os.path.join(args.out, "accuracy_params.png")
+    if plot_path and claims.plot(results, plot_path):
+        written.append(f"{plot_path} (accuracy against trainable parameters, 95% interval bars)")
+    print("\nwrote:\n" + "".join(f"  {w}\n" for w in written) if written else "", end="")
+    if write:
+        print(f"print them again: python study.py --report {os.path.join(args.out, '*.json')}")
+
+
+def compare(args, results):
+    """--compare DIR: every run's accuracy, gold nll/char and parameter count against DIR/<task>.json's (exit 1
+    if any differs or is missing; the settings that differ are named, since they explain it)."""
+    bad = 0
+    for res in results:
+        path = os.path.join(args.compare, f"{res['task']}.json")
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            old_runs = old["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"compare: {path}: not a study result ({type(e).__name__}: {e})")
+            bad += 1
+            continue
+        changed = [k for k, v in old.get("settings", {}).items() if res["settings"].get(k) != v and k not in
+                   ("model", "train", "val")]
+        diffs, n = [], 0
+        for m, rs in res["runs"].items():
+            for r in rs:
+                n += 1
+                o = next((x for x in old_runs.get(m, []) if x["seed"] == r["seed"]), None)
+                if o is None:
+                    diffs.append(f"{m} seed {r['seed']}: not in {path}")
+                elif any(o[k] != r[k] for k in ("acc", "nll", "params")):
+                    diffs.append(f"{m} seed {r['seed']}: acc {r['acc']:.4f} (was {o['acc']:.4f}), nll/char "
+                                 f"{r['nll']:.5f} (was {o['nll']:.5f}), params {r['params']:,} (was {o['params']:,})")
+        print(f"compare: {res['task']}: {n - len(diffs)} of {n} runs give exactly the numbers of {path}"
+              + (f"; settings that differ: {', '.join(changed)}" if changed else ""))
+        for d in diffs:
+            print(f"  {d}")
+        bad += len(diffs)
+    return 1 if bad else 0
 
 
 def reprint(args):
     """--report: the tables and claims of saved studies; files of the same task (say, one per group of methods,
-    run in parallel) are merged, their runs joined. With --plot, the picture; with --out, the merged JSONs."""
+    run apart) are merged, their runs joined. With --plot, the picture; with --out, the merged JSONs and study.txt."""
     merged = {}
     for path in args.report:
         try:
@@ -215,181 +377,24 @@ def reprint(args):
             return 1
         if task in merged:
             merged[task]["runs"].update(runs)
-            merged[task]["wall_s"] = merged[task].get("wall_s", 0) + res.get("wall_s", 0)  # CPU-time-like total
         else:
             merged[task] = res
-    for res in merged.values():
-        res["table"], res["claims"] = report(res)
-        if args.out != DEFAULT_OUT:
-            os.makedirs(args.out, exist_ok=True)
-            checkpoint.write_json(os.path.join(args.out, f"{res['task']}.json"), res)
-    if len(merged) > 1:  # the claims over every (task, seed) pair: one average over the tasks, a tighter interval
-        common = [m for m in next(iter(merged.values()))["runs"] if all(m in r["runs"] for r in merged.values())]
-        pooled = {m: [r for res in merged.values() for r in res["runs"][m]] for m in common}
-        print(f"\nall {len(merged)} tasks pooled ({', '.join(merged)}): each (task, seed) is one pair")
-        claims(pooled)
-    if args.plot and plot(list(merged.values()), args.plot):
-        print(f"wrote {args.plot}")
+    summarize(args, list(merged.values()), write=args.out != DEFAULT_OUT, plot_path=args.plot)
     return 0
 
 
-def ci(half_width, digits):  # " [±x]", or nothing with one seed (no interval)
-    return "" if math.isnan(half_width) else f" [±{half_width:.{digits}f}]"
-
-
-def report(res):
-    """Print one task's comparison table and the claims; return (table rows, claim rows)."""
-    runs, base = res["runs"], res["base"]
-    ref = runs.get("lora")
-    rows = []
-    print(f"\n{res['task']}: {res['seeds']} seed(s), {res['steps']} steps, r={res.get('rank', '?')}; base acc "
-          f"{base['acc']:.3f}, gold nll/char {base['gold_nll']:.4f}")
-    print(f"{'method':<10}{'trainable':>12}{'vs lora':>9}{'adapter MB':>12}{'train s':>9}{'acc':>16}{'acc_norm':>10}"
-          f"{'acc - lora [95% CI]':>26}{'nll/char':>10}{'nll - lora [95% CI]':>24}")
-    for m, rs in runs.items():
-        acc, sd = mean_std([r["acc"] for r in rs])
-        row = dict(method=m, params=rs[0]["params"], adapter_mb=round(rs[0]["adapter_bytes"] / 2**20, 3),
-                   train_s=round(statistics.mean(r["train_s"] for r in rs), 1), acc=round(acc, 4), acc_std=round(sd, 4),
-                   acc_norm=round(statistics.mean(r["acc_norm"] for r in rs), 4),
-                   nll=round(statistics.mean(r["nll"] for r in rs), 4))
-        rel = f"{row['params'] / ref[0]['params']:.1%}" if ref else "-"
-        diff = ndiff = "-"
-        if ref and m != "lora":
-            d, hw = paired_interval([r["acc"] for r in rs], [r["acc"] for r in ref])
-            row["diff_vs_lora"], row["diff_ci95"] = round(d, 4), round(hw, 4)
-            diff = f"{100 * d:+.1f} pp{ci(100 * hw, 1)}"
-            d, hw = paired_interval([r["nll"] for r in rs], [r["nll"] for r in ref])
-            row["nll_diff_vs_lora"], row["nll_diff_ci95"] = round(d, 4), round(hw, 4)
-            ndiff = f"{d:+.4f}{ci(hw, 4)}"
-        rows.append(row)
-        print(f"{m:<10}{row['params']:>12,}{rel:>9}{row['adapter_mb']:>12.3f}{row['train_s']:>9.1f}"
-              f"{acc:>10.3f}{f' ±{sd:.3f}' if len(rs) > 1 else '  (n=1)'}{row['acc_norm']:>10.3f}{diff:>26}{row['nll']:>10.4f}{ndiff:>24}")
-    return rows, claims(runs)
-
-
-# Each accuracy claim: (a, b, the claim, the rule on the 95% interval [lo, hi] of a - b in pp, reproduces(lo, hi),
-# contradicts(lo, hi)); contradicts is tested first, neither -> inconclusive.
-CLAIMS = (
-    ("sieve", "lora", "MoE-Sieve: top-25% within ±1 pp of full LoRA", "reproduces: interval inside ±1 pp; "
-     "contradicts: interval outside it", lambda lo, hi: -1 <= lo and hi <= 1, lambda lo, hi: hi < -1 or lo > 1),
-    ("random", "sieve", "MoE-Sieve: random 25% about 2.5 pp worse than top-25%", "reproduces: interval below 0; "
-     "contradicts: interval above -1 pp", lambda lo, hi: hi < 0, lambda lo, hi: lo > -1),
-    ("budget", "sieve", "MoE-Sieve: greedy budget no consistent gain over uniform top-k", "contradicts: interval "
-     "above 0; reproduces: interval below +1 pp", lambda lo, hi: hi <= 1, lambda lo, hi: lo > 0),
-    ("perft-r", "attn", "PERFT: routed adapters beat plain PEFT (2.3-5.7 pp): PERFT-R vs attention LoRA, ~same size",
-     "reproduces: interval above 0; contradicts: interval below +1 pp", lambda lo, hi: lo > 0, lambda lo, hi: hi < 1),
-    ("perft-e", "attn@32", "PERFT: routed adapters beat plain PEFT (2.3-5.7 pp): PERFT-E vs attention LoRA r32, "
-     "same size", "reproduces: interval above 0; contradicts: interval below +1 pp", lambda lo, hi: lo > 0,
-     lambda lo, hi: hi < 1),
-    ("perft-e", "attn", "PERFT: routed adapters beat plain PEFT (as in its tables, not at equal size): PERFT-E vs attn",
-     "reproduces: interval above 0; contradicts: interval below +1 pp", lambda lo, hi: lo > 0, lambda lo, hi: hi < 1),
-    ("dmep", "lora", "DMEP: pruned LoRA-MoE keeps full LoRA's accuracy (within ±1 pp)", "reproduces: interval inside "
-     "±1 pp; contradicts: interval outside it", lambda lo, hi: -1 <= lo and hi <= 1, lambda lo, hi: hi < -1 or lo > 1),
-)
-
-
-def verdict(runs, a, b, rule):
-    """(text, verdict) of a - b paired over seeds: 'needs >= 3 seeds' below three seeds."""
-    n = min(len(runs[a]), len(runs[b]))
-    if n < 3:  # one or two seeds: no interval worth a verdict
-        return f"needs >= 3 seeds (have {n})", "no verdict"
-    da, ha = paired_interval([r["acc"] for r in runs[a]], [r["acc"] for r in runs[b]])
-    dn, hn = paired_interval([r["nll"] for r in runs[a]], [r["nll"] for r in runs[b]])
-    lo, hi = 100 * (da - ha), 100 * (da + ha)
-    v = "contradicts" if rule[1](lo, hi) else "reproduces" if rule[0](lo, hi) else "inconclusive"
-    return f"{100 * da:+.1f} pp{ci(100 * ha, 1)} (gold nll/char {dn:+.4f}{ci(hn, 4)})", v
-
-
-def claims(runs):
-    """The seed papers' claims next to what this run measured (where both sides were run); returns their rows."""
-    par = {m: rs[0]["params"] for m, rs in runs.items()}
-    t = {m: statistics.median(r["step_s"] for r in rs) if all("step_s" in r for r in rs) else None
-         for m, rs in runs.items()}
-    out = []
-    print("\nclaims (paper -> measured here, a - b paired over seeds, 95% t-interval -> verdict):")
-    for a, b, claim, rule, repro, contra in CLAIMS:
-        if a in runs and b in runs:
-            text, v = verdict(runs, a, b, (repro, contra))
-            print(f"  {claim} -> {a} - {b}: {text} with {par[a]:,} vs {par[b]:,} parameters -> {v}  ({rule})")
-            out.append(dict(claim=claim, a=a, b=b, measured=text, verdict=v, rule=rule))
-    if "sieve" in runs and "lora" in runs:
-        print(f"  MoE-Sieve: ~70-73% fewer trainable parameters -> {100 * (1 - par['sieve'] / par['lora']):.1f}% fewer")
-        if t["sieve"] and t["lora"]:  # median per-step time of one process, not wall time of runs sharing a machine
-            print(f"  MoE-Sieve: up to 50% less training time -> {100 * (1 - t['sieve'] / t['lora']):.1f}% less per step "
-                  f"(median step {t['sieve']:.3f}s vs {t['lora']:.3f}s on {runs['sieve'][0].get('device', '?')})")
-    if "dmep" in runs:
-        rs = runs["dmep"]
-        cut = statistics.mean(1 - r["params"] / r["trainable_before_prune"] for r in rs)
-        timed = [r for r in rs if r.get("tok_s_before_prune") and r.get("tok_s_after_prune")]  # None: too few steps
-        print(f"  DMEP: 35-43% fewer trainable parameters after pruning -> {100 * cut:.1f}% fewer")
-        if timed:
-            speed = statistics.mean(r["tok_s_after_prune"] / r["tok_s_before_prune"] - 1 for r in timed)
-            print(f"  DMEP: ~10% more throughput after pruning -> {100 * speed:+.1f}% (CPU timings of a tiny model are noisy)")
-    return out
-
-
-def plot(results, path):
-    """Accuracy against trainable parameters, one panel per task, mean over seeds with 95% t-interval bars."""
-    import plots
-    Figure = plots.figure_class(path)  # 11 methods: matplotlib's default cycle has only 10 colours
-    if Figure is None:
-        return False
-    fig = Figure(figsize=(4.2 * len(results), 3.8))
-    for i, res in enumerate(results):
-        ax = fig.add_subplot(1, len(results), i + 1)
-        for j, (m, rs) in enumerate(res["runs"].items()):  # a colour and a marker of its own for each method
-            accs = [100 * r["acc"] for r in rs]
-            hw = t975(len(accs) - 1) * statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else 0
-            ax.errorbar([rs[0]["params"]], [statistics.mean(accs)], yerr=[hw], fmt="osD^v<>ph*X"[j % 11], capsize=3,
-                        color=COLOURS[j % len(COLOURS)],
-                        label=m)
-        ax.axhline(100 * res["base"]["acc"], color="grey", linestyle="--", linewidth=1, label="base")
-        ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
-        ax.set_ylabel("validation accuracy %")
-        ax.set_title(f"{res['task']} ({res['seeds']} seeds, {res['steps']} steps)", fontsize=9)
-    ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    lora.atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    return True
-
-
 def routing(args):
-    """Each task's routing profile on its training records (as the sieve's calibration), its statistics, and the
-    Jaccard overlap of the tasks' top-25% expert sets per layer: does each task heat its own experts?"""
-    import plots
+    """--routing: each task's routing profile on its training records, and the overlap of the tasks' top-25%
+    expert sets (router_profile.compare_tasks); the printing also goes to OUT/routing.txt."""
     import router_profile
-    import sieve
     model = hub.load_model(args.model, dtype=torch.float32, device=args.device or "cpu")
-    tok = data.load_tokenizer(args.model)
-    profiles, top = {}, {}
-    print(f"{'task':<10}{'tokens':>8}{'CV':>7}{'cold %':>8}{'cov@25%':>9}   top-25% experts per layer")
-    for name, train_file, _ in task_files(args):
-        seqs = sorted(router_profile.calibration(tok, data.read_jsonl(train_file), 256), key=len)
-        batches = (data.pad_batch(seqs[i:i + 32], [[1] * len(s) for s in seqs[i:i + 32]], tok.pad_id)
-                   for i in range(0, len(seqs), 32))
-        p = profiles[name] = router_profile.profile(model, batches)
-        top[name] = sieve.topk_plan(p, 0.25)
-        m = p["stats"]["mean"]
-        print(f"{name:<10}{p['tokens']:>8,}{m['cv']:>7.3f}{100 * m['cold']:>8.1f}{100 * m['cov25']:>9.1f}   "
-              + " | ".join(",".join(map(str, e)) for e in top[name].values()))
-    names, layers = list(profiles), list(next(iter(top.values())))
-    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    jac = {f"{a}/{b}": [len(set(top[a][l]) & set(top[b][l])) / len(set(top[a][l]) | set(top[b][l])) for l in layers]
-           for a, b in pairs}
-    print("\nJaccard of the top-25% sets per layer (1 = the same experts; two random sets of 4 of 16: 0.16 expected)")
-    print(f"{'pair':<16}" + "".join(f"{'L' + str(l):>7}" for l in layers) + f"{'mean':>7}")
-    for pair, js in jac.items():
-        print(f"{pair:<16}" + "".join(f"{j:>7.2f}" for j in js) + f"{statistics.mean(js):>7.2f}")
-    os.makedirs(args.out, exist_ok=True)
-    checkpoint.write_json(os.path.join(args.out, "routing.json"), dict(
-        stats={n: p["stats"] for n, p in profiles.items()},
-        top25={n: {str(k): v for k, v in t.items()} for n, t in top.items()},
-        jaccard=jac, counts={n: p["counts"] for n, p in profiles.items()}))
-    png = os.path.join(args.out, "routing_overlap.png")
-    if jac and plots.heatmap(png, list(jac.values()), "Jaccard overlap of the tasks' top-25% experts", "MoE layer",
-                             "task pair", list(jac), "Jaccard"):
-        print(f"wrote {png}")
+    tasks = {name: data.read_jsonl(train_file) for name, train_file, _ in task_files(args)}
+    tee = Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        written = router_profile.compare_tasks(model, data.load_tokenizer(args.model), tasks, args.out)
+    text = "".join(tee.kept)
+    lora.atomic_write(path := os.path.join(args.out, "routing.txt"), lambda t: open(t, "w").write(text))
+    print("\nwrote:\n" + "".join(f"  {w}\n" for w in [*written, f"{path} (the tables above)"]), end="")
     return 0
 
 
