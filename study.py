@@ -19,6 +19,7 @@ numbers, the table, the claims, the timing), study.txt (what was printed), accur
 """
 import argparse
 import contextlib
+import io
 import json
 import multiprocessing
 import os
@@ -95,9 +96,12 @@ def parse_args(argv):
     if args.quick:
         args.steps, args.limit, args.batch_size, args.timing_steps = 3, 16, 4, min(args.timing_steps, 3)
     if args.jobs is None:
-        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        args.jobs = 1 if cuda else max(1, min(8, os.cpu_count() or 1))
+        args.jobs = 1 if device_of(args).startswith("cuda") else max(1, min(8, os.cpu_count() or 1))
     return args
+
+
+def device_of(args):
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def task_files(args):
@@ -130,7 +134,7 @@ def fine_tune(args, spec, seed, train_file, out, steps=None):
 
 
 def accuracy(args, tok, records, adapter=None):
-    model = hub.load_model(args.model, dtype=torch.float32, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = hub.load_model(args.model, dtype=torch.float32, device=device_of(args))
     if adapter:
         lora.load_adapter(model, adapter)
     model.set_reference(args.reference)
@@ -180,10 +184,10 @@ def one_run(job):
     with quietly(out), torch_threads(args.threads):
         s = fine_tune(args, method, seed, train_file, out)
         res = accuracy(args, data.load_tokenizer(args.model), data.read_jsonl(val_file)[: args.limit], out)
+    dmep_keys = ("trainable_before_prune", "tok_s_before_prune", "tok_s_after_prune")
     run = dict(seed=seed, acc=res["acc"], acc_norm=res["acc_norm"], nll=res["gold_nll"], params=s["trainable_params"],
                adapter_bytes=s["adapter_bytes"], train_s=s["wall_s"], total_s=round(time.time() - t0, 1),
-               step_s=s["step_s"], device=s["device"], **{k: s[k] for k in ("trainable_before_prune",
-                                                                            "tok_s_before_prune", "tok_s_after_prune") if k in s})
+               step_s=s["step_s"], device=s["device"], **{k: s[k] for k in dmep_keys if k in s})
     checkpoint.write_json(saved, dict(settings=key, run=run))
     return task, method, run
 
@@ -208,7 +212,7 @@ def run_all(args, jobs):
 
 def device_name(args):
     """The device of the timing, in words: the GPU's name, or the CPU's model and the threads used."""
-    if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+    if device_of(args).startswith("cuda"):
         return torch.cuda.get_device_name()
     name = "cpu"
     with contextlib.suppress(OSError):
@@ -286,24 +290,10 @@ def main(argv=None):
         return 130
 
 
-class Tee:
-    """A stdout that also keeps what it is given (study.txt is what the study printed)."""
-    def __init__(self, out):
-        self.out, self.kept = out, []
-
-    def write(self, s):
-        self.kept.append(s)
-        return self.out.write(s)
-
-    def flush(self):
-        self.out.flush()
-
-
 def summarize(args, results, write, plot_path=None):
     """Print each task's table and claims and, over several tasks, the claims pooled over every (task, seed);
     with write, OUT/<task>.json, OUT/study.txt (this printing) and the plot (OUT/accuracy_params.png)."""
-    tee = Tee(sys.stdout)
-    with contextlib.redirect_stdout(tee):
+    with contextlib.redirect_stdout(buf := io.StringIO()):  # printed once done, and kept for study.txt
         for res in results:
             res["table"], res["claims"] = claims.report(res)
         if len(results) > 1:  # the claims over every (task, seed) pair: one average over the tasks, a tighter interval
@@ -311,13 +301,13 @@ def summarize(args, results, write, plot_path=None):
             pooled = {m: [r for res in results for r in res["runs"][m]] for m in common}
             print(f"\nall {len(results)} tasks pooled ({', '.join(r['task'] for r in results)}): each (task, seed) is one pair")
             claims.claims(pooled, [r["timing"] for r in results if r.get("timing")])
+    print(text := buf.getvalue(), end="")
     written = []
     if write:
         os.makedirs(args.out, exist_ok=True)
         for res in results:
             checkpoint.write_json(path := os.path.join(args.out, f"{res['task']}.json"), res)
             written.append(f"{path} (the table, the claims, the timing and every run's numbers)")
-        text = "".join(tee.kept)
         lora.atomic_write(path := os.path.join(args.out, "study.txt"), lambda t: open(t, "w").write(text))
         written.append(f"{path} (the tables and claims above)")
         plot_path = plot_path or os.path.join(args.out, "accuracy_params.png")
@@ -389,10 +379,9 @@ def routing(args):
     import router_profile
     model = hub.load_model(args.model, dtype=torch.float32, device=args.device or "cpu")
     tasks = {name: data.read_jsonl(train_file) for name, train_file, _ in task_files(args)}
-    tee = Tee(sys.stdout)
-    with contextlib.redirect_stdout(tee):
+    with contextlib.redirect_stdout(buf := io.StringIO()):
         written = router_profile.compare_tasks(model, data.load_tokenizer(args.model), tasks, args.out)
-    text = "".join(tee.kept)
+    print(text := buf.getvalue(), end="")
     lora.atomic_write(path := os.path.join(args.out, "routing.txt"), lambda t: open(t, "w").write(text))
     print("\nwrote:\n" + "".join(f"  {w}\n" for w in [*written, f"{path} (the tables above)"]), end="")
     return 0

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import claims
+import router_profile
 import study
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +26,7 @@ def test_embedded_default_quick_prints_the_comparison_table(tmp_path, monkeypatc
         runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "needs >= 3 seeds" in out and "per step (median step" in out
+    assert "needs >= 3 seeds" in out and "less per step (controlled: median step of sieve vs lora" in out
     assert "trainable" in out and "adapter MB" in out and "acc - lora" in out
     for method in ("attn", "lora", "sieve", "random"):
         assert any(line.startswith(method) for line in out.splitlines()), method
@@ -37,7 +39,7 @@ def test_embedded_default_quick_prints_the_comparison_table(tmp_path, monkeypatc
 
 def test_paired_interval():
     """The paired 95% t-interval: mean difference and t(0.975, n-1) * sd / sqrt(n)."""
-    d, hw = study.paired_interval([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])
+    d, hw = claims.paired_interval([0.5, 0.6, 0.7], [0.4, 0.4, 0.4])
     assert d == pytest.approx(0.2) and hw == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
 
 
@@ -77,20 +79,80 @@ def test_bad_flags_and_report_files_are_refused(tmp_path, capsys):
         assert str(f) in capsys.readouterr().err
 
 
-def test_one_seed_gives_no_verdict_and_time_comes_from_step_times(tmp_path, capsys):
-    """With fewer than 3 seeds the accuracy claims say "needs >= 3 seeds" (no interval, no verdict); the training
-    time claim compares the median per-step times of single processes and names the device."""
+def test_one_seed_gives_no_verdict_and_time_comes_from_the_controlled_timing(tmp_path, capsys):
+    """With fewer than 3 seeds the accuracy claims say "needs >= 3 seeds" (no interval, no verdict); the time
+    claims come from the study's controlled timing (naming the device), never from the runs' own step times,
+    and say "not timed" without one."""
     def run(acc, params, step_s):
         return dict(seed=0, acc=acc, acc_norm=acc, nll=2.0, params=params, adapter_bytes=4 * params, train_s=99.0,
-                    step_s=step_s, device="cpu")
-    runs = dict(lora=[run(0.5, 1000, 0.2)], sieve=[run(0.49, 300, 0.15)], random=[run(0.47, 300, 0.15)])
-    f = tmp_path / "study.json"
-    f.write_text(json.dumps(dict(task="toy", steps=5, seeds=1, rank=4, base=dict(acc=0.4, acc_norm=0.4, gold_nll=2.5),
-                                 runs=runs)))
+                    step_s=step_s, device="cpu", trainable_before_prune=2 * params)
+    runs = dict(lora=[run(0.5, 1000, 0.9)], sieve=[run(0.49, 300, 0.1)], dmep=[run(0.47, 600, 0.5)])
+    timing = dict(device="some CPU, 1 thread", steps=60, step_s=dict(lora=0.2, sieve=0.15, dmep=0.3),
+                  dmep_tok_s=[1000.0, 1100.0])
+    res = dict(task="toy", steps=5, seeds=1, rank=4, base=dict(acc=0.4, acc_norm=0.4, gold_nll=2.5), runs=runs)
+    f, g = tmp_path / "timed.json", tmp_path / "untimed.json"
+    f.write_text(json.dumps(dict(res, timing=timing)))
+    g.write_text(json.dumps(res))
     assert study.main(["--report", str(f)]) == 0
     out = capsys.readouterr().out
     assert "within ±1 pp of full LoRA -> sieve - lora: needs >= 3 seeds (have 1)" in out and "[±" not in out
-    assert "up to 50% less training time -> 25.0% less per step (median step 0.150s vs 0.200s on cpu)" in out
+    assert ("up to 50% less training time -> 25.0% less per step (controlled: median step of sieve vs lora 0.150s vs "
+            "0.200s, one process alone on some CPU, 1 thread)") in out
+    assert "~10% more throughput after pruning -> +10.0% (controlled: tok/s before -> after pruning 1,000 -> 1,100" in out
+    assert "DMEP: 35-43% fewer trainable parameters after pruning -> 50.0% fewer" in out
+    assert study.main(["--report", str(g)]) == 0
+    out = capsys.readouterr().out
+    assert "up to 50% less training time -> not timed" in out and "after pruning -> not timed" in out
+
+
+def test_any_jobs_give_the_same_numbers_and_compare_checks_them(tmp_path, capsys):
+    """The runs' numbers do not depend on --jobs (each run has --threads threads, whatever process runs it):
+    --jobs 2 and --jobs 1 give exactly the same accuracies, so --compare passes; a study whose numbers differ
+    (one accuracy edited) fails --compare (exit 1) naming the run; the timing, study.txt and the plot are written."""
+    argv = ["--quick", "--tasks", "max", "--methods", "lora,sieve", "--seeds", "2"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert study.main([*argv, "--jobs", "2", "--out", str(a)]) == 0
+    res = json.loads((a / "max.json").read_text())
+    assert res["timing"]["step_s"].keys() == {"lora", "sieve"} and "thread" in res["timing"]["device"]
+    assert (a / "study.txt").read_text().count("claims (paper -> measured here") == 1
+    assert study.main([*argv, "--jobs", "1", "--out", str(b), "--compare", str(a)]) == 0
+    assert "compare: max: 4 of 4 runs give exactly the numbers of" in capsys.readouterr().out
+    res["runs"]["sieve"][1]["acc"] += 0.25
+    (a / "max.json").write_text(json.dumps(res))
+    assert study.main([*argv, "--jobs", "1", "--out", str(b), "--compare", str(a)]) == 1
+    out = capsys.readouterr().out
+    assert "3 of 4 runs" in out and "sieve seed 1: acc" in out
+
+
+def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path, capsys, monkeypatch):
+    """A second study into the same --out reuses the finished runs (result.json with the same settings: after
+    Ctrl-C the same command goes on); a changed setting (--lr) trains again. Ctrl-C ends with 130 and says so."""
+    argv = ["--quick", "--tasks", "max", "--methods", "attn", "--seeds", "1", "--jobs", "1", "--timing-steps", "0",
+            "--out", str(tmp_path)]
+    assert study.main(argv) == 0
+    capsys.readouterr()
+    assert study.main(argv) == 0
+    assert "max attn seed 0: acc" in (out := capsys.readouterr().out) and "(reused" in out
+    assert study.main([*argv, "--lr", "1e-3"]) == 0
+    assert "(reused" not in capsys.readouterr().out
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(study, "one_run", interrupted)
+    assert study.main(argv) == 130
+    assert "the same command goes on" in capsys.readouterr().err
+
+
+def test_random_jaccard_matches_enumeration():
+    """The expected overlap of two random top-k sets (the routing table's reference line), against every pair
+    of k-subsets of n experts enumerated."""
+    import itertools
+    for k, n in ((1, 4), (2, 5), (3, 8)):
+        sets = list(itertools.combinations(range(n), k))
+        want = statistics.mean(len(set(a) & set(b)) / len(set(a) | set(b)) for a in sets for b in sets)
+        assert router_profile.random_jaccard(k, n) == pytest.approx(want, rel=1e-12)
+    # 4 of 16 (the shipped model's top 25%): the same enumeration over 1820^2 pairs, run once, gave this
+    assert router_profile.random_jaccard(4, 16) == pytest.approx(0.1579748822559908, rel=1e-9)
 
 
 def _run(seed, acc, params=1000, nll=2.0):
@@ -195,7 +257,7 @@ def test_reference_quick_trains_as_the_fast_default(tmp_path, monkeypatch):
         with pytest.raises(SystemExit) as e:
             runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
         assert e.value.code == 0
-        runs = sorted((tmp_path / "runs" / "study").glob("*/*/seed0/log.jsonl"))
+        runs = sorted((tmp_path / "runs" / "study" / "runs").glob("max/*/seed0/log.jsonl"))
         logs[name] = {p.parent.parent.name: [json.loads(x)["loss"] for x in p.read_text().splitlines()] for p in runs}
         os.rename(tmp_path / "runs", tmp_path / f"runs-{name}")
     assert set(logs["fast"]) == set(logs["reference"]) == {"attn", "lora", "sieve", "random"}
