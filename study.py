@@ -264,6 +264,10 @@ def main(argv=None):
             vals[name] = data.read_jsonl(val_file)[: args.limit]
             evaluation.check_task(vals[name], "mc", val_file)
             data.check_records(data.read_jsonl(train_file), train_file)
+            if args.compare and not os.path.isfile(os.path.join(args.compare, f"{name}.json")):
+                raise OSError(f"--compare {args.compare}: it has no {name}.json to compare task {name} with")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise OSError(f"--out {args.out}: exists and is not a directory")
         base = {}
         for name, _, _ in files:
             with torch_threads(args.threads):

@@ -68,7 +68,7 @@ def test_report_reprints_a_saved_study_with_paired_intervals(tmp_path, capsys):
 
 def test_bad_flags_and_report_files_are_refused(tmp_path, capsys):
     """--seeds 0 or --limit 0: an argparse error (exit 2); --report on a missing file or a JSON that is not a
-    study's result: an error naming the file, exit 1, no traceback."""
+    study's result, or --out an existing file: an error naming the file, exit 1, no traceback, before any run."""
     for flag in (["--seeds", "0"], ["--limit", "0"]):
         with pytest.raises(SystemExit) as e:
             study.main(["--quick", "--out", str(tmp_path), *flag])
@@ -77,6 +77,8 @@ def test_bad_flags_and_report_files_are_refused(tmp_path, capsys):
     for f in (tmp_path / "missing.json", tmp_path / "other.json"):
         assert study.main(["--report", str(f)]) == 1
         assert str(f) in capsys.readouterr().err
+    assert study.main(["--quick", "--methods", "attn", "--out", str(tmp_path / "other.json")]) == 1  # a file
+    assert "other.json: exists and is not a directory" in capsys.readouterr().err
 
 
 def test_one_seed_gives_no_verdict_and_time_comes_from_the_controlled_timing(tmp_path, capsys):
@@ -117,6 +119,8 @@ def test_any_jobs_give_the_same_numbers_and_compare_checks_them(tmp_path, capsys
     assert (a / "study.txt").read_text().count("claims (paper -> measured here") == 1
     assert study.main([*argv, "--jobs", "1", "--out", str(b), "--compare", str(a)]) == 0
     assert "compare: max: 4 of 4 runs give exactly the numbers of" in capsys.readouterr().out
+    assert study.main([*argv, "--out", str(b), "--compare", str(tmp_path / "nowhere")]) == 1  # before any run
+    assert "nowhere: it has no max.json" in capsys.readouterr().err
     res["runs"]["sieve"][1]["acc"] += 0.25
     (a / "max.json").write_text(json.dumps(res))
     assert study.main([*argv, "--jobs", "1", "--out", str(b), "--compare", str(a)]) == 1
