@@ -35,7 +35,12 @@ class NonFiniteError(RuntimeError):
 
 
 def write_json(path, obj):
-    lora.atomic_write(path, lambda t: _write_text(t, json.dumps(obj, indent=1)))
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def write_text(path, text):
+    """The whole text, or the old file: written to a temporary file, closed, then renamed (lora.atomic_write)."""
+    lora.atomic_write(path, lambda t: _write_text(t, text))
 
 
 def write_log(path, log):

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+import checkpoint
 import data
 import hub
 import lora
@@ -237,7 +238,7 @@ def compare_tasks(model, tok, tasks, out):
     text = json.dumps(dict(stats={n: p["stats"] for n, p in profiles.items()},
                            top25={n: {str(k): v for k, v in t.items()} for n, t in top.items()},
                            jaccard=jac, counts={n: p["counts"] for n, p in profiles.items()}), indent=1)
-    lora.atomic_write(path, lambda t: open(t, "w").write(text))
+    checkpoint.write_text(path, text)
     written = [f"{path} (each task's statistics, top-25% sets, counts; the Jaccard overlaps)"]
     png = os.path.join(out, "routing_overlap.png")
     if jac and plots.heatmap(png, list(jac.values()), "Jaccard overlap of the tasks' top-25% experts", "MoE layer",

@@ -19,6 +19,7 @@ numbers, the table, the claims, the timing), study.txt (what was printed), accur
 """
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import multiprocessing
@@ -66,7 +67,8 @@ def parse_args(argv):
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 * rank)")
     ap.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation records")
-    ap.add_argument("--out", default=DEFAULT_OUT, help="output directory (with --report: write the merged JSONs there)")
+    ap.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}; with --report: write the "
+                    "merged JSONs and study.txt there, nothing without it)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--jobs", type=int, default=None, help="runs in parallel, one process each (default: the CPU "
                     "cores, at most 8; 1 on CUDA); 1 = in this process")
@@ -97,6 +99,8 @@ def parse_args(argv):
         args.steps, args.limit, args.batch_size, args.timing_steps = 3, 16, 4, min(args.timing_steps, 3)
     if args.jobs is None:
         args.jobs = 1 if device_of(args).startswith("cuda") else max(1, min(8, os.cpu_count() or 1))
+    args.write = args.out is not None or not args.report  # --report writes only where told to
+    args.out = args.out or DEFAULT_OUT
     return args
 
 
@@ -124,7 +128,10 @@ def fine_tune(args, spec, seed, train_file, out, steps=None):
         flags += ["--device", args.device]
     if args.reference:
         flags.append("--reference")
-    if train.main([str(f) for f in flags]) != 0:
+    code = train.main([str(f) for f in flags])
+    if code in (130, 143):  # train.py caught Ctrl-C / SIGTERM, checkpointed and stopped: the study stops too
+        raise KeyboardInterrupt
+    if code != 0:
         raise RuntimeError(f"train.py --method {spec} --seed {seed} failed (its output: {out}/output.txt)")
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
@@ -161,19 +168,34 @@ def quietly(out):
         yield
 
 
+def digest(paths):
+    """sha256 of the files' contents, in the order given (the model, the task files, the code)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
 def settings(args, task, train_file, val_file):
-    """What a run's numbers depend on: a saved run is reused only if all of it is the same."""
-    keys = ("steps", "batch_size", "seq_len", "rank", "lr", "limit", "dropout", "reference", "threads", "device")
+    """What a run's numbers depend on: the flags, the thread count and device, the contents of the model and
+    task files, this repository's code and torch's version. A saved run is reused only if all are the same."""
+    keys = ("steps", "batch_size", "seq_len", "rank", "lr", "limit", "dropout", "reference", "threads")
+    model_files = sorted(os.path.join(args.model, f) for f in os.listdir(args.model)
+                         if os.path.isfile(os.path.join(args.model, f)) and not f.endswith(".md"))
+    code = sorted(os.path.join(HERE, f) for f in os.listdir(HERE) if f.endswith(".py"))
     return dict(task=task, model=os.path.abspath(args.model), train=os.path.abspath(train_file),
-                val=os.path.abspath(val_file), **{k: getattr(args, k) for k in keys})
+                val=os.path.abspath(val_file), **{k: getattr(args, k) for k in keys}, device=device_of(args),
+                model_sha=digest(model_files), task_sha=digest([train_file, val_file]), code_sha=digest(code),
+                torch=torch.__version__)
 
 
 def one_run(job):
     """One (task, method, seed): fine-tune, evaluate, save OUT/runs/<task>/<method>/seedN/result.json. Its
     printing goes to output.txt beside it. Reused if result.json has the same settings. In a worker or not."""
-    args, task, train_file, val_file, method, seed = job
+    args, task, train_file, val_file, method, seed, key = job
     out = os.path.join(args.out, "runs", task, method, f"seed{seed}")
-    key = settings(args, task, train_file, val_file)
     saved = os.path.join(out, "result.json")
     if os.path.isfile(saved):
         with open(saved) as f:
@@ -194,8 +216,9 @@ def one_run(job):
 
 def run_all(args, jobs):
     """Every job, in --jobs spawned workers (or here with --jobs 1); {task: {method: [run per seed]}}."""
-    done, t0 = {}, time.time()
-    pool = multiprocessing.get_context("spawn").Pool(args.jobs) if args.jobs > 1 and len(jobs) > 1 else None
+    done, t0, ok = {}, time.time(), False
+    n = min(args.jobs, len(jobs))
+    pool = multiprocessing.get_context("spawn").Pool(n) if n > 1 else None
     results = pool.imap_unordered(one_run, jobs) if pool else map(one_run, jobs)
     try:
         for i, (task, method, run) in enumerate(results, 1):
@@ -203,9 +226,15 @@ def run_all(args, jobs):
             how = "reused" if run.pop("reused", False) else f"{run['total_s']:.0f} s"
             print(f"[{i}/{len(jobs)}] {task} {method} seed {run['seed']}: acc {run['acc']:.3f} ({how}, "
                   f"{time.time() - t0:.0f} s so far)", flush=True)
+        ok = True
     finally:
-        if pool:
+        if pool and ok:
+            pool.close()
+        elif pool:  # an error or Ctrl-C: the runs in flight are abandoned (their finished runs are kept); kill,
+            for p in multiprocessing.active_children():  # since a worker that caught a signal would wait
+                p.kill()                                  # for its next job forever
             pool.terminate()
+        if pool:
             pool.join()
     return {t: {m: sorted(rs, key=lambda r: r["seed"]) for m, rs in ms.items()} for t, ms in done.items()}
 
@@ -264,27 +293,32 @@ def main(argv=None):
             vals[name] = data.read_jsonl(val_file)[: args.limit]
             evaluation.check_task(vals[name], "mc", val_file)
             data.check_records(data.read_jsonl(train_file), train_file)
-            if args.compare and not os.path.isfile(os.path.join(args.compare, f"{name}.json")):
-                raise OSError(f"--compare {args.compare}: it has no {name}.json to compare task {name} with")
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise OSError(f"--out {args.out}: exists and is not a directory")
+        saved = load_compare(args, [name for name, _, _ in files]) if args.compare else None
         base = {}
         for name, _, _ in files:
             with torch_threads(args.threads):
                 b = base[name] = accuracy(args, tok, vals[name])
             print(f"study: base model {args.model}: acc {b['acc']:.3f} acc_norm {b['acc_norm']:.3f} gold nll/char "
                   f"{b['gold_nll']:.3f} on {len(vals[name])} records of {name}")
-        jobs = [(args, name, tr, va, m, s) for name, tr, va in files for m in methods for s in range(args.seeds)]
+        keys = {name: settings(args, name, tr, va) for name, tr, va in files}
+        jobs = [(args, name, tr, va, m, s, keys[name]) for name, tr, va in files for m in methods
+                for s in range(args.seeds)]
         print(f"study: {len(jobs)} runs ({len(files)} task(s) x {len(methods)} methods x {args.seeds} seeds, "
               f"{args.steps} steps each) in {min(args.jobs, len(jobs))} process(es) of {args.threads} thread(s); "
               f"each run's output in {os.path.join(args.out, 'runs', 'TASK', 'METHOD', 'seedN')}", flush=True)
+        t0 = time.time()
         done = run_all(args, jobs)
+        wall = round(time.time() - t0)  # of all the runs, every task
         results = [dict(task=name, model=args.model, steps=args.steps, seeds=args.seeds, rank=args.rank,
                         n_val=len(vals[name]), lr=args.lr, batch_size=args.batch_size, base=base[name],
-                        settings=settings(args, name, tr, va), runs={m: done[name][m] for m in methods},
-                        timing=timing(args, name, tr, methods), table=None, claims=None) for name, tr, va in files]
-        summarize(args, results, write=True)
-        return compare(args, results) if args.compare else 0
+                        settings=keys[name], runs={m: done[name][m] for m in methods}, wall_s_all_runs=wall,
+                        jobs=args.jobs, timing=timing(args, name, tr, methods), table=None, claims=None)
+                   for name, tr, va in files]
+        print(f"\nstudy: {len(jobs)} runs in {wall / 60:.1f} minutes of wall time ({args.jobs} process(es))")
+        claims.summarize(results, args.out)
+        return claims.compare(results, saved) if saved else 0
     except (ValueError, OSError, RuntimeError) as e:
         print(f"study: error: {e}", file=sys.stderr)
         return 1
@@ -294,86 +328,44 @@ def main(argv=None):
         return 130
 
 
-def summarize(args, results, write, plot_path=None):
-    """Print each task's table and claims and, over several tasks, the claims pooled over every (task, seed);
-    with write, OUT/<task>.json, OUT/study.txt (this printing) and the plot (OUT/accuracy_params.png)."""
-    with contextlib.redirect_stdout(buf := io.StringIO()):  # printed once done, and kept for study.txt
-        for res in results:
-            res["table"], res["claims"] = claims.report(res)
-        if len(results) > 1:  # the claims over every (task, seed) pair: one average over the tasks, a tighter interval
-            common = [m for m in results[0]["runs"] if all(m in r["runs"] for r in results)]
-            pooled = {m: [r for res in results for r in res["runs"][m]] for m in common}
-            print(f"\nall {len(results)} tasks pooled ({', '.join(r['task'] for r in results)}): each (task, seed) is one pair")
-            claims.claims(pooled, [r["timing"] for r in results if r.get("timing")])
-    print(text := buf.getvalue(), end="")
-    written = []
-    if write:
-        os.makedirs(args.out, exist_ok=True)
-        for res in results:
-            checkpoint.write_json(path := os.path.join(args.out, f"{res['task']}.json"), res)
-            written.append(f"{path} (the table, the claims, the timing and every run's numbers)")
-        lora.atomic_write(path := os.path.join(args.out, "study.txt"), lambda t: open(t, "w").write(text))
-        written.append(f"{path} (the tables and claims above)")
-        plot_path = plot_path or os.path.join(args.out, "accuracy_params.png")
-    if plot_path and claims.plot(results, plot_path):
-        written.append(f"{plot_path} (accuracy against trainable parameters, 95% interval bars)")
-    print("\nwrote:\n" + "".join(f"  {w}\n" for w in written) if written else "", end="")
-    if write:
-        print(f"print them again: python study.py --report {os.path.join(args.out, '*.json')}")
-
-
-def compare(args, results):
-    """--compare DIR: every run's accuracy, gold nll/char and parameter count against DIR/<task>.json's (exit 1
-    if any differs or is missing; the settings that differ are named, since they explain it)."""
-    bad = 0
-    for res in results:
-        path = os.path.join(args.compare, f"{res['task']}.json")
-        try:
-            with open(path) as f:
-                old = json.load(f)
-            old_runs = old["runs"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"compare: {path}: not a study result ({type(e).__name__}: {e})")
-            bad += 1
-            continue
-        changed = [k for k, v in old.get("settings", {}).items() if res["settings"].get(k) != v and k not in
-                   ("model", "train", "val")]
-        diffs, n = [], 0
-        for m, rs in res["runs"].items():
-            for r in rs:
-                n += 1
-                o = next((x for x in old_runs.get(m, []) if x["seed"] == r["seed"]), None)
-                if o is None:
-                    diffs.append(f"{m} seed {r['seed']}: not in {path}")
-                elif any(o[k] != r[k] for k in ("acc", "nll", "params")):
-                    diffs.append(f"{m} seed {r['seed']}: acc {r['acc']:.4f} (was {o['acc']:.4f}), nll/char "
-                                 f"{r['nll']:.5f} (was {o['nll']:.5f}), params {r['params']:,} (was {o['params']:,})")
-        print(f"compare: {res['task']}: {n - len(diffs)} of {n} runs give exactly the numbers of {path}"
-              + (f"; settings that differ: {', '.join(changed)}" if changed else ""))
-        for d in diffs:
-            print(f"  {d}")
-        bad += len(diffs)
-    return 1 if bad else 0
+def load_compare(args, names):
+    """--compare DIR, read before the first run: DIR/<task>.json of every task. DIR must not be --out (the
+    study would write its own results there first, and then compare them with themselves)."""
+    if os.path.realpath(args.compare) == os.path.realpath(args.out):
+        raise ValueError(f"--compare {args.compare} is --out: write the new study elsewhere (the default --out, "
+                         f"{DEFAULT_OUT}, or another)")
+    saved = {}
+    for name in names:
+        path = os.path.join(args.compare, f"{name}.json")
+        if not os.path.isfile(path):
+            raise OSError(f"--compare {args.compare}: it has no {name}.json to compare task {name} with")
+        saved[name] = (path, claims.read_study(path))
+    return saved
 
 
 def reprint(args):
     """--report: the tables and claims of saved studies; files of the same task (say, one per group of methods,
-    run apart) are merged, their runs joined. With --plot, the picture; with --out, the merged JSONs and study.txt."""
+    run apart) are merged, their runs joined (a method in two files of one task is refused). With --plot, the
+    picture; with --out, the merged JSONs, study.txt and the picture there."""
     merged = {}
-    for path in args.report:
-        try:
-            with open(path) as f:
-                res = json.load(f)
-            task, runs = res["task"], res["runs"]
-            res["seeds"], res["steps"], res["base"]["acc"]  # noqa: B018 (a study's result has them)
-        except (OSError, ValueError, KeyError, TypeError) as e:  # missing, not JSON, not a study's result
-            print(f"study: error: --report {path}: not a study result ({type(e).__name__}: {e})", file=sys.stderr)
-            return 1
-        if task in merged:
-            merged[task]["runs"].update(runs)
-        else:
-            merged[task] = res
-    summarize(args, list(merged.values()), write=args.out != DEFAULT_OUT, plot_path=args.plot)
+    try:
+        for path in args.report:
+            res = claims.read_study(path)
+            if res["task"] not in merged:
+                merged[res["task"]] = dict(res, sources=[path])
+                continue
+            have = merged[res["task"]]
+            twice = set(have["runs"]) & set(res["runs"])
+            if twice:
+                raise ValueError(f"{path}: method(s) {', '.join(sorted(twice))} of task {res['task']} also in "
+                                 f"{', '.join(have['sources'])}: which to keep?")
+            have["runs"].update(res["runs"])
+            have["sources"].append(path)
+    except ValueError as e:
+        print(f"study: error: --report {e}", file=sys.stderr)
+        return 1
+    claims.summarize([{k: v for k, v in r.items() if k != "sources"} for r in merged.values()],
+                     args.out if args.write else None, args.plot)
     return 0
 
 
@@ -386,7 +378,7 @@ def routing(args):
     with contextlib.redirect_stdout(buf := io.StringIO()):
         written = router_profile.compare_tasks(model, data.load_tokenizer(args.model), tasks, args.out)
     print(text := buf.getvalue(), end="")
-    lora.atomic_write(path := os.path.join(args.out, "routing.txt"), lambda t: open(t, "w").write(text))
+    checkpoint.write_text(path := os.path.join(args.out, "routing.txt"), text)
     print("\nwrote:\n" + "".join(f"  {w}\n" for w in [*written, f"{path} (the tables above)"]), end="")
     return 0
 

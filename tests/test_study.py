@@ -1,4 +1,5 @@
 """The embedded default job and the study driver."""
+import importlib.util
 import json
 import math
 import os
@@ -117,10 +118,14 @@ def test_any_jobs_give_the_same_numbers_and_compare_checks_them(tmp_path, capsys
     res = json.loads((a / "max.json").read_text())
     assert res["timing"]["step_s"].keys() == {"lora", "sieve"} and "thread" in res["timing"]["device"]
     assert (a / "study.txt").read_text().count("claims (paper -> measured here") == 1
+    if importlib.util.find_spec("matplotlib"):
+        assert (a / "accuracy_params.png").read_bytes()[:4] == b"\x89PNG"
     assert study.main([*argv, "--jobs", "1", "--out", str(b), "--compare", str(a)]) == 0
     assert "compare: max: 4 of 4 runs give exactly the numbers of" in capsys.readouterr().out
     assert study.main([*argv, "--out", str(b), "--compare", str(tmp_path / "nowhere")]) == 1  # before any run
     assert "nowhere: it has no max.json" in capsys.readouterr().err
+    assert study.main([*argv, "--out", str(a), "--compare", str(a)]) == 1  # it would compare a study with itself
+    assert "is --out" in capsys.readouterr().err
     res["runs"]["sieve"][1]["acc"] += 0.25
     (a / "max.json").write_text(json.dumps(res))
     assert study.main([*argv, "--jobs", "1", "--out", str(b), "--compare", str(a)]) == 1
@@ -130,20 +135,28 @@ def test_any_jobs_give_the_same_numbers_and_compare_checks_them(tmp_path, capsys
 
 def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path, capsys, monkeypatch):
     """A second study into the same --out reuses the finished runs (result.json with the same settings: after
-    Ctrl-C the same command goes on); a changed setting (--lr) trains again. Ctrl-C ends with 130 and says so."""
-    argv = ["--quick", "--tasks", "max", "--methods", "attn", "--seeds", "1", "--jobs", "1", "--timing-steps", "0",
-            "--out", str(tmp_path)]
+    Ctrl-C the same command goes on); a changed flag (--lr) or a changed task file's contents trains again.
+    Ctrl-C inside a run (train.py catches it, checkpoints and returns 130) ends the study with 130, saying so."""
+    recs = [json.loads(line) for line in open(os.path.join(HERE, "tasks", "max.val.jsonl"))][:8]
+    task = tmp_path / "tasks"
+    task.mkdir()
+    for split in ("train", "val"):
+        (task / f"t.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    argv = ["--quick", "--tasks", "t", "--tasks-dir", str(task), "--methods", "attn", "--seeds", "1", "--jobs", "1",
+            "--timing-steps", "0", "--out", str(tmp_path / "out")]
     assert study.main(argv) == 0
     capsys.readouterr()
     assert study.main(argv) == 0
-    assert "max attn seed 0: acc" in (out := capsys.readouterr().out) and "(reused" in out
+    assert "t attn seed 0: acc" in (out := capsys.readouterr().out) and "(reused" in out
+    assert study.main([*argv, "--lr", "1e-3"]) == 0
+    assert "(reused" not in capsys.readouterr().out
+    (task / "t.train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[::-1]))  # same names
     assert study.main([*argv, "--lr", "1e-3"]) == 0
     assert "(reused" not in capsys.readouterr().out
 
-    def interrupted(job):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(study, "one_run", interrupted)
-    assert study.main(argv) == 130
+    import train
+    monkeypatch.setattr(train, "main", lambda argv: 130)  # what train.py returns after a caught Ctrl-C
+    assert study.main([*argv, "--lr", "2e-3"]) == 130
     assert "the same command goes on" in capsys.readouterr().err
 
 
@@ -239,15 +252,40 @@ def test_routing_compares_the_tasks_top_experts(tmp_path, capsys):
 
 def test_report_pools_the_tasks_pairing_task_and_seed(tmp_path, capsys):
     """With several tasks, the claims are also printed over every (task, seed) pair: 2 tasks x 3 seeds = 6 pairs,
-    t(0.975, 5) = 2.571."""
-    files = [_study(tmp_path, f"{t}.json", dict(lora=[_run(s, 0.6) for s in range(3)],
-                                                sieve=[_run(s, 0.6 + d[s], 300) for s in range(3)]), task=t, seeds=3)
-             for t, d in (("t1", [0.01, 0.02, 0.03]), ("t2", [0.0, -0.01, 0.01]))]
+    t(0.975, 5) = 2.571. Runs are matched on (task, seed), not on their place in the list: lora varies by seed
+    and one file lists its sieve seeds in reverse, so pairing by position would give other differences."""
+    lora_acc = [0.60, 0.70, 0.50]
+    files = []
+    for t, d, order in (("t1", [0.01, 0.02, 0.03], [0, 1, 2]), ("t2", [0.0, -0.01, 0.01], [2, 1, 0])):
+        runs = dict(lora=[_run(s, lora_acc[s]) for s in range(3)],
+                    sieve=[_run(s, lora_acc[s] + d[s], 300) for s in order])
+        files.append(_study(tmp_path, f"{t}.json", runs, task=t, seeds=3))
     assert study.main(["--report", *files]) == 0
-    out = capsys.readouterr().out.split("all 2 tasks pooled (t1, t2)")[1]
+    out = capsys.readouterr().out
+    assert "t2: 3 seed(s)" in out and "sieve - lora: +0.0 pp [±2.5]" in out  # t2 alone: mean 0, 4.303 * 0.01 / sqrt 3
+    pooled = out.split("all 2 tasks pooled (t1, t2)")[1]
     d = [1, 2, 3, 0, -1, 1]
     hw = 2.571 * statistics.stdev(d) / math.sqrt(6)
-    assert f"sieve - lora: +1.0 pp [±{hw:.1f}]" in out
+    assert f"sieve - lora: +1.0 pp [±{hw:.1f}]" in pooled
+
+
+def test_report_refuses_a_method_in_two_files_of_one_task(tmp_path, capsys):
+    """Merging files of one task joins their methods; the same method in both (two results of one run) is an
+    error naming both files, not a silent choice."""
+    a = _study(tmp_path, "a.json", dict(lora=[_run(s, 0.6) for s in range(3)]), seeds=3)
+    b = _study(tmp_path, "b.json", dict(lora=[_run(s, 0.5) for s in range(3)]), seeds=3)
+    assert study.main(["--report", a, b]) == 1
+    err = capsys.readouterr().err
+    assert "lora" in err and "a.json" in err and "b.json" in err
+
+
+def test_methods_whose_size_varies_by_seed_are_shown_by_their_mean(tmp_path, capsys):
+    """DMEP prunes by use, so its trainable count differs by seed: the table and the claims use the mean."""
+    runs = dict(lora=[_run(s, 0.6, 1000) for s in range(3)],
+                dmep=[dict(_run(s, 0.6, p), trainable_before_prune=800) for s, p in enumerate((500, 600, 700))])
+    assert study.main(["--report", _study(tmp_path, "d.json", runs, seeds=3)]) == 0
+    out = capsys.readouterr().out
+    assert "with 600 vs 1,000 parameters" in out and "60.0%" in out and "25.0% fewer" in out
 
 
 def test_reference_quick_trains_as_the_fast_default(tmp_path, monkeypatch):
