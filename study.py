@@ -27,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent import futures
 
 import torch
 
@@ -86,6 +87,7 @@ def parse_args(argv):
                      ("rank", args.rank >= 1), ("lr", args.lr > 0), ("limit", args.limit is None or args.limit >= 1),
                      ("seq-len", args.seq_len >= 2), ("jobs", args.jobs is None or args.jobs >= 1),
                      ("threads", args.threads >= 1), ("timing-steps", args.timing_steps >= 0),
+                     ("dropout", 0 <= args.dropout < 1),
                      ("train", (args.train is None) == (args.val is None))):
         if not ok:
             ap.error(f"--{flag} has an invalid value: {getattr(args, flag.replace('-', '_'))}"
@@ -128,7 +130,10 @@ def fine_tune(args, spec, seed, train_file, out, steps=None):
         flags += ["--device", args.device]
     if args.reference:
         flags.append("--reference")
-    code = train.main([str(f) for f in flags])
+    try:
+        code = train.main([str(f) for f in flags])
+    except SystemExit as e:  # train.py's flag errors exit through argparse: in a worker, that would end the
+        code = e.code if isinstance(e.code, int) else 1  # process and leave its job unanswered (a hang)
     if code in (130, 143):  # train.py caught Ctrl-C / SIGTERM, checkpointed and stopped: the study stops too
         raise KeyboardInterrupt
     if code != 0:
@@ -217,9 +222,10 @@ def one_run(job):
 def run_all(args, jobs):
     """Every job, in --jobs spawned workers (or here with --jobs 1); {task: {method: [run per seed]}}."""
     done, t0, ok = {}, time.time(), False
-    n = min(args.jobs, len(jobs))
-    pool = multiprocessing.get_context("spawn").Pool(n) if n > 1 else None
-    results = pool.imap_unordered(one_run, jobs) if pool else map(one_run, jobs)
+    n = min(args.jobs, len(jobs))  # a worker that dies (say, killed for memory) ends the study: BrokenProcessPool
+    pool = futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) if n > 1 else None
+    results = (f.result() for f in futures.as_completed([pool.submit(one_run, j) for j in jobs])) if pool else \
+        map(one_run, jobs)
     try:
         for i, (task, method, run) in enumerate(results, 1):
             done.setdefault(task, {}).setdefault(method, []).append(run)
@@ -228,14 +234,11 @@ def run_all(args, jobs):
                   f"{time.time() - t0:.0f} s so far)", flush=True)
         ok = True
     finally:
-        if pool and ok:
-            pool.close()
-        elif pool:  # an error or Ctrl-C: the runs in flight are abandoned (their finished runs are kept); kill,
-            for p in multiprocessing.active_children():  # since a worker that caught a signal would wait
-                p.kill()                                  # for its next job forever
-            pool.terminate()
+        if pool and not ok:  # an error or Ctrl-C: the runs in flight are abandoned (the finished ones are kept)
+            for p in multiprocessing.active_children():  # and their workers killed, not waited for
+                p.kill()
         if pool:
-            pool.join()
+            pool.shutdown(wait=ok, cancel_futures=True)
     return {t: {m: sorted(rs, key=lambda r: r["seed"]) for m, rs in ms.items()} for t, ms in done.items()}
 
 

@@ -160,6 +160,20 @@ def test_finished_runs_are_reused_only_with_the_same_settings(tmp_path, capsys, 
     assert "the same command goes on" in capsys.readouterr().err
 
 
+def test_a_failing_run_stops_the_study_without_hanging(tmp_path, capsys):
+    """A run that train.py refuses (here --seq-len beyond the model's positions) in one of two workers: the study
+    stops with exit 1 naming the run and its output file (which has train.py's reason), the other worker is
+    killed rather than waited for, and no table is written."""
+    argv = ["--quick", "--tasks", "max", "--methods", "attn", "--seeds", "4", "--jobs", "2", "--seq-len", "100000",
+            "--timing-steps", "0", "--out", str(tmp_path)]
+    assert study.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "train.py --method attn --seed" in err and "failed" in err and "output.txt" in err
+    outputs = list(tmp_path.glob("runs/max/attn/seed*/output.txt"))
+    assert outputs and any("--seq-len" in p.read_text() for p in outputs)
+    assert not (tmp_path / "max.json").exists()
+
+
 def test_random_jaccard_matches_enumeration():
     """The expected overlap of two random top-k sets (the routing table's reference line), against every pair
     of k-subsets of n experts enumerated."""
