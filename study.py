@@ -202,11 +202,13 @@ def one_run(job):
     args, task, train_file, val_file, method, seed, key = job
     out = os.path.join(args.out, "runs", task, method, f"seed{seed}")
     saved = os.path.join(out, "result.json")
-    if os.path.isfile(saved):
+    try:
         with open(saved) as f:
             old = json.load(f)
-        if old.get("settings") == key:
+        if old["settings"] == key:
             return task, method, dict(old["run"], reused=True)
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or not a result of ours: train it (again)
+        pass
     t0 = time.time()
     with quietly(out), torch_threads(args.threads):
         s = fine_tune(args, method, seed, train_file, out)
