@@ -73,6 +73,12 @@ def calibration(tok, records, samples=None, seq_len=CALIB_TOKENS, seed=CALIB_SEE
 
 
 @torch.no_grad()
+def padded_batches(seqs, pad_id, size):
+    """The calibration sequences in padded batches of `size` (every token counted: mask 1), as profile takes them."""
+    return (data.pad_batch(seqs[i:i + size], [[1] * len(s) for s in seqs[i:i + size]], pad_id)
+            for i in range(0, len(seqs), size))
+
+
 def profile(model, batches, device=None, on_batch=None):
     """Counts and mass per (MoE layer, expert) over `batches` of (input_ids, attention_mask[, ...]) (mask may
     be None). Positions follow the mask (as in HF generation), so left and right padding route alike.
@@ -216,9 +222,7 @@ def compare_tasks(model, tok, tasks, out):
     print(f"{'task':<10}{'tokens':>8}{'CV':>7}{'cold %':>8}{'cov@25%':>9}   top-25% experts per layer")
     for name, records in tasks.items():
         seqs = sorted(calibration(tok, records, 256), key=len)
-        batches = (data.pad_batch(seqs[i:i + 32], [[1] * len(s) for s in seqs[i:i + 32]], tok.pad_id)
-                   for i in range(0, len(seqs), 32))
-        p = profiles[name] = profile(model, batches)
+        p = profiles[name] = profile(model, padded_batches(seqs, tok.pad_id, 32))
         top[name] = sieve.topk_plan(p, 0.25)
         m = p["stats"]["mean"]
         print(f"{name:<10}{p['tokens']:>8,}{m['cv']:>7.3f}{100 * m['cold']:>8.1f}{100 * m['cov25']:>9.1f}   "
@@ -320,9 +324,7 @@ def run(args):
           f"x {cfg.num_experts} experts, top-{cfg.num_experts_per_tok}; dtype {next(model.parameters()).dtype}, "
           f"device {device}; {len(seqs)} samples, {sum(map(len, seqs)):,} tokens")
     # ---- profile
-    B = args.batch_size
-    batches = (data.pad_batch(seqs[i:i + B], [[1] * len(s) for s in seqs[i:i + B]], tok.pad_id)
-               for i in range(0, len(seqs), B))
+    batches = padded_batches(seqs, tok.pad_id, args.batch_size)
     t0, done, toks, next_report = time.time(), 0, 0, 0.1
 
     def progress(rows, n):

@@ -99,15 +99,20 @@ def parse_args(argv):
         args.dropout = 0.0
     if args.quick:
         args.steps, args.limit, args.batch_size, args.timing_steps = 3, 16, 4, min(args.timing_steps, 3)
+    try:
+        device_of(args)
+    except ValueError as e:
+        ap.error(str(e))
     if args.jobs is None:
-        args.jobs = 1 if device_of(args).startswith("cuda") else max(1, min(8, os.cpu_count() or 1))
+        args.jobs = 1 if device_of(args).type == "cuda" else max(1, min(8, os.cpu_count() or 1))
     args.write = args.out is not None or not args.report  # --report writes only where told to
     args.out = args.out or DEFAULT_OUT
     return args
 
 
 def device_of(args):
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The torch.device of --device, or the default of every script: cuda if available (hub.pick_device)."""
+    return hub.pick_device(args.device)
 
 
 def task_files(args):
@@ -191,7 +196,7 @@ def settings(args, task, train_file, val_file):
                          if os.path.isfile(os.path.join(args.model, f)) and not f.endswith(".md"))
     code = sorted(os.path.join(HERE, f) for f in os.listdir(HERE) if f.endswith(".py"))
     return dict(task=task, model=os.path.abspath(args.model), train=os.path.abspath(train_file),
-                val=os.path.abspath(val_file), **{k: getattr(args, k) for k in keys}, device=device_of(args),
+                val=os.path.abspath(val_file), **{k: getattr(args, k) for k in keys}, device=str(device_of(args)),
                 model_sha=digest(model_files), task_sha=digest([train_file, val_file]), code_sha=digest(code),
                 torch=torch.__version__)
 
@@ -246,7 +251,7 @@ def run_all(args, jobs):
 
 def device_name(args):
     """The device of the timing, in words: the GPU's name, or the CPU's model and the threads used."""
-    if device_of(args).startswith("cuda"):
+    if device_of(args).type == "cuda":
         return torch.cuda.get_device_name()
     name = "cpu"
     with contextlib.suppress(OSError):

@@ -274,10 +274,7 @@ def calibration_profile(args, model, tok):
     seqs = sorted(router_profile.calibration(tok, recs, args.calib_samples, args.calib_tokens, args.calib_seed), key=len)
     n = len(seqs) // parallel.world()  # torchrun: equal contiguous shares (FSDP needs the same number of
     seqs = seqs[parallel.rank() * n:(parallel.rank() + 1) * n]  # forwards on every rank), then summed
-    B = args.batch_size
-    batches = (data.pad_batch(seqs[i:i + B], [[1] * len(s) for s in seqs[i:i + B]], tok.pad_id)
-               for i in range(0, len(seqs), B))
-    prof = router_profile.profile(model, batches)
+    prof = router_profile.profile(model, router_profile.padded_batches(seqs, tok.pad_id, args.batch_size))
     if parallel.world() > 1:  # the same plan on every rank: counts over all ranks' calibration data
         for key in ("counts", "mass"):
             prof[key] = parallel.all_sum(torch.tensor(prof[key], dtype=torch.float64)).tolist()
