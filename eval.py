@@ -29,9 +29,9 @@ from decimal import Decimal
 
 import torch
 
-import data
+from files import data
 import generate
-import hub
+from files import hub
 import lora
 
 TASKS = {"ppl": "text", "mc": "mc", "gen": "qa"}  # task -> the data.py record kind it reads

@@ -30,11 +30,11 @@ import time
 
 import torch
 
-import checkpoint
-import data
-import hub
+from training import checkpoint
+from files import data
+from files import hub
 import lora
-import plots
+from files import plots
 import sieve
 
 COLD_FRACTION = 0.5  # cold: count < 0.5 * total / E (MoE-Sieve Table 2; companion notebook, routing_stats)

@@ -19,15 +19,15 @@ import time
 
 import torch
 
-import checkpoint
-import data
+from training import checkpoint
+from files import data
 import dmep
-import flags
-import hub
+from training import flags
+from files import hub
 import lora
 import moe
-import outputs
-import parallel
+from training import outputs
+from training import parallel
 import router_profile
 import sieve
 
@@ -392,6 +392,6 @@ def train_step(args, model, opt, state, master, params, batches, n_targets, step
 
 if __name__ == "__main__":
     if not set(sys.argv[1:]) - {"--quick", "--reference"}:  # the embedded default job lives in study.py
-        import study
+        from tools import study
         sys.exit(study.main(["--default", *sys.argv[1:]]))
     sys.exit(main())

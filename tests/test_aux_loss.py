@@ -5,7 +5,7 @@ import torch
 from conftest import assert_within, make_ids, tol
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-import hub
+from files import hub
 import moe
 
 

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-import bench
-import hub
+from tools import bench
+from files import hub
 import moe
-import targets
+from tools import targets
 
 
 @pytest.fixture(autouse=True)

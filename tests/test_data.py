@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 
-import data
+from files import data
 from conftest import assert_within
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hub
+from files import hub
 import lora
 import train
 from conftest import FORWARD, tol

@@ -7,9 +7,9 @@ import types
 import pytest
 import torch
 
-import data
+from files import data
 import eval as ev
-import hub
+from files import hub
 import lora
 from conftest import FORWARD, tol
 from tiny import tiny_checkpoint, tiny_model

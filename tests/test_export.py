@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import FORWARD, assert_logits_close, assert_within, load_hf, make_ids
 
-import hub
+from files import hub
 import lora
 
 CASES = [("olmoe", False), ("mixtral", True), ("qwen2_moe", False), ("qwen3_moe", False)]

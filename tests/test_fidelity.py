@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import data
+from files import data
 import dmep
 import lora
 import moe
@@ -192,7 +192,7 @@ def test_dmep_utilization_over_a_stage_is_the_share_of_its_assignments():
 def test_plots_mark_the_plan_and_the_pruned_experts(tmp_path):
     """Both pictures are written (with matplotlib); the DMEP report carries what the picture marks."""
     pytest.importorskip("matplotlib")
-    import plots
+    from files import plots
     p = {"model_type": "olmoe", "layers": [0, 2], "counts": [[5, 1, 0, 2], [1, 1, 6, 0]], "tokens": 8, "top_k": 2}
     assert plots.routing(p, tmp_path / "r.png", plan={0: [0], 2: [2]})
     report = {"a.q_proj": dict(before=4, after=2, util=[0.5, 0.45, 0.05, 0.0], keep=[0, 1], tau=0.5)}

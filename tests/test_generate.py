@@ -6,7 +6,7 @@ from conftest import FORWARD, assert_decisive, assert_logits_close, make_ids
 from transformers import GenerationConfig
 
 import generate
-import hub
+from files import hub
 
 NAMES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"]
 PAD = 0

@@ -15,7 +15,7 @@ from test_parity import check_rmsnorm_backward
 from test_train import ckpt, train_file  # noqa: F401  (module-scoped fixtures)
 
 import generate
-import hub
+from files import hub
 import kernels
 import lora
 import moe

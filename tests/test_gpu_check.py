@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import bench
-import gpu_check
+from tools import bench
+from tools import gpu_check
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def test_tiny_rehearsal_runs_every_step_of_the_plan(tmp_path):
     device): the GPU tests (skipped cleanly without CUDA), then every row of every group, in plan order, each
     ok; the summary has every group's table and its targets' ratios, with no verdict on a CPU."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "gpu_check.py", "--tiny", "--device", "cpu", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--tiny", "--device", "cpu", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = read_rows(out)

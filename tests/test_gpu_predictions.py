@@ -8,9 +8,9 @@ import weakref
 import pytest
 import torch
 
-import data
+from files import data
 import eval as ev
-import hub
+from files import hub
 import kernels
 import lora
 import moe

@@ -7,7 +7,7 @@ import torch
 from conftest import read_json, write_json
 from safetensors.torch import load_file, save_file
 
-import hub
+from files import hub
 import moe
 
 

@@ -15,7 +15,7 @@ from conftest import (FORWARD, FP32_VARIANTS, VARIANTS, assert_decisive, assert_
                       load_hf, make_ids, read_json, write_json)
 from safetensors import safe_open
 
-import hub
+from files import hub
 import moe
 
 ALL = list(VARIANTS)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import FORWARD, assert_decisive, assert_within, hf_topk, make_ids
 
-import data
-import hub
-import plots
+from files import data
+from files import hub
+from files import plots
 import router_profile as rp
 
 MOE_LAYERS = {"olmoe": [0, 1], "qwen2_moe": [0, 2]}  # qwen2_moe: layer 1 is dense (mlp_only_layers)

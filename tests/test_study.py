@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-import claims
+from tools import claims
 import router_profile
-import study
+from tools import study
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

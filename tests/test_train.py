@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-import data
-import hub
+from files import data
+from files import hub
 import lora
 import train
 from conftest import assert_logits_close

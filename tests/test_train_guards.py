@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import hub
+from files import hub
 import train
 from conftest import FORWARD, tol
 from test_train import ckpt, train_file  # noqa: F401  (module-scoped fixtures)

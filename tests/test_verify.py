@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import hub
+from files import hub
 import lora
-import verify
+from tools import verify
 from conftest import FORWARD, FP32_VARIANTS, VARIANTS, assert_logits_close, assert_within, make_ids
 
 

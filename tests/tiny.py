@@ -2,7 +2,7 @@
 Parity with transformers is tested separately (test_parity.py) on models transformers builds."""
 import torch
 
-import hub
+from files import hub
 import moe
 
 

@@ -1,8 +1,8 @@
 """Golden tensors from the plain reference path, and where another implementation first departs from them.
 
-    python verify.py dump --model DIR [--adapter RUN] (--data FILE | --ids "1 2 3") --out golden.safetensors
-    python verify.py compare golden.safetensors theirs.safetensors
-    python verify.py hf --model DIR              # the same tensors from transformers, compared with ours
+    python -m tools.verify dump --model DIR [--adapter RUN] (--data FILE | --ids "1 2 3") --out golden.safetensors
+    python -m tools.verify compare golden.safetensors theirs.safetensors
+    python -m tools.verify hf --model DIR              # the same tensors from transformers, compared with ours
 
 `dump` runs moe.py's plain path (the loop over experts) on a few sequences cut to one length (no position is
 padding, so every implementation computes every one) and writes the forward pass's intermediate tensors to one
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import data
-import hub
+from files import data
+from files import hub
 import kernels
 import lora
 import moe

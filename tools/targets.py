@@ -16,9 +16,9 @@ import platform
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-OLMOE = os.path.join(HERE, "tests", "data", "configs", "olmoe-1b-7b-0924", "config.json")
-MIXTRAL = os.path.join(HERE, "tests", "data", "configs", "mixtral-8x7b-v0.1", "config.json")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+OLMOE = os.path.join(ROOT, "tests", "data", "configs", "olmoe-1b-7b-0924", "config.json")
+MIXTRAL = os.path.join(ROOT, "tests", "data", "configs", "mixtral-8x7b-v0.1", "config.json")
 MIXTRAL_PEFT_TOK_S = 1897.0  # transformers + peft, Mixtral-8x7B, 1 x 2048, grad checkpoint, one H200 (issue 6)
 
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import dmep
 import lora
-import parallel
+from training import parallel
 
 KEYS = ("step", "weights", "args", "optimizer", "rng", "log", "adapter_config")  # what resume needs
 
@@ -147,7 +147,7 @@ def resume_command(argv, world):
     if "--resume" not in out:
         out.append("--resume")
     launcher = f"torchrun --nproc_per_node {world}" if world > 1 else shlex.quote(sys.executable)
-    return f"{launcher} {shlex.quote(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py'))} " \
+    return f"{launcher} {shlex.quote(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'train.py'))} " \
            + " ".join(shlex.quote(a) for a in out)
 
 

@@ -9,7 +9,7 @@ import math
 import os
 
 import dmep
-import hub
+from files import hub
 import lora
 import perft
 import sieve

@@ -1,8 +1,8 @@
 """bench.py: one training step of our adapters and of transformers + peft, timed side by side in one process.
 
-    python bench.py                                        # OLMoE-1B-7B shape, r=16, batch 4 x 2048, CUDA
-    python bench.py --layers 4 --methods attn,lora,peft-attn,peft-lora --out results.json
-    python bench.py --device cpu --tiny                    # a smoke test (tests/test_bench.py)
+    python -m tools.bench                                        # OLMoE-1B-7B shape, r=16, batch 4 x 2048, CUDA
+    python -m tools.bench --layers 4 --methods attn,lora,peft-attn,peft-lora --out results.json
+    python -m tools.bench --device cpu --tiny                    # a smoke test (tests/test_bench.py)
 
 A step is: forward, loss, backward, AdamW step, zero_grad. The frozen base is bf16 on CUDA (fp32 on the CPU),
 adapters and AdamW state fp32. Weights are random (our train.init_weights; transformers' own init), so routing
@@ -52,13 +52,13 @@ import types
 import torch
 
 import dmep
-import hub
+from files import hub
 import lora
 import moe
 import router_profile
 import sieve
-import targets
-import traffic
+from tools import targets
+from tools import traffic
 import train
 
 ROWS = ("attn", "lora", "sieve", "perft-e", "perft-r", "dmep", "dmep-pruned", "peft-attn", "peft-lora")
@@ -339,7 +339,7 @@ def main_traffic(args, cdict, argv):
           f"by one layer inside the model, forward + backward (see traffic.py)")
     rows = [traffic.count_layer(m, cdict, args.batch, args.seq, args.rank, args.alpha) for m in args.methods]
     print(traffic.format_rows(rows, args.top))
-    result = dict(command=shlex.join([sys.executable, os.path.abspath(__file__), *argv]), argv=argv, config=cdict,
+    result = dict(command=shlex.join(["python", "-m", "tools.bench", *argv]), argv=argv, config=cdict,
                   batch=args.batch, seq=args.seq, rank=args.rank, versions=versions(), rows=rows)
     write_json(args.out, result)
     return result
@@ -385,7 +385,7 @@ def main(argv=None):
     done = finish(rows, args, run.cdict, run.gpu)
     print(done["table"])
     print(targets.format_targets(done["targets"], done["no_verdict"]))
-    result = dict(command=shlex.join([sys.executable, os.path.abspath(__file__), *argv]), argv=argv,
+    result = dict(command=shlex.join(["python", "-m", "tools.bench", *argv]), argv=argv,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   device=run.gpu["name"], gpu=run.gpu, dtype=str(run.dtype), versions=versions(), config=run.cdict,
                   batch=args.batch, seq=args.seq, rank=args.rank, alpha=args.alpha, steps=args.steps,

@@ -18,7 +18,7 @@ import math
 import os
 import statistics
 
-import checkpoint
+from training import checkpoint
 import lora
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -199,7 +199,7 @@ def summarize(results, out=None, plot_path=None):
         written.append(f"{plot_path} (accuracy against trainable parameters, 95% interval bars)")
     print("\nwrote:\n" + "".join(f"  {w}\n" for w in written) if written else "", end="")
     if out:
-        print(f"print them again: python study.py --report {os.path.join(out, '*.json')}")
+        print(f"print them again: python -m tools.study --report {os.path.join(out, '*.json')}")
 
 
 def read_study(path):
@@ -244,7 +244,7 @@ def compare(results, saved):
 
 def plot(results, path):
     """Accuracy against trainable parameters, one panel per task, mean over seeds with 95% t-interval bars."""
-    import plots
+    from files import plots
     Figure = plots.figure_class(path)  # 11 methods: matplotlib's default cycle has only 10 colours
     if Figure is None:
         return False

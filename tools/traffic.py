@@ -1,5 +1,5 @@
 """traffic.py: the bytes each op of one transformer layer moves in forward + backward, counted without a GPU
-(`python bench.py --traffic`).
+(`python -m tools.bench --traffic`).
 
 An eager training step is bound by memory traffic in its many elementwise ops, and that traffic follows from
 the shapes alone. So the transformer body is run on meta tensors in bf16 (no loss head, no optimizer) under a
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-import hub
+from files import hub
 import lora
 import moe
 

@@ -6,12 +6,12 @@ import sys
 
 import torch
 
-import checkpoint
+from training import checkpoint
 import dmep
-import hub
+from files import hub
 import lora
-import parallel
-import plots
+from training import parallel
+from files import plots
 
 
 def memory_gib(device):

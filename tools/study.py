@@ -1,10 +1,10 @@
 """study.py: the embedded default job, and a miniature reproduction of the papers' tables.
 
-    python train.py                     # = python study.py --default: one task, four methods, one seed (~1 min)
-    python study.py --compare results/study   # the committed study again (every method x 5 seeds x 3 tasks),
+    python train.py                     # = python -m tools.study --default: one task, four methods, one seed (~1 min)
+    python -m tools.study --compare results/study   # the committed study again (every method x 5 seeds x 3 tasks),
                                               # each run's numbers checked against results/study/<task>.json
-    python study.py --train my.train.jsonl --val my.val.jsonl --methods lora,sieve,random --seeds 5
-    python study.py --routing --out results/study   # each task's routing and the overlap of their top-25% experts
+    python -m tools.study --train my.train.jsonl --val my.val.jsonl --methods lora,sieve,random --seeds 5
+    python -m tools.study --routing --out results/study   # each task's routing and the overlap of their top-25% experts
 
 For each task, method and seed it fine-tunes the base model with train.py (same flags for all), evaluates
 multiple-choice accuracy on the task's validation records with eval.py, and prints the table (trainable
@@ -31,15 +31,15 @@ from concurrent import futures
 
 import torch
 
-import checkpoint
-import claims
-import data
+from training import checkpoint
+from tools import claims
+from files import data
 import eval as evaluation
-import hub
+from files import hub
 import lora
 import train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 TASKS = ("max", "count", "words")  # pretrain/tasks.py; see tasks/README.md
 DEFAULT_OUT = os.path.join("runs", "study")
 METHODS = ("attn", "attn@32", "lora", "sieve", "random", "budget", "coverage", "perft-s", "perft-r", "perft-e", "dmep")
@@ -53,10 +53,10 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="a smoke run: a few steps and records (CI)")
     ap.add_argument("--reference", action="store_true", help="train and evaluate on moe.py's plain code (slow)")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of every run (train.py's --dropout)")
-    ap.add_argument("--model", default=os.path.join(HERE, "model"), help="base checkpoint directory")
+    ap.add_argument("--model", default=os.path.join(ROOT, "model"), help="base checkpoint directory")
     ap.add_argument("--tasks", "--task", default=",".join(TASKS),
                     help="task names: each reads tasks/<task>.train.jsonl and .val.jsonl")
-    ap.add_argument("--tasks-dir", default=os.path.join(HERE, "tasks"), help="where the task files are")
+    ap.add_argument("--tasks-dir", default=os.path.join(ROOT, "tasks"), help="where the task files are")
     ap.add_argument("--train", default=None, help="your own task: a training .jsonl (formats as train.py); with --val")
     ap.add_argument("--val", default=None, help="your own task: a validation .jsonl of {query, choices, gold}")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated train.py methods; METHOD@R trains "
@@ -188,13 +188,24 @@ def digest(paths):
     return h.hexdigest()[:16]
 
 
+def source_files():
+    """Every .py file of the library and its tools: the root's and those of each package folder under it
+    (a folder with an __init__.py: files/, training/, tools/), recursively."""
+    found = [os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")]
+    for d in sorted(os.listdir(ROOT)):
+        if os.path.isfile(os.path.join(ROOT, d, "__init__.py")):
+            found += [os.path.join(top, f) for top, _, names in os.walk(os.path.join(ROOT, d)) for f in names
+                      if f.endswith(".py")]
+    return sorted(found)
+
+
 def settings(args, task, train_file, val_file):
     """What a run's numbers depend on: the flags, the thread count and device, the contents of the model and
     task files, this repository's code and torch's version. A saved run is reused only if all are the same."""
     keys = ("steps", "batch_size", "seq_len", "rank", "lr", "limit", "dropout", "reference", "threads")
     model_files = sorted(os.path.join(args.model, f) for f in os.listdir(args.model)
                          if os.path.isfile(os.path.join(args.model, f)) and not f.endswith(".md"))
-    code = sorted(os.path.join(HERE, f) for f in os.listdir(HERE) if f.endswith(".py"))
+    code = source_files()
     return dict(task=task, model=os.path.abspath(args.model), train=os.path.abspath(train_file),
                 val=os.path.abspath(val_file), **{k: getattr(args, k) for k in keys}, device=str(device_of(args)),
                 model_sha=digest(model_files), task_sha=digest([train_file, val_file]), code_sha=digest(code),

@@ -1,7 +1,7 @@
 """gpu_check.py: the whole GPU measurement in one command, each result written under --out as soon as it exists.
 
-    python gpu_check.py --out $OUT                            # a fresh H100/H200: at most ~8 minutes
-    python gpu_check.py --tiny --device cpu --out /tmp/gc    # the rehearsal of every step (tests/test_gpu_check.py)
+    python -m tools.gpu_check --out $OUT                            # a fresh H100/H200: at most ~8 minutes
+    python -m tools.gpu_check --tiny --device cpu --out /tmp/gc    # the rehearsal of every step (tests/test_gpu_check.py)
 
 Steps, the most important first, so that a run cut short still returns the numbers that matter most:
 `tests` (tests/test_gpu.py under pytest, in a subprocess with its own time limit), then bench.py's rows in the
@@ -37,11 +37,11 @@ import time
 
 import torch
 
-import bench
-import hub
-import targets
+from tools import bench
+from files import hub
+from tools import targets
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 OLMOE_4 = "olmoe-4x2048"
 MIXTRAL_GIB = 120  # Mixtral-8x7B's bf16 weights alone are 87 GiB: an H200 (141 GB), not an 80 GB card
 # name, bench.py arguments, methods (in order), seconds per row, the group whose peft rows it is compared with
@@ -191,7 +191,7 @@ def cuda_alive():
 # ----------------------------------------------------------------------------- the supervising process
 
 def worker_command(opts, indices):
-    cmd = [sys.executable, os.path.abspath(__file__), "--out", opts.out, "--worker", ",".join(map(str, indices)),
+    cmd = [sys.executable, "-m", "tools.gpu_check", "--out", opts.out, "--worker", ",".join(map(str, indices)),
            "--deadline", repr(opts.deadline)]
     return cmd + (["--tiny"] if opts.tiny else []) + (["--device", opts.device] if opts.device else [])
 
@@ -207,7 +207,7 @@ def run_tests(opts):
            f"--junitxml={os.path.join(opts.out, 'gpu_tests.xml')}"]
     t0 = time.time()
     with open(os.path.join(opts.out, "gpu_tests.txt"), "w") as log:
-        proc = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(limit)
         except subprocess.TimeoutExpired:
@@ -227,7 +227,7 @@ def supervise(opts, command=worker_command):
     limits = {i: PLAN[g][3] for i, g, _ in rows_of(STEPS)}
     log = open(os.path.join(opts.out, "worker.log"), "a")
     while pending and time.time() < opts.deadline - MIN_ROW_S:
-        proc = subprocess.Popen(command(opts, pending), cwd=HERE, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command(opts, pending), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         since, allowance, hung, given = time.time(), STARTUP_S, False, len(pending)
         while proc.poll() is None:
@@ -280,7 +280,7 @@ def write_summary(opts):
         args, cdict = group_args(g, opts)
         result = bench.finish(rows, args, cdict, gpu)
         groups.append(dict(name=name, bench_args=PLAN[g][1], rows=rows, **result))
-        shown = " ".join(PLAN[g][1]).replace(HERE + os.sep, "")
+        shown = " ".join(PLAN[g][1]).replace(ROOT + os.sep, "")
         lines += ["", f"== {name}: bench.py {shown}", result["table"]]
         lines += [targets.format_targets(result["targets"], result["no_verdict"])] if result["targets"] else []
     summary = dict(env=env, tests=opts.tests, budget_s=opts.budget, elapsed_s=round(time.time() - opts.start, 1),
