@@ -72,17 +72,18 @@ def calibration(tok, records, samples=None, seq_len=CALIB_TOKENS, seed=CALIB_SEE
 # ----------------------------------------------------------------------------- profile
 
 
-@torch.no_grad()
 def padded_batches(seqs, pad_id, size):
     """The calibration sequences in padded batches of `size` (every token counted: mask 1), as profile takes them."""
     return (data.pad_batch(seqs[i:i + size], [[1] * len(s) for s in seqs[i:i + size]], pad_id)
             for i in range(0, len(seqs), size))
 
 
+@torch.no_grad()  # the profile needs no gradient: with autograd on, every batch's graph would stay tied to `mass`
 def profile(model, batches, device=None, on_batch=None):
     """Counts and mass per (MoE layer, expert) over `batches` of (input_ids, attention_mask[, ...]) (mask may
     be None). Positions follow the mask (as in HF generation), so left and right padding route alike.
-    `on_batch(rows, tokens)` is called after each batch. Returns the JSON-ready profile dict, statistics included."""
+    `on_batch(rows, tokens)` is called after each batch. Returns the JSON-ready profile dict, statistics included.
+    Runs without autograd whatever the caller's mode (train.py profiles before it freezes the base)."""
     cfg = model.config
     device = torch.device(device) if device is not None else next(model.parameters()).device
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]

@@ -196,3 +196,45 @@ def read_json(path):
 
 def write_json(path, obj):
     Path(path).write_text(json.dumps(obj, indent=2))
+
+
+class NoGradWatch:
+    """Watches a phase that needs no gradient: every module forward that runs inside `with NoGradWatch(model)`
+    records whether autograd was on and whether its output carries a graph (grad_fn). `check()` fails naming the
+    first module that ran with gradients enabled. Use it with the model's parameters requiring gradients (as
+    train.py's base does before it is frozen): that is when a forward under autograd would build a graph."""
+
+    def __init__(self, model):
+        self.model, self.handles, self.seen = model, [], []
+
+    def __enter__(self):
+        def hook(module, args, out):
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            graph = any(torch.is_tensor(o) and o.grad_fn is not None for o in outs)
+            self.seen.append((self.names[module], torch.is_grad_enabled(), graph))
+        self.names = {m: n or "model" for n, m in self.model.named_modules()}
+        self.handles = [m.register_forward_hook(hook) for m in self.model.modules()]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def check(self):
+        assert self.seen, "no module forward ran inside the watched phase"
+        bad = [(n, g, gf) for n, g, gf in self.seen if g or gf]
+        assert not bad, f"{len(bad)} of {len(self.seen)} module forwards ran with autograd on or built a graph, " \
+                        f"first: {bad[0][0]} (grad enabled {bad[0][1]}, output grad_fn {bad[0][2]})"
+
+
+def assert_no_graph(*values):
+    """No tensor in `values` (nested lists, tuples, dicts) carries an autograd graph."""
+    stack = list(values)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif torch.is_tensor(v):
+            assert v.grad_fn is None and not v.requires_grad, f"a returned tensor {tuple(v.shape)} keeps a graph"

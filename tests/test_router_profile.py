@@ -226,3 +226,18 @@ def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     p = {"model_type": "olmoe", "num_experts": 4, "top_k": 2, "layers": [0], "counts": [[1, 2, 3, 4]], "tokens": 5}
     assert plots.routing(p, tmp_path / "h.png") is False
     assert not (tmp_path / "h.png").exists() and "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_profile_runs_without_autograd_when_the_base_requires_grad(checkpoints):
+    """train.py profiles before it freezes the base, so the parameters still require gradients: the profile must
+    switch autograd off itself (with it on, each batch's activations stayed tied to the mass tensor until the
+    end: memory growing with the calibration set). Every module forward runs with gradients disabled."""
+    from conftest import NoGradWatch, assert_no_graph
+    model = hub.load_model(checkpoints("olmoe").path)
+    model.requires_grad_(True)
+    ids, mask = padded([12, 7, 3], "right")
+    with NoGradWatch(model) as watch:
+        p = rp.profile(model, [(ids, mask), (ids, mask)])
+    watch.check()
+    assert_no_graph(p)
+    assert torch.is_grad_enabled()  # the caller's mode is given back
