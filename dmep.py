@@ -1,16 +1,18 @@
 """DMEP (Dynamic Module-wise Expert Pruning for LoRA-MoE, arXiv 2604.26340), all of it in one place.
 
     LoRAMoELinear   the LoRA-MoE module on a frozen linear: N LoRA experts and a router, top-K, renormalised
-    sites           which linears of a block get one (attention q/k/v/o, and "dense": shared experts, dense MLPs)
+    sites, attach   which linears of a block get one (attention q/k/v/o, and "dense": shared experts, dense MLPs)
     track           utilization tracking: each module's top-K assignments counted over the first stage
     keep            the keep rule: utilization >= tau / N, and at least the K most used
     prune           physical pruning of every module (smaller tensors, router rows removed) with the optimizer's
                     state sliced to match; returns the report (counts before / after, utilization, kept ids)
+    prune_step      the whole pruning step of a run: the counts summed over processes, prune, the report
+                    printed and written (dmep.json, dmep_utilization.png)
     balance_loss    the load-balancing loss of the first stage (each module balanced on its own)
-    RECIPE          the phase schedule and defaults (`--recipe dmep`); the plot is plots.dmep
+    RECIPE          the phase schedule and defaults (`--recipe dmep`)
 
 The phases (train.py runs them): stage 1, the first `dmep_warmup` of the steps, trains every LoRA expert with
-the balancing loss while `track` counts assignments; then `prune`; stage 2 trains the survivors without it.
+the balancing loss while `track` counts assignments; then `prune_step`; stage 2 trains the survivors without it.
 
 The paper has no public code. Its utilization is "routing statistics gathered online during the first stage":
 `track` counts every top-K assignment of every real token over the whole stage (util = counts, the shares are
@@ -18,13 +20,16 @@ counts / their sum). `beta` gives an exponential moving average of each micro-ba
 option that weights the last ~1/(1-beta) micro-batches.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lora
 import moe
 import perft
+from files import atomic, plots
 
 # `python train.py --recipe dmep`. The paper has no public code and the numbers below that it does not state are
 # this project's defaults, marked so; notes/fidelity.md lists which is which.
@@ -50,8 +55,7 @@ class LoRAMoELinear(nn.Module):
         dev = base.weight.device
         self.base = base
         self.A, self.B = perft.init_factors(n, r, base.in_features, base.out_features, "kaiming", dev)  # B = 0
-        router = torch.empty(n, base.in_features, device=dev)
-        self.router = nn.Parameter(nn.init.kaiming_uniform_(router, a=math.sqrt(5)))  # (n, in), as nn.Linear
+        self.router = lora.kaiming_A((n, base.in_features), dev)  # (n, in), drawn as nn.Linear's weight
         self.top_k, self.scale = top_k, scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("util", torch.full((n,), float("nan"), device=dev))
@@ -60,7 +64,7 @@ class LoRAMoELinear(nn.Module):
     def forward(self, x):
         xf = x.reshape(-1, x.shape[-1])  # (T, in)
         self.router_logits = F.linear(xf, self.router.to(x.dtype))  # (T, n)
-        gate = perft.route(self.router_logits, self.top_k, renorm=True)
+        gate = perft.dense_gate(self.router_logits, self.top_k, renorm=True)  # (T, n)
         out = perft.gated(self.dropout(xf), self.A, self.B, nn.Identity(), gate, self.scale)
         return self.base(x) + out.view(*x.shape[:-1], -1)
 
@@ -90,8 +94,31 @@ def sites(block, cfg, targets):
     return out
 
 
+def attach(block, cfg, options, r, scale, dropout):
+    """A LoRA-MoE module on each of the block's linears that sites() names (methods.attach calls it per block)."""
+    for parent, name in sites(block, cfg, options["dmep_targets"]):
+        base = getattr(parent, name)
+        setattr(parent, name, LoRAMoELinear(base, options["dmep_experts"], options["dmep_topk"], r, scale, dropout))
+
+
 def modules(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRAMoELinear)]
+
+
+def expert_counts(model):
+    """{module name: LoRA experts it has now}: what a saved adapter records, so that loading rebuilds the shapes."""
+    return {n: m.A.shape[0] for n, m in modules(model)}
+
+
+def rebuild_pruned(model, counts):
+    """A pruned adapter being loaded: cut each named module to its saved count (its tensors are loaded after)."""
+    for name, m in modules(model):
+        if name in counts:
+            m.prune(list(range(counts[name])))
+
+
+def trainable(model):
+    return sum(p.numel() for _, m in modules(model) for n, p in m.named_parameters() if not n.startswith("base."))
 
 
 @torch.no_grad()
@@ -103,7 +130,7 @@ def track(model, attention_mask=None, beta=None):
     for _, m in modules(model):
         if m.router_logits is None:
             continue
-        idx = torch.topk(m.router_logits, m.top_k, dim=-1).indices  # (T, K); softmax keeps the order
+        idx = moe.route(m.router_logits, m.top_k, renorm=False)[1]  # (T, K): the experts the forward chose
         wt = torch.ones(idx.shape, device=idx.device) if real is None else real.expand(idx.shape)
         counts = torch.zeros(m.A.shape[0], device=idx.device).scatter_add_(0, idx.reshape(-1), wt.reshape(-1))
         if beta is None:  # no boolean indexing, no bincount: no host sync
@@ -152,6 +179,33 @@ def _swap_in_optimizer(opt, swap, kept):
         if state:  # AdamW: exp_avg, exp_avg_sq shaped like the parameter (experts first); step a scalar
             idx = torch.tensor(kept, device=new.device)
             opt.state[new] = {k: v[idx].clone() if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()}
+
+
+def prune_step(model, optimizer, tau, step, out=None, all_sum=None, world=1):
+    """DMEP's pruning in a run, all of it. Under torchrun (all_sum: parallel.all_sum) every process first takes
+    the utilization over all processes' tokens, so all prune alike; then `prune` (the optimizer's state sliced
+    with the parameters); then, where `out` is given (the run's directory, on the first process only), the report
+    printed and written: dmep.json and dmep_utilization.png. Returns the report. The caller's lists of the
+    trainable parameters are stale after this: it reads them again from the model and the optimizer."""
+    if all_sum is not None:
+        with torch.no_grad():
+            for _, m in modules(model):
+                m.util.copy_(all_sum(m.util) / world)
+    n_before = trainable(model)
+    report = prune(model, optimizer, tau)
+    n_after = trainable(model)
+    if out is None:
+        return report
+    before, after = sum(r["before"] for r in report.values()), sum(r["after"] for r in report.values())
+    print(f"dmep: pruned {before - after} of {before} LoRA experts; trainable {n_before:,} -> {n_after:,} "
+          f"(-{100 * (1 - n_after / n_before):.1f}%); load balancing off from here")
+    for name, r in report.items():
+        print(f"  {name}: {r['before']} -> {r['after']}  util {r['util']}")
+    os.makedirs(out, exist_ok=True)
+    atomic.write_json(os.path.join(out, "dmep.json"), dict(step=step, trainable_before=n_before,
+                                                           trainable_after=n_after, modules=report))
+    plots.dmep(report, os.path.join(out, "dmep_utilization.png"))
+    return report
 
 
 def balance_loss(model, attention_mask=None, all_sum=None):

@@ -32,7 +32,8 @@ import torch
 from files import data
 import generate
 from files import hub
-import lora
+import methods
+from files import atomic
 
 TASKS = {"ppl": "text", "mc": "mc", "gen": "qa"}  # task -> the data.py record kind it reads
 
@@ -259,7 +260,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # what to evaluate
-    ap.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer)")
+    hub.add_model_flags(ap)
     ap.add_argument("--adapter", default=None, help="adapter directory written by train.py (adapter_config.json + "
                     "adapter.safetensors); evaluated unmerged on top of --model")
     ap.add_argument("--task", required=True, choices=list(TASKS),
@@ -272,12 +273,8 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=2048,
                     help="longest sequence: ppl window length; mc and gen cut the start of longer prompts")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="gen: most tokens generated per answer")
-    # where
-    ap.add_argument("--device", default=None, help="cpu or cuda (None: cuda if available)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="model dtype (auto: bfloat16 on CUDA, float32 on the CPU, as train.py)")
-    ap.add_argument("--reference", action="store_true",
-                    help="run the model on its plain reference code (moe.py), not the fast kernels (kernels.py)")
+    ap.add_argument("--plain", "--reference", action="store_true",
+                    help="run moe.py's plain code, not the fast twins (moe_fast.py)")
     # output
     ap.add_argument("--out", default=None, help="also write the results JSON here (atomically)")
     args = ap.parse_args(argv)
@@ -315,12 +312,12 @@ def run(args):
     device = hub.pick_device(args.device)
     dtype = hub.pick_dtype(args.dtype, device)
     model = hub.load_model(args.model, dtype=dtype, device=device)
-    model.set_reference(args.reference)
+    model.set_plain(args.plain)
     tok = data.load_tokenizer(args.model)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{args.model}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     if args.adapter is not None:
-        lora.load_adapter(model, args.adapter)  # refuses an adapter made for another base
+        methods.load_adapter(model, args.adapter)  # refuses an adapter made for another base
     print(f"eval.py: {args.task} on {len(records)} records of {args.data}; {model.config.model_type}"
           f"{' + adapter ' + args.adapter if args.adapter else ''}, {dtype}, {device}", flush=True)
     # ---- evaluate
@@ -336,7 +333,7 @@ def run(args):
     # ---- save
     text = json.dumps(results, indent=1)
     if args.out is not None:
-        lora.atomic_write(args.out, lambda tmp: open(tmp, "w").write(text + "\n"))
+        atomic.write(args.out, lambda tmp: open(tmp, "w").write(text + "\n"))
     print(text)
     return results
 

@@ -1,9 +1,10 @@
 """A Mixture-of-Experts decoder (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE) in plain PyTorch, as a reader
 expects it: config, RMSNorm, RoPE, SwiGLU, attention, router -> top-k -> the loop over experts -> combine,
 block, model, losses. It gives the logits of transformers' eager forward, with its roundings. Files are
-hub.py's job, generation generate.py's. Speed: RMSNorm, RoPE, the experts (and their LoRA) and the loss
-have fast twins in kernels.py; each such module checks its `reference` flag, and
-`model.set_reference(True)` runs the whole step on the plain code here (default False: the fast twins).
+files/hub.py's job, generation generate.py's. Speed: RMSNorm, RoPE, the experts (and their LoRA) and the loss
+have fast twins in moe_fast.py; each such module checks its `plain` flag, and `model.set_plain(True)` runs
+the whole step on the plain code here (default False: the fast twins). Nothing here knows of LoRA: adapters
+hook in through two attributes, Experts.adapter and MoE.adapter (None here).
 
 Shape letters: B batch, T time, D hidden, H query heads, G kv heads, S head size, E experts, K top-k,
 I expert width, N tokens (B*T), P (token, slot) pairs (N*K), V vocabulary.
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import moe_fast
 
 MODEL_TYPES = ("olmoe", "mixtral", "qwen2_moe", "qwen3_moe")
 
@@ -134,11 +135,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.reference = False  # True: the plain code below; False: kernels.RMSNormFn, the same fused
+        self.plain = False  # True: the plain code below; False: moe_fast.RMSNormFn, the same fused
 
     def forward(self, x):
-        if not self.reference:
-            return kernels.RMSNormFn.apply(x, self.weight, self.eps)
+        if not self.plain:
+            return moe_fast.RMSNormFn.apply(x, self.weight, self.eps)
         h = x.float()  # HF's roundings: normalise in fp32, cast back to x's dtype, then scale
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -154,8 +155,8 @@ def rotate_half(x):  # [x1, x2] -> [-x2, x1]
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x, cos, sin, reference=True):  # x (B, H, T, S), cos and sin (B, 1, T, S)
-    return x * cos + rotate_half(x) * sin if reference else kernels.RoPEFn.apply(x, cos, sin)
+def apply_rope(x, cos, sin, plain=True):  # x (B, H, T, S), cos and sin (B, 1, T, S)
+    return x * cos + rotate_half(x) * sin if plain else moe_fast.RoPEFn.apply(x, cos, sin)
 
 
 def swiglu(gu):  # gu = [g, u] (rows, 2I) -> silu(g) * u (rows, I)
@@ -189,7 +190,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # "full": over all heads' projection (OLMoE); "head": over each head (Qwen3-MoE)
             q, k = (self.H * self.S, self.G * self.S) if cfg.qk_norm == "full" else (self.S, self.S)
             self.q_norm, self.k_norm = RMSNorm(q, cfg.rms_norm_eps), RMSNorm(k, cfg.rms_norm_eps)
-        self.reference = False  # RoPE: the plain apply_rope (True) or kernels.RoPEFn
+        self.plain = False  # RoPE: the plain apply_rope (True) or moe_fast.RoPEFn
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape
@@ -205,7 +206,7 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, S), (B, G, T, S)
         v = v.view(B, T, self.G, self.S).transpose(1, 2)  # (B, G, T, S)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, S)
-        q, k = apply_rope(q, cos, sin, self.reference), apply_rope(k, cos, sin, self.reference)
+        q, k = apply_rope(q, cos, sin, self.plain), apply_rope(k, cos, sin, self.plain)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, G, T_past + T, S)
         # GQA: each kv head serves H/G consecutive query heads (enable_gqa = repeat_interleave semantics)
@@ -222,42 +223,42 @@ class Routing(NamedTuple):
     # graph on every Python int it reads, so a block that read its own index would compile once per layer
 
 
-def route(logits, cfg):
-    """HF's top-k router: softmax in fp32 over all experts, top-k, optional renormalisation."""
+def route(logits, k, renorm):
+    """transformers' top-k router: softmax in fp32 over all experts, the top k, renormalised to sum to 1 if
+    `renorm`. logits (N, E) -> weights (N, K) fp32, ids (N, K). The base MoE routes with it, and so do the
+    adapters' own routers (PERFT-R, DMEP) and everything that counts routing (losses, profile, tracking)."""
     probs = F.softmax(logits.float(), dim=-1)  # (N, E)
-    w, idx = torch.topk(probs, cfg.num_experts_per_tok, dim=-1)  # (N, K)
-    if cfg.norm_topk_prob:
+    w, idx = torch.topk(probs, k, dim=-1)  # (N, K)
+    if renorm:
         w = w / w.sum(dim=-1, keepdim=True)
-    return (w if cfg.topk_weights_fp32 else w.to(logits.dtype)), idx
+    return w, idx
 
 
 class Experts(nn.Module):
     """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I). The
-    reference is the loop below; kernels.grouped_experts, the same as grouped products over all (token, slot)
-    pairs sorted by expert, runs where grouped_mm can (`groupable`).
+    reference is the loop below; moe_fast.grouped_experts, the same as grouped products over all (token, slot)
+    pairs sorted by expert, runs where grouped_mm can (`groupable`) unless `plain` is set.
 
-    The adapter hook (lora.ExpertLoRA, PERFT's ExpertAdapter; None here) adds updates inside the experts.
-    Both paths call it alike, on rows sorted by expert described by a kernels.ExpertGroups (the grouped
-    path's: every pair of the layer; the loop's: the rows of one expert):
-        at = adapter.prepare(groups, x)      x the layer input (N, D); once per groups
-        gu = adapter.gate_up(gu, xs, at)     gate_up_proj's output (rows, 2I) + its update from xs (rows, D)
-        y = adapter.down(y, h, gu, xs, at)   down_proj's output (rows, D) + its update from h = swiglu(gu) or xs
-    The adapter follows the same `reference` flag (plain per-expert products, or grouped ones that may add
-    in place: gu and y are then grouped_mm outputs held by nothing else)."""
+    `adapter` (None here) adds updates inside the experts: lora.ExpertLoRA (LoRA on some experts) or
+    perft.ExpertAdapter (PERFT-E). The loop calls its plain hooks on one expert's rows at a time,
+        gu = adapter.gate_up(e, gu, x)      gate_up_proj's output (n, 2I) plus e's update from x (n, D)
+        y = adapter.down(e, y, h, x)        down_proj's output (n, D) plus e's update from h = swiglu(gu) or x
+    each returning its input unchanged for an expert it does not adapt; the grouped path calls their fast
+    twins (moe_fast.grouped_experts says how)."""
 
     def __init__(self, E, D, I):
         super().__init__()
         self.E, self.I = E, I
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
-        self.groupable = kernels.can_group(D, I)
-        self.reference = False
+        self.groupable = moe_fast.can_group(D, I)
+        self.plain = False
         self.adapter = None
 
     def forward(self, x, idx, w):  # x (N, D), idx (N, K), w (N, K) -> (N, D)
-        if self.reference or not self.groupable:
+        if self.plain or not self.groupable:
             return self.forward_loop(x, idx, w)
-        return kernels.grouped_experts(x, idx, w, self.gate_up_proj, self.down_proj, self.adapter)
+        return moe_fast.grouped_experts(x, idx, w, self.gate_up_proj, self.down_proj, self.adapter)
 
     def forward_loop(self, x, idx, w):
         out = torch.zeros_like(x)
@@ -268,12 +269,11 @@ class Experts(nn.Module):
             xe = x[tok]  # (n, D)
             gu = F.linear(xe, self.gate_up_proj[e])  # (n, 2I)
             if self.adapter is not None:
-                at = self.adapter.prepare(kernels.ExpertGroups.single(e, tok, self.E), x)
-                gu = self.adapter.gate_up(gu, xe, at)
+                gu = self.adapter.gate_up(e, gu, xe)
             h = swiglu(gu)  # (n, I)
             y = F.linear(h, self.down_proj[e])  # (n, D)
             if self.adapter is not None:
-                y = self.adapter.down(y, h, gu, xe, at)
+                y = self.adapter.down(e, y, h, xe)
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))  # weighted with HF's rounding
         return out
 
@@ -296,7 +296,8 @@ class MoE(nn.Module):
     def forward(self, x):  # x (B, T, D)
         h = x.reshape(-1, x.shape[-1])  # (N, D)
         logits = self.gate(h)  # (N, E)
-        w, idx = route(logits, self.cfg)  # (N, K), (N, K)
+        w, idx = route(logits, self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob)  # (N, K), (N, K)
+        w = w if self.cfg.topk_weights_fp32 else w.to(logits.dtype)
         y = self.experts(h, idx, w)  # (N, D)
         if self.cfg.shared_expert_intermediate_size:
             y = y + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
@@ -324,11 +325,11 @@ class Block(nn.Module):
 
 # ----------------------------------------------------------------------------- model
 
-def set_reference(module, flag=True):
-    """Every layer under `module` runs its plain code (True) or its fast twin in kernels.py (False)."""
+def set_plain(module, flag=True):
+    """Every layer under `module` runs its plain code (True) or its fast twin in moe_fast.py (False)."""
     for m in module.modules():
-        if hasattr(m, "reference"):
-            m.reference = flag
+        if hasattr(m, "plain"):
+            m.plain = flag
 
 
 class Transformer(nn.Module):
@@ -342,16 +343,16 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.grad_checkpoint = False  # recompute each block in the backward pass (train.py --grad-checkpoint)
-        self.reference = False  # the loss: plain cross-entropy (True) or kernels' chunked one
+        self.plain = False  # the loss: plain cross-entropy (True) or moe_fast's chunked one
 
-    def set_reference(self, flag=True):  # the whole step on this file's plain code, or (False) kernels.py's twins
-        set_reference(self, flag)
+    def set_plain(self, flag=True):  # the whole step on this file's plain code, or (False) moe_fast.py's twins
+        set_plain(self, flag)
 
     def set_expert_path(self, path):  # only the experts and their adapters: "loop" (plain) or "fast"
         assert path in ("fast", "loop"), path
         for m in self.modules():
             if isinstance(m, Experts):
-                set_reference(m, path == "loop")
+                set_plain(m, path == "loop")
 
     def body(self, input_ids, attention_mask=None, position_ids=None, cache=None):
         """Final-normed hidden states (B, T, D) and the routing of every MoE layer."""
@@ -406,10 +407,10 @@ def attention_mask_4d(attention_mask, B, T, past, device):
 
 def cross_entropy_sum(model, h, labels, ignore_index=-100):
     """Sum of the token losses over the labelled positions (labels already aligned with h (B, T, D)),
-    from the fp32 logits of model.head. The fast twin (model.reference False, or a model without the
-    flag) makes the logits a chunk of rows at a time: kernels.chunked_cross_entropy_sum."""
-    if not getattr(model, "reference", False):
-        return kernels.chunked_cross_entropy_sum(model.head, h, labels, ignore_index=ignore_index)
+    from the fp32 logits of model.head. The fast twin (model.plain False, or a model without the
+    flag) makes the logits a chunk of rows at a time: moe_fast.chunked_cross_entropy_sum."""
+    if not getattr(model, "plain", False):
+        return moe_fast.chunked_cross_entropy_sum(model.head, h, labels, ignore_index=ignore_index)
     logits = model.head(h.reshape(-1, h.shape[-1])).float()  # (N, V)
     return F.cross_entropy(logits, labels.reshape(-1), ignore_index=ignore_index, reduction="sum")
 
@@ -422,8 +423,8 @@ def load_balancing_loss(router_logits, num_experts, top_k, attention_mask=None, 
     counts, probs, rows = 0.0, 0.0, 0.0
     m = None if attention_mask is None else attention_mask.reshape(-1).float()  # (N,)
     for logits in router_logits:  # (N, E) per layer
-        p = F.softmax(logits.float(), dim=-1)
-        _, sel = torch.topk(p, top_k, dim=-1)  # (N, K)
+        p = F.softmax(logits.float(), dim=-1)  # (N, E)
+        sel = route(logits, top_k, renorm=False)[1]  # (N, K)
         onehot = F.one_hot(sel, num_experts).float().sum(1)  # (N, E) assignments per token
         if m is not None:
             onehot, p = onehot * m[:, None], p * m[:, None]

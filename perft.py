@@ -1,7 +1,7 @@
 """PERFT (Parameter-Efficient Routed Fine-Tuning, arXiv 2508.02587): adapter experts for a frozen MoE block.
 
 Every adapter expert is B act(A h) on the MoE block's input h (D -> r -> D), scaled by alpha / r. The four
-variants, one constructor each below (lora.attach calls them, one per MoE layer):
+variants, one constructor each below (`attach`, called by methods.attach, places them, one per MoE layer):
 
     perft_s   PERFT-S  one always-on adapter beside the MoE block                  (ParallelAdapter, n = 1)
     perft_d   PERFT-D  M always-on adapters beside the block, summed                (ParallelAdapter, n = M)
@@ -10,6 +10,7 @@ variants, one constructor each below (lora.attach calls them, one per MoE layer)
     perft_e   PERFT-E  one adapter inside every routed expert, weighted by the frozen base router's top-k
                        weights (ExpertAdapter: it runs in the expert hook of moe.Experts, as
                        lora.ExpertLoRA does, on the (token, expert) pairs the base router chose)
+PERFT-R's router routes as the base model's does (moe.route: softmax in fp32, top-K, renormalised or not).
 
 Faithful to the public code of the paper (github.com/yuninxia/moe-routing-bench, 3rdparty/PERFT-MoE):
 - initialisation (commonsense/utils.py: init_trainable_parameters): every adapter's A (r x D) ~ N(0,1)*sqrt(2/r),
@@ -28,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import lora
+import lora_fast
 import moe
 
 INITS = ("theirs", "kaiming")
@@ -62,14 +64,10 @@ def init_factors(n, r, d_in, d_out, init, device=None):
     weight is r). kaiming: A kaiming-uniform(a=sqrt(5)) per expert as nn.Linear / peft, B = 0."""
     if init not in INITS:
         raise ValueError(f"--perft-init {init!r} is not one of {', '.join(INITS)}")
-    A = torch.empty(n, r, d_in, device=device)
-    if init == "theirs":
-        A.normal_().mul_(math.sqrt(2 / r))
-        B = torch.randn(n, d_out, r, device=device) * 1e-6
-    else:
-        for a in A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        B = torch.zeros(n, d_out, r, device=device)
+    if init == "kaiming":
+        return lora.kaiming_A((n, r, d_in), device), nn.Parameter(torch.zeros(n, d_out, r, device=device))
+    A = torch.empty(n, r, d_in, device=device).normal_().mul_(math.sqrt(2 / r))
+    B = torch.randn(n, d_out, r, device=device) * 1e-6
     return nn.Parameter(A), nn.Parameter(B)
 
 
@@ -83,13 +81,10 @@ def gated(x, A, B, act, gate, scale):
     return F.linear(z, B.permute(1, 0, 2).reshape(B.shape[1], n * r).to(x.dtype)) * scale  # (T, out)
 
 
-def route(logits, k, renorm):
-    """Softmax in fp32, top-k, optional renormalisation -> the (T, n) gate, 0 for unchosen experts."""
-    probs = F.softmax(logits.float(), dim=-1)
-    g, idx = torch.topk(probs, k, dim=-1)  # (T, k)
-    if renorm:
-        g = g / g.sum(dim=-1, keepdim=True)
-    return torch.zeros_like(probs).scatter_(-1, idx, g)
+def dense_gate(logits, k, renorm):
+    """moe.route's top-k weights spread out densely: the (T, n) fp32 gate, 0 for the unchosen experts."""
+    w, idx = moe.route(logits, k, renorm)  # (T, k)
+    return torch.zeros(logits.shape, dtype=torch.float32, device=logits.device).scatter_(-1, idx, w)
 
 
 class ParallelAdapter(nn.Module):
@@ -109,7 +104,7 @@ class ParallelAdapter(nn.Module):
         gate = None
         if self.router is not None:
             self.router_logits = F.linear(h, self.router.to(h.dtype))  # (T, n)
-            gate = route(self.router_logits, self.top_k, self.renorm)
+            gate = dense_gate(self.router_logits, self.top_k, self.renorm)
         return gated(self.dropout(h), self.A, self.B, self.act, gate, self.scale)
 
 
@@ -134,7 +129,7 @@ class ExpertAdapter(nn.Module):
     """PERFT-E: an adapter B_e act(A_e x) inside every routed expert e,
     added to the expert's output, so the frozen base router weights it: y = sum_i w_i (E_i(h) + adapter_i(h)).
     Runs in moe.Experts' adapter hook (the protocol in its docstring), on the (token, expert) pairs the router
-    chose only: plain, expert by expert; fast, as kernels.py's grouped products over the layer's sorted rows
+    chose only: plain, expert by expert; fast, as lora_fast.py's grouped products over the layer's sorted rows
     (the same as lora.ExpertLoRA's). Initialised as PERFT's public code (init_factors)."""
 
     def __init__(self, experts, r, scale, act="identity", dropout=0.0, init="theirs"):
@@ -143,27 +138,26 @@ class ExpertAdapter(nn.Module):
         self.A, self.B = init_factors(E, r, D, D, init, dev)  # (E, r, D), (E, D, r)
         self.act, self.scale = ACTS[act](), scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.groupable, self.reference = kernels.can_group(D, experts.I), experts.reference
 
-    def prepare(self, g, x):  # moe.Experts' protocol; plain: the rows lo:hi of each expert e with rows
-        if self.reference or not self.groupable:
-            return g.spans(range(len(g.counts)))
-        return g.offs, x, g.token
+    # ---- plain: one expert's rows at a time (moe.Experts.forward_loop)
 
-    def gate_up(self, gu, x, at):
+    def gate_up(self, e, gu, x):
         return gu
 
-    def down(self, y, h, gu, x, at):  # y (rows, D) + scale B_e act(A_e x), x (rows, D); act(0) = 0: rank padding is exact
-        if self.reference or not self.groupable:
-            x, out = self.dropout(x), torch.zeros_like(y)
-            for e, lo, hi in at:
-                out[lo:hi] = F.linear(self.act(F.linear(x[lo:hi], self.A[e].to(x.dtype))), self.B[e].to(x.dtype)) * self.scale
-            return y + out
-        offs, src, token = at
-        A, B = kernels.grouped_lora_factors(self.A, self.B, self.scale, x.dtype)
-        z = self.act(kernels.a_product(self.dropout, x, A, offs, src, token))  # (P, rp)
-        return y.add_(kernels.grouped_mm(z, B.transpose(1, 2), offs=offs))  # in place: y is a grouped_mm output
+    def down(self, e, y, h, x):  # y (n, D) + scale B_e act(A_e x), x (n, D) expert e's rows of the block input
+        x = self.dropout(x)
+        return y + F.linear(self.act(F.linear(x, self.A[e].to(x.dtype))), self.B[e].to(x.dtype)) * self.scale
 
+    # ---- fast: the layer's sorted rows at once (moe_fast.grouped_experts), the body in lora_fast.py
+
+    def grouped_prepare(self, groups, x):
+        return groups.offs, x, groups.token
+
+    def grouped_gate_up(self, gu, x, work):
+        return gu
+
+    def grouped_down(self, y, h, gu, x, work):
+        return lora_fast.expert_adapter_down(self, y, x, work)
 
 
 def perft_e(experts, r, scale, act="identity", dropout=0.0, init="theirs"):
@@ -173,7 +167,7 @@ def perft_e(experts, r, scale, act="identity", dropout=0.0, init="theirs"):
 
 def attach(mlp, method, cfg, r, scale, dropout, options):
     """PERFT's adapter of one MoE layer `mlp` (moe.MoE): inside its experts (E) or beside the block (S, D, R).
-    options: lora.OPTIONS's act, perft_init, perft_shared, perft_experts, perft_topk, perft_renorm."""
+    options: methods.OPTIONS's act, perft_init, perft_shared, perft_experts, perft_topk, perft_renorm."""
     o, D, dev = options, cfg.hidden_size, mlp.gate.weight.device
     if method == "perft-e":
         mlp.experts.adapter = perft_e(mlp.experts, r, scale, o["act"], dropout, o["perft_init"])

@@ -30,12 +30,11 @@ import time
 
 import torch
 
-from training import checkpoint
 from files import data
 from files import hub
-import lora
 from files import plots
 import sieve
+from files import atomic
 
 COLD_FRACTION = 0.5  # cold: count < 0.5 * total / E (MoE-Sieve Table 2; companion notebook, routing_stats)
 # MoE-Sieve's OLMoE-1B-7B numbers (paper Table 2, means over its 10 calibration datasets), printed next to ours;
@@ -46,18 +45,6 @@ CALIB_SEED, CALIB_TOKENS, MIN_CHARS = 123, 2048, 10  # scripts/profiling.py --se
 # ----------------------------------------------------------------------------- calibration data
 
 
-def record_text(rec):
-    """The whole text of a record, as routed: text; prompt + completion; query + " " + gold; question + " " + answer."""
-    kind = data.record_kind(rec)
-    if kind == "text":
-        return rec["text"]
-    if kind == "prompt":
-        return rec["prompt"] + rec["completion"]
-    if kind == "mc":
-        return rec["query"] + " " + rec["choices"][rec["gold"]]
-    return rec["question"] + " " + str(rec["answer"])
-
-
 def calibration(tok, records, samples=None, seq_len=CALIB_TOKENS, seed=CALIB_SEED):
     """Token ids of the calibration sequences, sampled as MoE-Sieve's make_profile: the records shuffled with
     `seed` (Python's random, not the datasets library's permutation: the same rule, other draws), the first
@@ -66,7 +53,7 @@ def calibration(tok, records, samples=None, seq_len=CALIB_TOKENS, seed=CALIB_SEE
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     chosen = [records[i] for i in order[:samples]]
-    return [tok.encode(t)[:seq_len] for t in map(record_text, chosen) if len(t) >= MIN_CHARS]
+    return [tok.encode(t)[:seq_len] for t in map(data.record_text, chosen) if len(t) >= MIN_CHARS]
 
 
 # ----------------------------------------------------------------------------- profile
@@ -184,12 +171,7 @@ def _dumps(v, ind=""):
 
 def save_profile(p, path):
     """Write the profile as JSON (one matrix row per line), atomically."""
-    text = _dumps(p) + "\n"
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    lora.atomic_write(path, write)
+    atomic.write_text(path, _dumps(p) + "\n")
 
 
 def load_profile(path):
@@ -243,7 +225,7 @@ def compare_tasks(model, tok, tasks, out):
     text = json.dumps(dict(stats={n: p["stats"] for n, p in profiles.items()},
                            top25={n: {str(k): v for k, v in t.items()} for n, t in top.items()},
                            jaccard=jac, counts={n: p["counts"] for n, p in profiles.items()}), indent=1)
-    checkpoint.write_text(path, text)
+    atomic.write_text(path, text)
     written = [f"{path} (each task's statistics, top-25% sets, counts; the Jaccard overlaps)"]
     png = os.path.join(out, "routing_overlap.png")
     if jac and plots.heatmap(png, list(jac.values()), "Jaccard overlap of the tasks' top-25% experts", "MoE layer",
@@ -263,7 +245,7 @@ def random_jaccard(k, n):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # inputs and outputs
-    ap.add_argument("--model", required=True, help="model directory (config.json, *.safetensors, tokenizer)")
+    hub.add_model_flags(ap)
     ap.add_argument("--data", required=True, help="calibration .jsonl (text, prompt, mc or qa records)")
     ap.add_argument("--out", required=True, help="where to write the profile JSON")
     ap.add_argument("--plot", default=None, help="also write a layers x experts heatmap PNG here (needs matplotlib)")
@@ -274,10 +256,6 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=CALIB_TOKENS, help="truncate each record to this many tokens")
     ap.add_argument("--plan-frac", type=float, default=None,
                     help="outline on the heatmap the experts sieve's top-k plan picks at this fraction (e.g. 0.25)")
-    # where
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="model dtype (auto: the checkpoint's own)")
     args = ap.parse_args(argv)
     if args.plan_frac is not None and not 0 < args.plan_frac <= 1:
         ap.error(f"--plan-frac {args.plan_frac}: a fraction of the experts must be in (0, 1]")
@@ -315,7 +293,7 @@ def run(args):
     seqs.sort(key=len)  # less padding; the profile does not depend on the order
     # ---- model
     device = hub.pick_device(args.device)
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = hub.pick_dtype(args.dtype, device)
     model = hub.load_model(args.model, dtype=dtype, device=device)
     cfg = model.config
     top = max(max(s) for s in seqs)

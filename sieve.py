@@ -2,7 +2,7 @@
 
 The three steps: router_profile.py counts, per MoE layer, how often each routed expert is in a token's top-k
 on a calibration set (`router_profile.calibration` samples it as the authors do, `router_profile.profile`
-counts); the plans below choose the experts; lora.attach puts LoRA on attention, the router, shared experts
+counts); the plans below choose the experts; methods.attach puts LoRA on attention, the router, shared experts
 and the chosen experts (`--method sieve`). `RECIPE` is the paper's training setup (`--recipe moe-sieve`).
 
 A plan is `{layer: [expert ids]}`: keys are the profile's real layer indices (Qwen's dense layers have no

@@ -5,10 +5,10 @@ checkpoint.py.
 
     python train.py --model DIR --data train.jsonl --method sieve --out runs/sieve
     python train.py --model DIR --method lora --rank 32 --dry-run        # parameter count, no weights read
-    python train.py                                                       # the embedded default job (study.py)
 
-Methods (--method; flags.py says what each adapts): attn, lora, sieve and its ablations random / coverage /
-budget, perft-s/d/r/e, dmep, full.
+Methods (--method; methods.py says what each adapts): attn, lora, sieve and its ablations random / coverage /
+budget, perft-s/d/r/e, dmep, and full (every weight). The embedded default job (profile, plan, fine-tune and
+evaluate four methods on the shipped model) is a tool on top of this script: python -m tools.study --default.
 """
 import contextlib
 import json
@@ -19,17 +19,13 @@ import time
 
 import torch
 
-from training import checkpoint
-from files import data
 import dmep
-from training import flags
-from files import hub
-import lora
+import methods
 import moe
-from training import outputs
-from training import parallel
 import router_profile
 import sieve
+from files import atomic, data, hub
+from training import checkpoint, flags, outputs, parallel
 
 
 def main(argv=None):
@@ -58,7 +54,7 @@ def run(args):
 
 
 def train(args, rank, world, device):
-    main = rank == 0  # only rank 0 prints step lines and writes files
+    is_main = rank == 0  # only rank 0 prints step lines and writes files
     device, dtype = device_and_dtype(args, device, world)
     full = args.method == "full"
     torch.manual_seed(args.seed)
@@ -70,7 +66,7 @@ def train(args, rank, world, device):
           f" | base {dtype} on {device} | " + (f"adapter {args.adapter}" if args.adapter else
                                                   f"method {args.method} r={args.rank} alpha={args.alpha:g}"))
     if args.adapter:  # export a saved adapter, no training
-        adapter_config = lora.load_adapter(model, args.adapter)
+        adapter_config = methods.load_adapter(model, args.adapter)
         for w in outputs.write_exports(args, model, adapter_config):
             print(f"wrote {os.path.join(args.out, w)}")
         return 0
@@ -82,8 +78,8 @@ def train(args, rank, world, device):
         ckpt = checkpoint.load(ckpt_path)
         checkpoint.check_run_args(ckpt, args, ckpt_path)
     adapter_config, plan, prof = attach_adapters(args, model, tok, ckpt)
-    state = dict(model.named_parameters()) if full else lora.adapter_state(model)  # what trains and checkpoints
-    n_train = sum(p.numel() for p in state.values())
+    trainable = dict(model.named_parameters()) if full else methods.adapter_state(model)  # {name: parameter}
+    n_train = sum(p.numel() for p in trainable.values())
     n_unpruned = ckpt.get("trainable_before_prune", n_train) if ckpt else n_train  # DMEP's count before its pruning
     print(f"trainable parameters: {n_train:,} ({n_train / 1e6:.1f}M), adapter file ~{4 * n_train / 2**20:.1f} MiB (fp32)")
     if args.dry_run:
@@ -97,18 +93,18 @@ def train(args, rank, world, device):
     print(f"data: {len(examples)} sequences; {total} steps of {args.grad_accum} x {args.batch_size} sequences")
 
     # ------------------------------------------------------------------ optimizer (and the checkpoint's state)
-    opt, master = make_optimizer(args, state, dtype)
+    opt, master = make_optimizer(args, trainable, dtype)
     model.grad_checkpoint = args.grad_checkpoint
     if args.compile:
         for block in model.model.layers:
             block.compile()
-    start, log = (checkpoint.restore(args, ckpt, model, opt, state, master, device, world) if ckpt is not None else (0, []))
+    start, log = (checkpoint.restore(args, ckpt, model, opt, trainable, master, device, world) if ckpt is not None else (0, []))
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "log.jsonl")  # one JSON line per step, appended as it goes
-    if main:
+    if is_main:
         checkpoint.write_log(log_path, log)
-    if plan is not None and main:
-        checkpoint.write_json(os.path.join(args.out, "plan.json"), {str(k): v for k, v in plan.items()})
+    if plan is not None and is_main:
+        atomic.write_json(os.path.join(args.out, "plan.json"), {str(k): v for k, v in plan.items()})
         if "tokens" in prof:
             router_profile.save_profile(prof, os.path.join(args.out, "profile.json"))
 
@@ -116,12 +112,12 @@ def train(args, rank, world, device):
         if full and world > 1:  # FSDP2 shards: every rank helps gather the whole weights and optimizer state
             weights, opt_state = parallel.full_state(model, opt)
         else:  # weights None: the adapter as it is now (DMEP prunes it)
-            weights, opt_state = (master or state if full else None), opt.state_dict()
-        if main:
+            weights, opt_state = (master or trainable if full else None), opt.state_dict()
+        if is_main:
             checkpoint.save(args.out, step, model, opt_state, weights, dict(
                 args={k: getattr(args, k) for k in flags.RUN_ARGS}, rng=torch.get_rng_state(), log=log,
                 cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                adapter_config=lora.current_config(model, adapter_config), trainable_before_prune=n_unpruned,
+                adapter_config=methods.current_config(model, adapter_config), trainable_before_prune=n_unpruned,
                 dmep_util={n: m.util for n, m in model.named_modules() if isinstance(m, dmep.LoRAMoELinear)}))
 
     # ------------------------------------------------------------------ loop
@@ -132,17 +128,18 @@ def train(args, rank, world, device):
     end = min(total, args.stop_after) if args.stop_after else total
     is_dmep = adapter_config["method"] == "dmep"
     prune_at = max(1, int(args.dmep_warmup * total)) if is_dmep else None
-    params = list(master.values()) if master else list(state.values())
+    params = list((master or trainable).values())  # what the optimizer steps
     with checkpoint.Interrupts() as interrupts:
         for step in range(start, end):
             if step == prune_at:  # DMEP: prune under-used LoRA experts per module, then go on without balancing
-                params = outputs.dmep_prune(model, opt, args, n_unpruned, log)
+                dmep.prune_step(model, opt, args.dmep_tau, step, args.out if is_main else None, parallel.all_sum, world)
+                trainable, params = methods.adapter_state(model), [p for g in opt.param_groups for p in g["params"]]
             t0 = time.time()
             lr = lr_at(step, total, args)
             for group in opt.param_groups:
                 group["lr"] = lr
             batches, n_targets = data.step_batches(examples, schedule[step], tok.pad_id, rank, world)
-            step_loss, step_aux, n_tokens = train_step(args, model, opt, state, master, params, batches, n_targets, step,
+            step_loss, step_aux, n_tokens = train_step(args, model, opt, trainable, master, params, batches, n_targets, step,
                                                        is_dmep and step < prune_at, device, world)
             dt = time.time() - t0
             tokens_seen += n_tokens
@@ -151,10 +148,10 @@ def train(args, rank, world, device):
             if args.aux_coef > 0:
                 entry["aux"] = round(step_aux, 6)
             log.append(entry)
-            if main:
+            if is_main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(entry) + "\n")
-            if main and ((step + 1) % args.log_every == 0 or step + 1 == total):
+            if is_main and ((step + 1) % args.log_every == 0 or step + 1 == total):
                 eta = (time.time() - t_start) / (step + 1 - start) * (end - step - 1)
                 print(f"step {step + 1}/{total} | loss {step_loss:.4f} | lr {lr:.2e} | {n_tokens / dt:,.0f} tok/s | "
                       f"{outputs.memory_label(device)} {entry['mem_gib']:.1f} GiB | eta {eta:.0f}s", flush=True)
@@ -175,7 +172,7 @@ def train(args, rank, world, device):
         return 0
     return outputs.finish(args, model, adapter_config, log, dict(
         wall=time.time() - t_start, tokens=tokens_seen, n_train=n_train, n_unpruned=n_unpruned, total=total,
-        prune_at=prune_at, device=device, dtype=dtype, main=main))
+        prune_at=prune_at, device=device, dtype=dtype, main=is_main))
 
 
 def device_and_dtype(args, device, world):
@@ -211,8 +208,8 @@ def build_model(args, dtype, device, world):
         model.to(device)
     else:
         model = hub.load_model(args.model, dtype=dtype, device=device, shard=parallel.shard if world > 1 else None)
-    if args.reference:  # the whole step on the plain code of moe.py (no kernels.py)
-        model.set_reference(True)
+    if args.plain:  # the whole step on the plain code of moe.py (no moe_fast.py)
+        model.set_plain(True)
     return model, data.load_tokenizer(args.model)
 
 
@@ -230,22 +227,20 @@ def attach_adapters(args, model, tok, ckpt):
     if args.method == "full":
         return dict(method="full"), None, None
     if ckpt is not None:
-        c = ckpt["adapter_config"]
-        lora.attach(model, c["method"], c["r"], c["alpha"], c["dropout"], c["rslora"], c["plan"], **c["options"])
-        return c, None, None
+        return methods.attach_from_config(model, ckpt["adapter_config"]), None, None
     plan, prof = plan_for(args, model, tok)
-    renorm = {"base": None, "on": True, "off": False}[args.perft_renorm]  # None: as the base model
     options = dict(act=args.adapter_act, perft_experts=args.perft_experts, perft_topk=args.perft_topk,
-                   perft_shared=args.perft_shared, perft_renorm=renorm, perft_init=args.perft_init,
-                   dmep_experts=args.dmep_experts, dmep_topk=args.dmep_topk, dmep_targets=args.dmep_targets)
-    return lora.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options), plan, prof
+                   perft_shared=args.perft_shared, perft_renorm=methods.RENORM[args.perft_renorm],
+                   perft_init=args.perft_init, dmep_experts=args.dmep_experts, dmep_topk=args.dmep_topk,
+                   dmep_targets=args.dmep_targets)
+    return methods.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options), plan, prof
 
 
 def plan_for(args, model, tok):
-    """The per-layer expert plan of sieve / random / coverage / budget (None for the other methods)."""
-    if args.method not in ("sieve", "random", "coverage", "budget"):
+    """The per-layer expert plan of the planned methods (sieve and its ablations; None for the others), from
+    --profile, or from a profile of the calibration data made now."""
+    if args.method not in methods.PLANNED:
         return None, None
-    k = args.sieve_k if args.sieve_k is not None else args.sieve_frac
     if args.profile:
         prof = router_profile.load_profile(args.profile)
     elif args.dry_run:  # no weights: the parameter count of a same-size plan does not depend on which experts
@@ -256,10 +251,8 @@ def plan_for(args, model, tok):
         prof = dict(layers=layers, num_experts=cfg.num_experts, counts=[[1] * cfg.num_experts for _ in layers])
     else:
         prof = calibration_profile(args, model, tok)
-    make = {"sieve": lambda: sieve.topk_plan(prof, k), "random": lambda: sieve.random_plan(prof, k, args.seed),
-            "coverage": lambda: sieve.coverage_plan(prof, args.coverage_p),
-            "budget": lambda: sieve.budget_plan(prof, k, args.budget_kmin)}
-    plan = make[args.method]()
+    k = args.sieve_k if args.sieve_k is not None else args.sieve_frac
+    plan = methods.plan(args.method, prof, k, args.seed, args.coverage_p, args.budget_kmin)
     if not args.dry_run:
         print(sieve.describe(prof, plan))
     return plan, prof
@@ -303,16 +296,16 @@ def load_examples(args, tok, cfg):
 
 # ---------------------------------------------------------------------------------------------------- optimizer
 
-def make_optimizer(args, state, dtype):
+def make_optimizer(args, trainable, dtype):
     """(AdamW, master). Adapters are fp32. Full training of a bf16/fp16 model steps fp32 master copies and copies
     them back after each step: bf16 keeps 8 bits of mantissa, so an update below ~1/256 of a weight (most
     updates at lr 1e-4) would round away if AdamW stepped the bf16 weights themselves."""
-    for p in state.values():
+    for p in trainable.values():
         p.requires_grad_(True)
     master = None
-    if any(p.dtype != torch.float32 for p in state.values()):
-        master = {n: p.detach().float().clone() for n, p in state.items()}
-    params = list((master or state).values())
+    if any(p.dtype != torch.float32 for p in trainable.values()):
+        master = {n: p.detach().float().clone() for n, p in trainable.items()}
+    params = list((master or trainable).values())
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999)), master
 
 
@@ -334,7 +327,7 @@ def lr_at(step, total, args):
 
 # ---------------------------------------------------------------------------------------------------- loop
 
-def train_step(args, model, opt, state, master, params, batches, n_targets, step, dmep_warm, device, world):
+def train_step(args, model, opt, trainable, master, params, batches, n_targets, step, dmep_warm, device, world):
     """One optimizer step over this rank's micro-batches: (loss, aux, tokens), summed over the ranks. A NaN or
     inf loss or gradient norm stops training before the optimizer step (NonFiniteError): nothing bad is applied
     or saved, the last checkpoint stays as it was."""
@@ -356,7 +349,7 @@ def train_step(args, model, opt, state, master, params, batches, n_targets, step
             loss = loss + args.aux_coef * aux
             step_aux += aux.detach()
         if aux_coef > 0:  # the adapters' own routers (PERFT-R; DMEP in warm-up), each balanced on its own
-            loss = loss + aux_coef * lora.router_balance_loss(model, mask, all_sum) / len(batches)
+            loss = loss + aux_coef * methods.router_balance_loss(model, mask, all_sum) / len(batches)
         if dmep_warm:
             dmep.track(model, mask, args.dmep_ema if args.dmep_util == "ema" else None)
         if args.z_coef > 0 and logits:
@@ -365,7 +358,7 @@ def train_step(args, model, opt, state, master, params, batches, n_targets, step
             loss = loss * world  # FSDP2 averages gradients over ranks; every term above is this rank's share
         loss.backward()
     if master:  # bf16 full training: the gradients move to the fp32 master copies
-        for n, p in state.items():
+        for n, p in trainable.items():
             master[n].grad, p.grad = (None if p.grad is None else p.grad.float()), None
     parallel.sum_grads(params)  # replicated adapters: the gradient of the global batch on every rank
     grads = [p.grad for p in params if p.grad is not None]
@@ -385,13 +378,10 @@ def train_step(args, model, opt, state, master, params, batches, n_targets, step
     opt.zero_grad(set_to_none=True)
     if master:
         with torch.no_grad():
-            for n, p in state.items():
+            for n, p in trainable.items():
                 p.copy_(master[n])
     return float(step_loss), float(step_aux), int(parallel.all_sum(n_tokens))
 
 
 if __name__ == "__main__":
-    if not set(sys.argv[1:]) - {"--quick", "--reference"}:  # the embedded default job lives in study.py
-        from tools import study
-        sys.exit(study.main(["--default", *sys.argv[1:]]))
     sys.exit(main())

@@ -228,6 +228,24 @@ def _line_number(path, index):
 # encoding, padding, packing, batching
 
 
+def prompt_and_answer(rec):
+    """(prompt, answer) of a prompt, mc or qa record, as they are trained and routed: prompt + completion;
+    query + " " + the gold choice; question + " " + answer. The one place a record's kind becomes text."""
+    kind = record_kind(rec)
+    if kind == "prompt":
+        return rec["prompt"], rec["completion"]
+    if kind == "mc":
+        return rec["query"], " " + rec["choices"][rec["gold"]]
+    if kind == "qa":
+        return rec["question"], " " + str(rec["answer"])
+    raise ValueError(f"a {kind} record has no prompt and answer")
+
+
+def record_text(rec):
+    """The whole text of a record (its prompt and answer joined; a text record's text), without EOS."""
+    return rec["text"] if record_kind(rec) == "text" else "".join(prompt_and_answer(rec))
+
+
 def encode_pair(tok, prompt, completion):
     """(prompt_ids, completion_ids) whose concatenation is exactly encode(prompt + completion).
 
@@ -273,13 +291,7 @@ def _encode(tok, rec, max_len, loss_on):  # (ids, loss_mask, number of tokens cu
     if kind == "text":
         ids = tok.encode(rec["text"]) + [tok.eos_id]
         return ids[:max_len], [0] + [1] * (min(len(ids), max_len) - 1), max(0, len(ids) - max_len)
-    if kind == "prompt":
-        prompt, answer = rec["prompt"], rec["completion"]
-    elif kind == "mc":
-        prompt, answer = rec["query"], " " + rec["choices"][rec["gold"]]
-    else:  # qa
-        prompt, answer = rec["question"], " " + str(rec["answer"])
-    head, tail = encode_pair(tok, prompt, answer)
+    head, tail = encode_pair(tok, *prompt_and_answer(rec))
     tail = tail + [tok.eos_id]
     n = len(head) + len(tail)
     if loss_on == "all":

@@ -1,4 +1,5 @@
-"""The pictures: the routing heatmap of a profile (router_profile.py) and DMEP's utilization at pruning.
+"""The pictures: a run's loss curve, the routing heatmap of a profile (router_profile.py), DMEP's utilization at
+pruning; every picture is written by `save`.
 
 matplotlib is optional: it is imported only here, only when a picture is drawn, and without it each function
 prints a one-line note and returns False (no file written). The Figure API is used, not pyplot: no global
@@ -6,7 +7,7 @@ state, no GUI backend. Files are written atomically (a reader never sees half a 
 """
 import os
 
-import lora
+from files import atomic
 
 
 def figure_class(what):
@@ -17,6 +18,34 @@ def figure_class(what):
         print(f"plots: matplotlib is not installed, skipping {what}")
         return None
     return Figure
+
+
+def save(fig, path):
+    """The figure as a PNG at `path`, written atomically."""
+    atomic.write(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def loss(log, path):
+    """loss.png: the training loss against the step, the learning rate on a second axis (train.py has no
+    validation set, so there is no validation curve). log: train.py's entries (step, loss, lr)."""
+    Figure = figure_class(path)
+    if Figure is None:
+        return False
+    steps = [e["step"] for e in log]
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    (loss_line,) = ax.plot(steps, [e["loss"] for e in log], color="tab:blue", label="training loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean per target token)", color="tab:blue")
+    ax.grid(alpha=0.3)
+    lr = ax.twinx()
+    (lr_line,) = lr.plot(steps, [e["lr"] for e in log], color="tab:orange", linestyle="--", label="learning rate")
+    lr.set_ylabel("learning rate", color="tab:orange")
+    lr.set_ylim(bottom=0)
+    lr.legend(handles=[loss_line, lr_line], loc="best")  # inside the axes, where it covers the least
+    ax.set_title(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: {len(log)} steps")
+    save(fig, path)
+    return True
 
 
 def heatmap(path, values, title, xlabel, ylabel, rows, cbar, marks=(), dots=(), note=None, cbar_line=None):
@@ -47,7 +76,7 @@ def heatmap(path, values, title, xlabel, ylabel, rows, cbar, marks=(), dots=(), 
     if note:
         fig.text(0.01, 0.01, note, fontsize=7)
     fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
-    lora.atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    save(fig, path)
     return True
 
 

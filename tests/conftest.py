@@ -11,6 +11,7 @@ Every dimension is a multiple of 16: grouped_mm on CPU wants 16-byte-aligned str
 """
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+import moe
+from tiny import SENTENCES, tiny_checkpoint
 
 VOCAB = 128
 # eos/pad inside the tiny vocab (OLMoE's default eos 50279 is not); 0 is left free for tests to use as pad.
@@ -238,3 +242,49 @@ def assert_no_graph(*values):
             stack.extend(v)
         elif torch.is_tensor(v):
             assert v.grad_fn is None and not v.requires_grad, f"a returned tensor {tuple(v.shape)} keeps a graph"
+
+
+# ----------------------------------------------------------------------------- shared by several test files
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "data", "configs")  # the real OLMoE / Mixtral / Qwen configs
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny checkpoint of this repository's own model, with a sentencepiece tokenizer (one per test module)."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    """A small training .jsonl with text, prompt and multiple-choice records."""
+    p = tmp_path_factory.mktemp("data") / "train.jsonl"
+    recs = [{"text": s} for s in SENTENCES] + [
+        {"prompt": "Question: 2 + 2 =", "completion": " 4"},
+        {"query": "Question: What colour is grass?\nAnswer:", "choices": ["red", "green"], "gold": 1}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs * 2))
+    return str(p)
+
+
+def check_rmsnorm_backward(dtype, device):
+    """moe.RMSNorm's gradients equal transformers' OlmoeRMSNorm's on `device` in `dtype` (test_parity, test_gpu)."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
+
+    g = torch.Generator().manual_seed(14)
+    x = (3 * torch.randn(4, 7, 64, generator=g)).to(device, dtype)
+    w = (0.8 + 0.4 * torch.rand(64, generator=g)).to(device, dtype)
+    gy = torch.randn(4, 7, 64, generator=g).to(device, dtype)
+    grads = []
+    for norm in (moe.RMSNorm(64, 1e-5), OlmoeRMSNorm(64, eps=1e-5)):
+        norm = norm.to(device, dtype)
+        with torch.no_grad():
+            norm.weight.copy_(w)
+        xi = x.clone().requires_grad_()
+        norm(xi).backward(gy)
+        grads.append((xi.grad, norm.weight.grad))
+    for ours, ref in zip(*grads):
+        assert ours.dtype == dtype
+        # x's gradient: a mean over D = 64 products, then a few products; weight's: a sum over 28 rows. fp32:
+        # the sums' lengths (64 u); bf16: the same math in fp32 on both sides, then one rounding of the result
+        # and of the bf16 product gy * w before it: 4 u(bf16) of the largest gradient
+        assert_within(ours.float(), ref.float(), 64 if dtype == torch.float32 else 4, dtype)

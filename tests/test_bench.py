@@ -146,22 +146,16 @@ def test_traffic_counts_one_layer_without_a_gpu(capsys):
     assert "lora " in capsys.readouterr().out
 
 
-def test_reference_puts_our_rows_on_the_plain_path(monkeypatch, capsys):
-    """--reference calls model.set_reference(True) on each of our rows (not on peft's); a model class without
-    set_reference is refused by name before any row runs."""
-    real = getattr(moe.Transformer, "set_reference", None)
-    if real is None:
-        with pytest.raises(SystemExit, match="--reference"):
-            bench.main(["--device", "cpu", "--tiny", "--methods", "attn", "--reference"])
-    calls = []
+def test_plain_puts_our_rows_on_the_plain_path(monkeypatch, capsys):
+    """--plain calls model.set_plain(True) on each of our rows (not on peft's)."""
+    real, calls = moe.Transformer.set_plain, []
 
     def spy(self, on):
         calls.append(on)
-        if real is not None:
-            real(self, on)
+        real(self, on)
 
-    monkeypatch.setattr(moe.Transformer, "set_reference", spy, raising=False)
+    monkeypatch.setattr(moe.Transformer, "set_plain", spy)
     argv = ["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "0", "--methods", "attn,lora,peft-attn"]
-    result = bench.main(argv + ["--reference"])
+    result = bench.main(argv + ["--plain"])
     assert calls == [True, True] and all(r["status"] == "ok" for r in result["rows"])
-    assert result["reference"] and "reference path (ours)" in capsys.readouterr().out
+    assert result["plain"] and "plain path (ours)" in capsys.readouterr().out

@@ -9,10 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from files import hub
-import lora
 import train
 from conftest import FORWARD, tol
-from test_train import ckpt, train_file  # noqa: F401  (module-scoped fixtures)
+import methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # relative, for losses (~5): the two runs differ only in the order of float sums (per-rank partial sums, other
@@ -66,13 +65,13 @@ def test_two_processes_follow_the_single_process_loss_curve(ckpt, train_file, tm
         torch.testing.assert_close(b[k], a[k], **ADAPTER, msg=k)
     x = torch.randint(3, 300, (2, 12))
     one, two = hub.load_model(ckpt), hub.load_model(ckpt)
-    lora.load_adapter(one, tmp_path / "one")
-    lora.load_adapter(two, tmp_path / "two")
+    methods.load_adapter(one, tmp_path / "one")
+    methods.load_adapter(two, tmp_path / "two")
     torch.testing.assert_close(two(x), one(x), rtol=1e-5, atol=1e-5)  # as for ADAPTER: not a rounding count
     assert not any(p.name.startswith("rank") for p in (tmp_path / "two").iterdir())
 
 
-@pytest.mark.parametrize("method", [m for m in lora.METHODS if m not in ("sieve", "dmep", "full")])
+@pytest.mark.parametrize("method", [m for m in methods.METHODS if m not in ("sieve", "dmep", "full")])
 def test_every_other_method_under_torchrun(ckpt, train_file, tmp_path, method):
     """Each remaining method under torchrun: the single-process loss curve for 3 steps (sieve and dmep above)."""
     flags = common(ckpt, train_file, method, steps=3)

@@ -9,10 +9,11 @@ import torch
 
 from files import data
 import eval as ev
+from files import export
 from files import hub
-import lora
 from conftest import FORWARD, tol
 from tiny import tiny_checkpoint, tiny_model
+import methods
 
 # ----------------------------------------------------------------------------- fakes
 
@@ -161,14 +162,14 @@ def files(tmp_path_factory):
         with open(out[name], "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in recs))
     model = hub.load_model(ckpt)  # an adapter with non-zero B, saved, and the same folded into a checkpoint
-    config = lora.attach(model, "lora", r=4, alpha=8)
+    config = methods.attach(model, "lora", r=4, alpha=8)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for n, p in lora.adapter_state(model).items():
+        for n, p in methods.adapter_state(model).items():
             if n.endswith("_B"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    lora.save_adapter(model, str(d / "adapter"), config)
-    hub.export_merged(model, ckpt, str(d / "merged"))
+    methods.save_adapter(model, str(d / "adapter"), config)
+    export.export_merged(model, ckpt, str(d / "merged"))
     out.update(adapter=str(d / "adapter"), merged=str(d / "merged"), dir=d)
     return out
 
@@ -195,7 +196,7 @@ def test_adapter_equals_merged_checkpoint(files):
     tok = data.load_tokenizer(f["ckpt"])
     lls = [ev.choice_logliks(hub.load_model(f["merged"]), tok, MC)]
     model = hub.load_model(f["ckpt"])
-    lora.load_adapter(model, f["adapter"])
+    methods.load_adapter(model, f["adapter"])
     lls.append(ev.choice_logliks(model, tok, MC))
     for a, b in zip(*lls):
         assert a == pytest.approx(b, rel=rel)
@@ -236,7 +237,7 @@ def test_cli_errors_exit_1_name_the_file_and_write_nothing(files, tmp_path, caps
     naming the file (and the expected keys), and no --out file."""
     other = tmp_path / "other_adapter"  # an adapter made for the tiny Mixtral: another base
     m = tiny_model("mixtral")
-    lora.save_adapter(m, str(other), lora.attach(m, "attn", r=2, alpha=4))
+    methods.save_adapter(m, str(other), methods.attach(m, "attn", r=2, alpha=4))
     args, expect = {
         "no_data": (["--task", "ppl", "--data", tmp_path / "nope.jsonl"], ["nope.jsonl", "no such file"]),
         "wrong_kind": (["--task", "mc", "--data", files["text"]], ["text.jsonl", "{query, choices, gold}"]),

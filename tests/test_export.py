@@ -3,8 +3,9 @@ import pytest
 import torch
 from conftest import FORWARD, assert_logits_close, assert_within, load_hf, make_ids
 
+from files import export
 from files import hub
-import lora
+import methods
 
 CASES = [("olmoe", False), ("mixtral", True), ("qwen2_moe", False), ("qwen3_moe", False)]
 
@@ -15,10 +16,10 @@ def adapted(path, rslora, seed=0):
     cfg = model.config
     layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
     plan = {i: [(3 * n + 1) % cfg.num_experts, (5 * n + 6) % cfg.num_experts] for n, i in enumerate(layers)}
-    config = lora.attach(model, "sieve", r=4, alpha=8, rslora=rslora, plan=plan)
+    config = methods.attach(model, "sieve", r=4, alpha=8, rslora=rslora, plan=plan)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in lora.adapter_state(model).values():
+        for p in methods.adapter_state(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model, config
 
@@ -35,7 +36,7 @@ def test_peft_loads_our_export_and_gives_our_logits(checkpoints, tmp_path, name,
     model, config = adapted(ck.path, rslora)
     x = make_ids(2, 12)
     ours = model(x)
-    hub.export_peft(model, config, tmp_path / "peft")
+    export.export_peft(model, config, tmp_path / "peft")
     ref = PeftModel.from_pretrained(load_hf(ck.path), tmp_path / "peft").eval()
     with torch.no_grad():
         theirs = ref(x).logits
@@ -50,7 +51,7 @@ def test_merged_checkpoint_loads_in_transformers(checkpoints, tmp_path, name):
     model, _ = adapted(ck.path, rslora=False)
     x = make_ids(2, 12)
     ours = model(x)
-    hub.export_merged(model, ck.path, tmp_path / "merged", shard_bytes=64 << 10)
+    export.export_merged(model, ck.path, tmp_path / "merged", shard_bytes=64 << 10)
     assert len(list((tmp_path / "merged").glob("model-*.safetensors"))) > 1
     with torch.no_grad():
         theirs = load_hf(tmp_path / "merged")(x).logits
@@ -67,7 +68,7 @@ def test_adapter_gradients_match_peft_on_transformers(checkpoints, tmp_path, nam
     from peft import PeftModel
     ck = checkpoints(name)
     model, config = adapted(ck.path, rslora=False)
-    hub.export_peft(model, config, tmp_path / "peft")
+    export.export_peft(model, config, tmp_path / "peft")
     ref = PeftModel.from_pretrained(load_hf(ck.path), tmp_path / "peft", is_trainable=True)
     x = make_ids(2, 12)
     probe = torch.randn(2, 12, model.config.vocab_size, generator=torch.Generator().manual_seed(5))
@@ -76,7 +77,7 @@ def test_adapter_gradients_match_peft_on_transformers(checkpoints, tmp_path, nam
     theirs = {n.replace("base_model.model.", "").replace(".default.weight", ""): p.grad
               for n, p in ref.named_parameters() if p.requires_grad}
     checked = 0
-    for n, p in lora.adapter_state(model).items():
+    for n, p in methods.adapter_state(model).items():
         if n in theirs:  # attention and router LoRA: the same (r, in) / (out, r) layout in both
             # the forward's reductions (FORWARD, see conftest) and the backward's, transposed: twice that, of
             # each gradient's own largest entry

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 
 from files import data
 import dmep
-import lora
 import moe
 import perft
 import router_profile as rp
 import sieve
 from conftest import assert_within
 from tiny import tiny_model
+import methods
 
 
 class CharTokenizer:
@@ -38,7 +38,7 @@ def authors_counts(model, records, samples, seq_len, seed):
     read off each router linear by a hook; one sequence at a time, so there is no padding at all."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    texts = [rp.record_text(records[i]) for i in order[:samples]]
+    texts = [data.record_text(records[i]) for i in order[:samples]]
     cfg, layers = model.config, [i for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i)]
     counts = {i: [0] * cfg.num_experts for i in layers}
     seen = {}
@@ -113,13 +113,13 @@ def test_perft_init_is_the_public_codes():
     # PERFT-E's adapters through attach, and S / D: the default init is "theirs"
     for method in ("perft-e", "perft-s", "perft-d"):
         m = tiny_model("olmoe")
-        lora.attach(m, method, r=16, alpha=32)
+        methods.attach(m, method, r=16, alpha=32)
         ad = m.model.layers[0].mlp.experts.adapter if method == "perft-e" else m.model.layers[0].mlp.adapter
         # at least 512 draws: std's relative standard error <= 3.2%; 15% is about five of those
         assert ad.A.std().item() == pytest.approx(math.sqrt(2 / 16), rel=0.15), method
         assert 0 < ad.B.abs().max().item() < 1e-5, method
-    with pytest.raises(lora.AdapterError, match="--perft-init"):
-        lora.attach(tiny_model("olmoe"), "perft-s", r=4, alpha=8, perft_init="xavier")
+    with pytest.raises(methods.AdapterError, match="--perft-init"):
+        methods.attach(tiny_model("olmoe"), "perft-s", r=4, alpha=8, perft_init="xavier")
 
 
 def direct_balance_loss(logits, mask, n, k):
@@ -135,14 +135,14 @@ def direct_balance_loss(logits, mask, n, k):
 
 def test_perft_r_pooled_loss_and_the_base_aux_loss_equal_a_direct_computation():
     m = tiny_model("olmoe")
-    lora.attach(m, "perft-r", r=4, alpha=8, perft_experts=4, perft_topk=2)
+    methods.attach(m, "perft-r", r=4, alpha=8, perft_experts=4, perft_topk=2)
     ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(5))
     mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
     _, routing = m(ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), return_routing=True, hidden=True)
     ads = [layer.mlp.adapter for layer in m.model.layers]
     want = direct_balance_loss([a.router_logits for a in ads], mask, 4, 2)
     # fp32 softmax (a few roundings), means over <= 22 rows, a sum over E = 4: 32 u of the loss's size
-    assert_within(lora.router_balance_loss(m, mask), want, 32)
+    assert_within(methods.router_balance_loss(m, mask), want, 32)
     per_module = sum(direct_balance_loss([a.router_logits], mask, 4, 2) for a in ads) / 2
     assert abs(want - per_module) > 1e-4  # pooling is not the average of the per-layer losses here
     base = direct_balance_loss([r.logits for r in routing], mask, 8, 2)
@@ -153,13 +153,13 @@ def test_perft_r_pooled_loss_and_the_base_aux_loss_equal_a_direct_computation():
 def test_perft_r_renormalises_as_the_base_model(norm):
     """perft_renorm None (the default): PERFT-R renormalises its top-K weights iff the base model does."""
     m = tiny_model("olmoe", norm_topk_prob=norm)
-    lora.attach(m, "perft-r", r=4, alpha=8)
+    methods.attach(m, "perft-r", r=4, alpha=8)
     assert m.model.layers[0].mlp.adapter.renorm is norm
     m = tiny_model("mixtral")  # Mixtral always renormalises
-    lora.attach(m, "perft-r", r=4, alpha=8)
+    methods.attach(m, "perft-r", r=4, alpha=8)
     assert m.model.layers[0].mlp.adapter.renorm is True
     m = tiny_model("mixtral")
-    lora.attach(m, "perft-r", r=4, alpha=8, perft_renorm=False)
+    methods.attach(m, "perft-r", r=4, alpha=8, perft_renorm=False)
     assert m.model.layers[0].mlp.adapter.renorm is False
 
 
@@ -167,10 +167,10 @@ def test_dmep_utilization_over_a_stage_is_the_share_of_its_assignments():
     """Tracked over several micro-batches (with padding), the utilization at pruning is each LoRA expert's share
     of ALL the stage's top-K assignments of real tokens, not a moving average of the last ones."""
     m = tiny_model("olmoe")
-    lora.attach(m, "dmep", r=4, alpha=8, dmep_experts=6, dmep_topk=2)
+    methods.attach(m, "dmep", r=4, alpha=8, dmep_experts=6, dmep_topk=2)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for p in lora.adapter_state(m).values():
+        for p in methods.adapter_state(m).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     module = m.model.layers[1].self_attn.v_proj
     total = torch.zeros(6)

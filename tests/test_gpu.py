@@ -11,14 +11,14 @@ different points: about five bf16 roundings), as on the CPU. Every random input 
 import pytest
 import torch
 from conftest import FORWARD, assert_logits_close, assert_within, make_ids
-from test_parity import check_rmsnorm_backward
-from test_train import ckpt, train_file  # noqa: F401  (module-scoped fixtures)
+from conftest import check_rmsnorm_backward
 
 import generate
 from files import hub
-import kernels
 import lora
 import moe
+import methods
+import moe_fast
 
 
 
@@ -125,7 +125,7 @@ def _fast_matches_loop(device, plan_ids):
     probe = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)).to(device, torch.bfloat16)
     out = {}
     for path in ("fast", "loop"):
-        moe.set_reference(experts, path == "loop")
+        moe.set_plain(experts, path == "loop")
         experts.adapter.zero_grad()
         x = x0.clone().requires_grad_(True)
         y = experts(x, idx, w)
@@ -148,7 +148,7 @@ def _lora_rows(device, plan_ids, monkeypatch):
     idx, w = _routing(device, 512, experts.E, 4)
     x = torch.randn(512, experts.gate_up_proj.shape[-1], generator=torch.Generator().manual_seed(4))
     x = x.to(device, torch.bfloat16)
-    rows, real = [], kernels.grouped_mm
+    rows, real = [], moe_fast.grouped_mm
 
     def spy(a, b, offs):
         if min(b.shape[1:]) <= 32:  # a LoRA factor: rank 16, or 2 x 16 (gate and up together); base: 128/256
@@ -156,7 +156,7 @@ def _lora_rows(device, plan_ids, monkeypatch):
             rows.append(a.shape[0])
         return real(a, b, offs=offs)
 
-    monkeypatch.setattr(kernels, "grouped_mm", spy)
+    monkeypatch.setattr(moe_fast, "grouped_mm", spy)
     experts(x, idx, w)
     return sum(rows), int(torch.isin(idx, torch.tensor(plan_ids, device=device)).sum())
 
@@ -195,5 +195,5 @@ def test_cuda_train_end_to_end(ckpt, train_file, tmp_path, method, extra):
     assert summary["device"].startswith("cuda") and summary["dtype"] == "torch.bfloat16"
     assert len(log) == 6 and all(e["loss"] == e["loss"] and e["tok_s"] > 0 for e in log)  # no NaN
     model = hub.load_model(ckpt, dtype=torch.bfloat16, device="cuda")
-    lora.load_adapter(model, str(out))
+    methods.load_adapter(model, str(out))
     assert torch.isfinite(model(make_ids(2, 16).cuda()).float()).all()

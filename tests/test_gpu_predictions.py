@@ -10,11 +10,14 @@ import torch
 
 from files import data
 import eval as ev
+from files import export
 from files import hub
-import kernels
 import lora
 import moe
+import perft
 from tiny import _config_dict, expert_layer_inputs, save_checkpoint, tiny_model
+import methods
+import moe_fast
 
 FP32 = dict(atol=1e-5, rtol=1e-5)  # fp32 values of size ~1-10 regrouped: a few roundings (test_kernels.py)
 
@@ -27,7 +30,7 @@ def fake_cuda(monkeypatch):
     cap = [(9, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
     monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(kernels, "_warned_slow", False)
+    monkeypatch.setattr(moe_fast, "_warned_slow", False)
     return lambda c: cap.__setitem__(0, c)
 
 
@@ -38,10 +41,10 @@ def test_grouped_mm_without_fast_kernel_warns_once_naming_capability_and_dtype(f
     capability and the dtype, and no second one in the same process."""
     fake_cuda(cap)
     with pytest.warns(UserWarning, match=rf"{str(dtype)[6:]} on cuda.*capability {cap[0]}\.{cap[1]}.*falls back"):
-        kernels.warn_if_slow(torch.device("cuda"), dtype)
+        moe_fast.warn_if_slow(torch.device("cuda"), dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kernels.warn_if_slow(torch.device("cuda"), dtype)
+        moe_fast.warn_if_slow(torch.device("cuda"), dtype)
 
 
 @pytest.mark.parametrize("cap", [(9, 0), (10, 0)])
@@ -51,18 +54,18 @@ def test_grouped_mm_fast_kernel_does_not_warn(fake_cuda, cap):
     fake_cuda(cap)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        kernels.warn_if_slow(torch.device("cuda"), torch.bfloat16)
-        kernels.warn_if_slow(torch.device("cpu"), torch.float32)
-    assert not kernels._warned_slow
+        moe_fast.warn_if_slow(torch.device("cuda"), torch.bfloat16)
+        moe_fast.warn_if_slow(torch.device("cpu"), torch.float32)
+    assert not moe_fast._warned_slow
 
 
 def test_grouped_experts_checks_its_device_and_dtype(monkeypatch):
     """The grouped expert path asks warn_if_slow about the device of its rows and the dtype of its weights."""
     seen = []
-    monkeypatch.setattr(kernels, "warn_if_slow", lambda device, dtype: seen.append((device, dtype)))
+    monkeypatch.setattr(moe_fast, "warn_if_slow", lambda device, dtype: seen.append((device, dtype)))
     E, D, I = 8, 48, 32
     x, idx, w = expert_layer_inputs(10, 2, E, D)
-    kernels.grouped_experts(x, idx, w, torch.randn(E, 2 * I, D), torch.randn(E, D, I))
+    moe_fast.grouped_experts(x, idx, w, torch.randn(E, 2 * I, D), torch.randn(E, D, I))
     assert seen == [(torch.device("cpu"), torch.float32)]
 
 
@@ -88,7 +91,7 @@ def _adapted_experts(method, ids=None, dropout=0.0):
         experts.gate_up_proj.copy_(0.1 * torch.randn(E, 2 * I, D, generator=g))
         experts.down_proj.copy_(0.1 * torch.randn(E, D, I, generator=g))
     if method == "perft-e":
-        experts.adapter = lora.ExpertAdapter(experts, 4, 8, dropout=dropout)
+        experts.adapter = perft.ExpertAdapter(experts, 4, 8, dropout=dropout)
     else:
         experts.adapter = lora.ExpertLoRA(experts, ids, 4, 8, dropout=dropout)
     with torch.no_grad():
@@ -102,7 +105,7 @@ def _adapter_grads(experts, reference):
     x, _, w = expert_layer_inputs(40, 2, 8, 48)
     others = torch.tensor([0, 1, 2, 4, 5, 6, 7])
     idx = torch.stack([others[torch.randperm(7, generator=torch.Generator().manual_seed(i))[:2]] for i in range(40)])
-    moe.set_reference(experts, reference)
+    moe.set_plain(experts, reference)
     experts.zero_grad()
     torch.manual_seed(0)  # the same dropout masks in both paths (the plain one draws them alike only without dropout)
     (experts(x, idx, w) * torch.randn(40, 48, generator=torch.Generator().manual_seed(1))).sum().backward()
@@ -120,10 +123,10 @@ def test_expert_without_rows_gets_exactly_zero_gradient_whatever_grouped_mm_retu
     have reached them (checked too, so the fake is known to bite). Dropout: the A product autograd keeps."""
     experts = _adapted_experts(method, ids, dropout)
     j = 3 if ids is None else ids.index(3)  # expert 3's slot in the adapter's stacked factors
-    monkeypatch.setattr(kernels, "_torch_grouped_mm", _garbage_for_empty_groups(kernels._torch_grouped_mm))
-    monkeypatch.setattr(kernels, "_empty_groups_unreliable", lambda device: False)
+    monkeypatch.setattr(moe_fast, "_torch_grouped_mm", _garbage_for_empty_groups(moe_fast._torch_grouped_mm))
+    monkeypatch.setattr(moe_fast, "_empty_groups_unreliable", lambda device: False)
     assert all(g[j].isnan().all() for g in _adapter_grads(experts, reference=False).values())
-    monkeypatch.setattr(kernels, "_empty_groups_unreliable", lambda device: True)
+    monkeypatch.setattr(moe_fast, "_empty_groups_unreliable", lambda device: True)
     fast = _adapter_grads(experts, reference=False)
     if dropout == 0:
         plain = _adapter_grads(experts, reference=True)
@@ -139,10 +142,10 @@ def test_empty_groups_are_zeroed_on_blackwell_only(monkeypatch):
     (capability 10.x and later) and in compiled graphs, not on the CPU or on capability 9.x."""
     cap = [(10, 0)]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
-    assert kernels._empty_groups_unreliable(torch.device("cuda"))
+    assert moe_fast._empty_groups_unreliable(torch.device("cuda"))
     cap[0] = (9, 0)
-    assert not kernels._empty_groups_unreliable(torch.device("cuda"))
-    assert not kernels._empty_groups_unreliable(torch.device("cpu"))
+    assert not moe_fast._empty_groups_unreliable(torch.device("cuda"))
+    assert not moe_fast._empty_groups_unreliable(torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- exports stream
@@ -154,14 +157,14 @@ def test_merged_export_holds_one_shard_of_host_tensors_at_a_time(tmp_path, monke
     base + adapter, and the model is left unmerged (as before, up to the round trip's rounding)."""
     model = tiny_model(model_type)
     save_checkpoint(model, _config_dict(model_type), tmp_path / "src")
-    lora.attach(model, "lora", r=4, alpha=8)
+    methods.attach(model, "lora", r=4, alpha=8)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        for p in lora.adapter_state(model).values():
+        for p in methods.adapter_state(model).values():
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
     x = torch.randint(3, 96, (2, 12), generator=g)
     before = model(x).detach()
-    written, alive, real = [], [], hub.save_file
+    written, alive, real = [], [], export.save_file
 
     def counting_writer(tensors, path, metadata=None):
         assert all(ref() is None for ref in alive), "a host tensor of an earlier shard is still held"
@@ -170,10 +173,10 @@ def test_merged_export_holds_one_shard_of_host_tensors_at_a_time(tmp_path, monke
         alive[:] = [weakref.ref(t) for t in tensors.values()]
         real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(hub, "save_file", counting_writer)
+    monkeypatch.setattr(export, "save_file", counting_writer)
     shard_bytes = 16 << 10
-    hub.export_merged(model, str(tmp_path / "src"), str(tmp_path / "merged"), shard_bytes=shard_bytes)
-    biggest = max(t.nbytes for t in hub.checkpoint_views(model).values())
+    export.export_merged(model, str(tmp_path / "src"), str(tmp_path / "merged"), shard_bytes=shard_bytes)
+    biggest = max(t.nbytes for t in export.checkpoint_views(model).values())
     assert len(written) >= 3 and max(written) <= max(shard_bytes, biggest), written
     # merged W + scale B A against the unmerged sum of products: fp32 regroupings of logits of size ~1
     torch.testing.assert_close(hub.load_model(str(tmp_path / "merged"))(x), before, atol=1e-4, rtol=1e-4)

@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-import kernels
 import lora
 import moe
 from conftest import FORWARD, assert_within
 from tiny import expert_layer_inputs, kept_for_backward, tiny_model
+import methods
+import moe_fast
 
 TYPES = ["olmoe", "mixtral", "qwen2_moe", "qwen3_moe"]
 PLAN = {0: [1, 5, 6]}  # layer 0: three of eight experts; layer 1 (dense in the Qwen2 tiny model) none
@@ -19,7 +20,7 @@ def ids(seed=0, B=3, T=24):
 def randomize_adapters(model, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in lora.adapter_state(model).values():
+        for p in methods.adapter_state(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
@@ -30,7 +31,7 @@ def test_zero_B_gives_exactly_the_base_logits(model_type, method):
     m = tiny_model(model_type)
     x = ids()
     base = m(x)
-    lora.attach(m, method, r=4, alpha=8, plan=PLAN)
+    methods.attach(m, method, r=4, alpha=8, plan=PLAN)
     assert torch.equal(m(x), base)
 
 
@@ -39,7 +40,7 @@ def test_fast_path_equals_loop_path_with_expert_lora(model_type, method):
     """Expert LoRA on a subset of experts (sieve) or on all (lora): the grouped fast path, whose backward
     gathers the LoRA inputs again, equals the per-expert loop (plain autograd), logits and gradients."""
     m = tiny_model(model_type)
-    lora.attach(m, method, r=4, alpha=8, plan={0: [1, 5, 6], 1: [0, 7]})
+    methods.attach(m, method, r=4, alpha=8, plan={0: [1, 5, 6], 1: [0, 7]})
     randomize_adapters(m)
     x = ids()
     out = {}
@@ -48,7 +49,7 @@ def test_fast_path_equals_loop_path_with_expert_lora(model_type, method):
         m.zero_grad()
         logits = m(x)
         logits.square().mean().backward()
-        out[path] = logits.detach(), {n: p.grad.clone() for n, p in lora.adapter_state(m).items()}
+        out[path] = logits.detach(), {n: p.grad.clone() for n, p in methods.adapter_state(m).items()}
     # the same products summed in other blocks (FORWARD, see conftest); the gradients run the forward's
     # reductions again, transposed: twice that, of each gradient's own largest entry
     assert_within(out["fast"][0], out["loop"][0], FORWARD, msg="logits:")
@@ -60,7 +61,7 @@ def test_fast_path_equals_loop_path_with_expert_lora(model_type, method):
 def test_unaligned_rank_is_exact_in_the_grouped_path(r):
     """A rank that is not a multiple of 8 (padded with zeros for grouped_mm) gives the loop's result."""
     m = tiny_model("olmoe")
-    lora.attach(m, "lora", r=r, alpha=2 * r)
+    methods.attach(m, "lora", r=r, alpha=2 * r)
     randomize_adapters(m)
     x = ids()
     fast = m(x)
@@ -74,16 +75,16 @@ def test_merged_equals_unmerged(model_type):
     m = tiny_model(model_type)
     x = ids()
     base = m(x)
-    lora.attach(m, "lora", r=4, alpha=8, rslora=True)
+    methods.attach(m, "lora", r=4, alpha=8, rslora=True)
     randomize_adapters(m)
     adapted = m(x)
     assert (adapted - base).abs().max() > 1e-2  # the adapters really change the output
-    lora.merge(m)
+    methods.merge(m)
     # merging rounds each weight once (W + s B A, a sum over r <= 8): one more rounding step at the input of
     # every reduction, well inside the forward's budget (FORWARD, see conftest)
     assert_within(m(x), adapted, FORWARD)
-    lora.merge(m, -1)
-    for mod in lora.adapter_modules(m):  # switch the adapters off: the weights must be the base ones again
+    methods.merge(m, -1)
+    for mod in methods.adapter_modules(m):  # switch the adapters off: the weights must be the base ones again
         mod.merged = True
     assert_within(m(x), base, FORWARD)  # unmerging rounds each weight once more
 
@@ -93,10 +94,10 @@ def test_gradients_reach_every_adapter_and_no_frozen_tensor(model_type):
     """After one backward, every LoRA tensor (attention, router, shared, each adapted expert) has a
     non-zero gradient, and no base tensor has a gradient at all."""
     m = tiny_model(model_type).train()
-    lora.attach(m, "sieve", r=4, alpha=8, plan={0: [1, 5, 6], 1: [2]})
+    methods.attach(m, "sieve", r=4, alpha=8, plan={0: [1, 5, 6], 1: [2]})
     randomize_adapters(m)
     m(ids(B=4, T=32)).logsumexp(-1).mean().backward()
-    state = lora.adapter_state(m)
+    state = methods.adapter_state(m)
     names = set(state)
     assert any(".mlp.gate." in n for n in names) and any(".experts.adapter." in n for n in names)
     for n, p in state.items():
@@ -124,7 +125,7 @@ def test_expert_lora_keeps_no_row_sized_input(ids_):
         for p in experts.adapter.parameters():
             p.normal_(0, 0.1)
     x, idx, w = expert_layer_inputs(N, K, E, D)
-    y, kept = kept_for_backward(lambda: kernels.grouped_experts(x, idx, w, experts.gate_up_proj, experts.down_proj, experts.adapter), experts.gate_up_proj, experts.down_proj)
+    y, kept = kept_for_backward(lambda: moe_fast.grouped_experts(x, idx, w, experts.gate_up_proj, experts.down_proj, experts.adapter), experts.gate_up_proj, experts.down_proj)
     P, n = N * K, int(torch.isin(idx, torch.tensor(list(ids_))).sum())
     assert sorted(s for s in kept if s[0] in (P, n) and s[1] > 2 * 8) == [(P, D), (P, 2 * I)], kept  # 2r padded: 16
     y.sum().backward()
@@ -135,10 +136,10 @@ def test_dropout_keeps_the_dropped_rows_and_trains():
     """With LoRA dropout in training mode the dropped rows cannot be made again in backward, so the fast path
     keeps them (plain autograd); every adapter tensor still gets a gradient."""
     m = tiny_model("olmoe").train()
-    lora.attach(m, "lora", r=4, alpha=8, dropout=0.5)
+    methods.attach(m, "lora", r=4, alpha=8, dropout=0.5)
     randomize_adapters(m)
     m(ids()).square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.adapter_state(m).values())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in methods.adapter_state(m).values())
 
 
 @pytest.mark.parametrize("method,dropout", [("lora", 0.0), ("sieve", 0.0), ("lora", 0.3), ("perft-e", 0.0)])
@@ -150,13 +151,13 @@ def test_grad_checkpoint_gives_the_same_gradients(method, dropout):
     for ckpt in (False, True):
         torch.manual_seed(0)
         m = tiny_model("olmoe").train()
-        lora.attach(m, method, r=4, alpha=8, dropout=dropout, plan=PLAN)
+        methods.attach(m, method, r=4, alpha=8, dropout=dropout, plan=PLAN)
         randomize_adapters(m)
         m.grad_checkpoint = ckpt
         torch.manual_seed(1)
         loss = m(ids(), labels=ids(seed=1))
         loss.backward()
-        out[ckpt] = loss.detach(), {n: p.grad for n, p in lora.adapter_state(m).items()}
+        out[ckpt] = loss.detach(), {n: p.grad for n, p in methods.adapter_state(m).items()}
     # the same ops run again in backward; only the order in which autograd adds up a tensor's gradient
     # contributions may change: a few roundings of the values compared
     assert_within(out[True][0], out[False][0], 4, msg="loss:")
@@ -168,16 +169,16 @@ def test_tokens_routed_to_frozen_experts_cost_no_lora_work(monkeypatch):
     """The expert-LoRA grouped products run on exactly the (token, slot) pairs routed to adapted experts."""
     m = tiny_model("olmoe")
     plan = {0: [1, 5, 6], 1: [3]}
-    lora.attach(m, "sieve", r=8, alpha=16, plan=plan)
+    methods.attach(m, "sieve", r=8, alpha=16, plan=plan)
     calls = []
-    real = kernels.grouped_mm
+    real = moe_fast.grouped_mm
 
     def spy(a, b, offs):
         assert a.shape[0] == int(offs[-1])  # the input holds exactly the rows multiplied
         calls.append((b.shape[0], a.shape[0]))  # (groups, rows multiplied)
         return real(a, b, offs=offs)
 
-    monkeypatch.setattr(kernels, "grouped_mm", spy)
+    monkeypatch.setattr(moe_fast, "grouped_mm", spy)
     _, routing = m(ids(), return_routing=True)
     for r in routing:
         routed = int(torch.isin(r.topk_idx, torch.tensor(plan[r.layer])).sum())
@@ -199,18 +200,18 @@ def test_no_token_routed_to_an_adapted_expert_gives_the_base_output():
     with torch.no_grad():
         experts.adapter.gate_B.fill_(1.0), experts.adapter.up_B.fill_(1.0), experts.adapter.down_B.fill_(1.0)
     for path in ("fast", "loop"):
-        moe.set_reference(experts, path == "loop")
+        moe.set_plain(experts, path == "loop")
         assert torch.equal(experts(x, idx, w), base), path
 
 
 def test_loop_path_skips_frozen_experts(monkeypatch):
     """In the loop path the adapter computes only for adapted experts."""
     m = tiny_model("olmoe")
-    lora.attach(m, "sieve", r=4, alpha=8, plan={0: [2], 1: [4]})
+    methods.attach(m, "sieve", r=4, alpha=8, plan={0: [2], 1: [4]})
     m.set_expert_path("loop")
     seen = []
-    real = lora.ExpertLoRA._one
-    monkeypatch.setattr(lora.ExpertLoRA, "_one", lambda self, x, j, A, B: seen.append(self.ids[j]) or real(self, x, j, A, B))
+    real = lora.ExpertLoRA._delta
+    monkeypatch.setattr(lora.ExpertLoRA, "_delta", lambda self, x, j, A, B: seen.append(self.ids[j]) or real(self, x, j, A, B))
     m(ids())
     assert set(seen) == {2, 4}
 
@@ -218,14 +219,14 @@ def test_loop_path_skips_frozen_experts(monkeypatch):
 def test_save_load_round_trip(tmp_path):
     """A saved adapter loaded onto a fresh copy of the base reproduces the adapted logits exactly."""
     m = tiny_model("qwen2_moe")
-    config = lora.attach(m, "sieve", r=4, alpha=8, plan={0: [0, 3]})
+    config = methods.attach(m, "sieve", r=4, alpha=8, plan={0: [0, 3]})
     randomize_adapters(m)
     x = ids()
     want = m(x)
-    lora.save_adapter(m, tmp_path / "a", config)
+    methods.save_adapter(m, tmp_path / "a", config)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter.safetensors", "adapter_config.json"]
     fresh = tiny_model("qwen2_moe")
-    got = lora.load_adapter(fresh, tmp_path / "a")
+    got = methods.load_adapter(fresh, tmp_path / "a")
     assert got["plan"] == {"0": [0, 3]}
     assert torch.equal(fresh(x), want)
 
@@ -233,12 +234,12 @@ def test_save_load_round_trip(tmp_path):
 def test_adapter_for_another_base_is_refused(tmp_path):
     """Loading an adapter onto a base with a different config fails with a message naming both."""
     m = tiny_model("olmoe")
-    lora.save_adapter(m, tmp_path / "a", lora.attach(m, "attn", r=4, alpha=8))
+    methods.save_adapter(m, tmp_path / "a", methods.attach(m, "attn", r=4, alpha=8))
     other = tiny_model("olmoe", hidden_size=64)
-    with pytest.raises(lora.AdapterError, match="fingerprint"):
-        lora.load_adapter(other, tmp_path / "a")
-    with pytest.raises(lora.AdapterError, match="mixtral"):
-        lora.load_adapter(tiny_model("mixtral"), tmp_path / "a")
+    with pytest.raises(methods.AdapterError, match="fingerprint"):
+        methods.load_adapter(other, tmp_path / "a")
+    with pytest.raises(methods.AdapterError, match="mixtral"):
+        methods.load_adapter(tiny_model("mixtral"), tmp_path / "a")
 
 
 @pytest.mark.parametrize("broken", ["rank", "nan", "truncated", "missing"])
@@ -248,7 +249,7 @@ def test_broken_adapter_tensors_name_the_file_and_tensor(tmp_path, broken):
     import json
     from safetensors.torch import load_file, save_file
     m = tiny_model("olmoe")
-    lora.save_adapter(m, tmp_path / "a", lora.attach(m, "lora", r=4, alpha=8))
+    methods.save_adapter(m, tmp_path / "a", methods.attach(m, "lora", r=4, alpha=8))
     f, c = tmp_path / "a" / "adapter.safetensors", tmp_path / "a" / "adapter_config.json"
     t = load_file(f)
     name = "model.layers.0.mlp.experts.adapter.down_B"
@@ -262,8 +263,8 @@ def test_broken_adapter_tensors_name_the_file_and_tensor(tmp_path, broken):
         save_file(t, f)
     if broken == "truncated":
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(lora.AdapterError, match="adapter.safetensors") as info:
-        lora.load_adapter(tiny_model("olmoe"), tmp_path / "a")
+    with pytest.raises(methods.AdapterError, match="adapter.safetensors") as info:
+        methods.load_adapter(tiny_model("olmoe"), tmp_path / "a")
     assert broken == "truncated" or "model.layers." in str(info.value), str(info.value)
 
 
@@ -273,22 +274,22 @@ def test_broken_adapter_config_names_the_file(tmp_path, broken):
     naming the file (not a KeyError / TypeError traceback, nor a flag the loading command does not have)."""
     import json
     m = tiny_model("olmoe")
-    lora.save_adapter(m, tmp_path / "a", lora.attach(m, "attn", r=4, alpha=8))
+    methods.save_adapter(m, tmp_path / "a", methods.attach(m, "attn", r=4, alpha=8))
     f = tmp_path / "a" / "adapter_config.json"
     c = json.loads(f.read_text())
     c = {"no method": lambda: {k: v for k, v in c.items() if k != "method"}, "a list": lambda: [1],
          "rank a string": lambda: dict(c, r="4"), "unknown method": lambda: dict(c, method="dora")}[broken]()
     f.write_text(json.dumps(c))
-    with pytest.raises(lora.AdapterError, match="adapter_config.json"):
-        lora.load_adapter(tiny_model("olmoe"), tmp_path / "a")
+    with pytest.raises(methods.AdapterError, match="adapter_config.json"):
+        methods.load_adapter(tiny_model("olmoe"), tmp_path / "a")
 
 
 def test_bad_rank_and_method_are_refused():
     """Rank 0 and an unknown method raise errors naming the flag."""
-    with pytest.raises(lora.AdapterError, match="--rank"):
-        lora.attach(tiny_model(), "lora", r=0, alpha=8)
-    with pytest.raises(lora.AdapterError, match="--method"):
-        lora.attach(tiny_model(), "dora", r=4, alpha=8)
+    with pytest.raises(methods.AdapterError, match="--rank"):
+        methods.attach(tiny_model(), "lora", r=0, alpha=8)
+    with pytest.raises(methods.AdapterError, match="--method"):
+        methods.attach(tiny_model(), "dora", r=4, alpha=8)
 
 
 def test_compiled_blocks_match_fp32_eager():
@@ -304,14 +305,14 @@ def test_compiled_blocks_match_fp32_eager():
         torch._dynamo.reset()
         m = tiny_model("olmoe", hidden_size=64, intermediate_size=32, num_experts_per_tok=8)
         m = (m if mode == "fp32" else m.to(torch.bfloat16)).train()
-        lora.attach(m, "sieve", r=8, alpha=16, plan={0: [1, 2], 1: list(range(8))})
+        methods.attach(m, "sieve", r=8, alpha=16, plan={0: [1, 2], 1: list(range(8))})
         randomize_adapters(m)
         if mode == "compiled":
             for block in m.model.layers:
                 block.compile()
         loss = m(x, labels=x)
         loss.backward()
-        out[mode] = loss.detach().float(), {n: p.grad.float() for n, p in lora.adapter_state(m).items()}
+        out[mode] = loss.detach().float(), {n: p.grad.float() for n, p in methods.adapter_state(m).items()}
     torch._dynamo.reset()
     # bf16 against fp32: every op of the forward rounds its output to bf16 (u = 2^-8), and the mean loss keeps
     # ~2-3 of those roundings of its size; a gradient passes back through the 2 layers' ~12 rounded products
@@ -327,7 +328,7 @@ def test_compiled_block_is_one_graph(method):
     break (a break splits the block and leaves the ops around it unfused). The sieve's nonzero is the one
     break by design, so it is not in this list."""
     m = tiny_model("olmoe", hidden_size=64, intermediate_size=32).to(torch.bfloat16).train()
-    lora.attach(m, method, r=8, alpha=16)
+    methods.attach(m, method, r=8, alpha=16)
     B, T = 2, 32
     x = torch.randn(B, T, 64, dtype=torch.bfloat16, requires_grad=True)
     emb = torch.arange(T).expand(B, T)[..., None].float() * m.inv_freq
@@ -346,7 +347,7 @@ def test_every_block_reuses_one_compiled_graph(method):
     from torch._dynamo.testing import CompileCounter
 
     m = tiny_model("olmoe", hidden_size=64, intermediate_size=32, num_hidden_layers=4).to(torch.bfloat16)
-    lora.attach(m, method, r=8, alpha=16)
+    methods.attach(m, method, r=8, alpha=16)
     counter = CompileCounter()
     torch._dynamo.reset()
     for block in m.model.layers:

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import (FORWARD, FP32_VARIANTS, VARIANTS, assert_decisive, assert_logits_close, assert_within, hf_topk,
+from conftest import (FORWARD, check_rmsnorm_backward, FP32_VARIANTS, VARIANTS, assert_decisive, assert_logits_close, assert_within, hf_topk,
                       load_hf, make_ids, read_json, write_json)
 from safetensors import safe_open
 
@@ -25,10 +25,10 @@ MOE_LAYERS = {"qwen2_moe": [0, 2], "qwen2_moe_step2": [1]}
 
 def load_ours(ck, mode="fast"):
     """Our model in fp32 (a bf16 file is upcast, exactly, like HF's reference). mode "reference": the whole
-    model on moe.py's plain code; "loop": only the experts; "fast": kernels.py's twins (the default)."""
+    model on moe.py's plain code; "loop": only the experts; "fast": moe_fast.py's twins (the default)."""
     model = hub.load_model(ck.path, dtype=None if ck.file_dtype == torch.float32 else torch.float32)
     if mode == "reference":
-        model.set_reference(True)
+        model.set_plain(True)
     else:
         model.set_expert_path(mode)
     return model
@@ -251,7 +251,7 @@ def test_load_model_is_eval(checkpoints):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_bitwise_equals_hf(dtype):
-    """moe.apply_rope, plain and fast (kernels.RoPEFn: no negated copy, no cat), gives HF's apply_rotary_pos_emb
+    """moe.apply_rope, plain and fast (moe_fast.RoPEFn: no negated copy, no cat), gives HF's apply_rotary_pos_emb
     and its autograd gradient bit for bit,
     on q and k laid out as attention has them ((B, T, H, S) transposed to (B, H, T, S), cos/sin (B, 1, T, S))."""
     from transformers.models.olmoe.modeling_olmoe import apply_rotary_pos_emb
@@ -283,7 +283,7 @@ def test_rmsnorm_bf16_bitwise_equals_hf(reference):
     x = (3 * torch.randn(4, 7, 64, generator=g)).bfloat16()
     w = (0.8 + 0.4 * torch.rand(64, generator=g)).bfloat16()
     ours, ref = moe.RMSNorm(64, 1e-5).bfloat16(), OlmoeRMSNorm(64, eps=1e-5).bfloat16()
-    ours.reference = reference
+    ours.plain = reference
     ours.weight.copy_(w)
     ref.weight.copy_(w)
     assert torch.equal(ours(x), ref(x))
@@ -297,24 +297,3 @@ def test_rmsnorm_backward_equals_hf_autograd(dtype):
     check_rmsnorm_backward(dtype, "cpu")
 
 
-def check_rmsnorm_backward(dtype, device):
-    from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
-
-    g = torch.Generator().manual_seed(14)
-    x = (3 * torch.randn(4, 7, 64, generator=g)).to(device, dtype)
-    w = (0.8 + 0.4 * torch.rand(64, generator=g)).to(device, dtype)
-    gy = torch.randn(4, 7, 64, generator=g).to(device, dtype)
-    grads = []
-    for norm in (moe.RMSNorm(64, 1e-5), OlmoeRMSNorm(64, eps=1e-5)):
-        norm = norm.to(device, dtype)
-        with torch.no_grad():
-            norm.weight.copy_(w)
-        xi = x.clone().requires_grad_()
-        norm(xi).backward(gy)
-        grads.append((xi.grad, norm.weight.grad))
-    for ours, ref in zip(*grads):
-        assert ours.dtype == dtype
-        # x's gradient: a mean over D = 64 products, then a few products; weight's: a sum over 28 rows. fp32:
-        # the sums' lengths (64 u); bf16: the same math in fp32 on both sides, then one rounding of the result
-        # and of the bf16 product gy * w before it: 4 u(bf16) of the largest gradient
-        assert_within(ours.float(), ref.float(), 64 if dtype == torch.float32 else 4, dtype)

@@ -39,3 +39,4 @@ def test_no_pointer_to_files_outside_the_repository():
     for doc in DOCS:
         for name in ("DESIGN.md", "STYLE.md", "../shared"):
             assert name not in read(doc), f"{doc} mentions {name}, which is not in the repository"
+

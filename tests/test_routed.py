@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lora
 import dmep
 import moe
 import train
-from test_train import CONFIGS, ckpt, train_file  # noqa: F401  (module-scoped fixtures)
+from conftest import CONFIGS
 from conftest import FORWARD, assert_within
 from tiny import tiny_model
+import methods
 
 ROUTED = ["perft-s", "perft-d", "perft-r", "perft-e", "dmep"]
 
@@ -23,7 +23,7 @@ def ids(seed=0, B=3, T=24):
 def randomize_adapters(model, seed=1, std=0.2):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in lora.adapter_state(model).values():
+        for p in methods.adapter_state(model).values():
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
@@ -34,8 +34,8 @@ def test_zero_initialised_adapters_give_exactly_the_base_logits(model_type, meth
     m = tiny_model(model_type)
     x = ids()
     base = m(x)
-    lora.attach(m, method, r=4, alpha=8, act="silu", perft_init="kaiming")
-    assert lora.count_trainable(m) > 0
+    methods.attach(m, method, r=4, alpha=8, act="silu", perft_init="kaiming")
+    assert methods.count_trainable(m) > 0
     assert torch.equal(m(x), base)
 
 
@@ -46,7 +46,7 @@ def test_perft_e_is_weighted_by_the_frozen_base_router(act):
     block = m.model.layers[0].mlp
     h = torch.randn(40, 32, generator=torch.Generator().manual_seed(3))
     before, r = block(h[None])
-    lora.attach(m, "perft-e", r=4, alpha=8, act=act)
+    methods.attach(m, "perft-e", r=4, alpha=8, act=act)
     randomize_adapters(m)
     after, _ = block(h[None])
     ad, f = block.experts.adapter, {"identity": lambda z: z, "relu": F.relu}[act]
@@ -76,7 +76,7 @@ def test_perft_r_is_weighted_by_its_own_router(renorm):
     block = m.model.layers[1].mlp
     h = torch.randn(40, 32, generator=torch.Generator().manual_seed(4))
     before, r = block(h[None])
-    lora.attach(m, "perft-r", r=4, alpha=8, perft_experts=4, perft_topk=2, perft_renorm=renorm)
+    methods.attach(m, "perft-r", r=4, alpha=8, perft_experts=4, perft_topk=2, perft_renorm=renorm)
     randomize_adapters(m)
     after, _ = block(h[None])
     ad = block.adapter
@@ -94,34 +94,34 @@ def test_perft_r_is_weighted_by_its_own_router(renorm):
 def test_gradients_reach_every_routed_adapter_tensor(method):
     """One backward: every adapter tensor (experts, and PERFT-R's / DMEP's routers) gets a non-zero gradient."""
     m = tiny_model("qwen2_moe").train()
-    lora.attach(m, method, r=4, alpha=8, perft_experts=4, perft_topk=2, dmep_experts=4, dmep_topk=2)
+    methods.attach(m, method, r=4, alpha=8, perft_experts=4, perft_topk=2, dmep_experts=4, dmep_topk=2)
     randomize_adapters(m)
     m(ids(B=4, T=32)).logsumexp(-1).mean().backward()
-    for n, p in lora.adapter_state(m).items():
+    for n, p in methods.adapter_state(m).items():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
     for n, p in m.named_parameters():
-        assert n in lora.adapter_state(m) or p.grad is None, n
+        assert n in methods.adapter_state(m) or p.grad is None, n
 
 
 def test_dmep_pruning_shrinks_parameters_and_optimizer_state_and_keeps_logits():
     """Pruning experts never chosen on x: tensors and AdamW state shrink, logits on x stay the same."""
     m = tiny_model("olmoe")
-    lora.attach(m, "dmep", r=4, alpha=8, dmep_experts=8, dmep_topk=2)
+    methods.attach(m, "dmep", r=4, alpha=8, dmep_experts=8, dmep_topk=2)
     randomize_adapters(m)
     x = ids(B=1, T=3)  # few tokens: each module's top-2 touches only some of its 8 experts
-    params = list(lora.adapter_state(m).values())
+    params = list(methods.adapter_state(m).values())
     opt = torch.optim.AdamW(params, lr=1e-3)
     m(x).sum().backward()
     opt.step()
     opt.zero_grad()
     before = m(x)
     dmep.track(m)  # this batch's counts: unused experts have 0
-    old = {n: p.detach().clone() for n, p in lora.adapter_state(m).items()}
-    old_state = {n: opt.state[p]["exp_avg"].clone() for n, p in lora.adapter_state(m).items()}
+    old = {n: p.detach().clone() for n, p in methods.adapter_state(m).items()}
+    old_state = {n: opt.state[p]["exp_avg"].clone() for n, p in methods.adapter_state(m).items()}
     report = dmep.prune(m, opt, tau=1e-6)
     assert sum(r["after"] for r in report.values()) < sum(r["before"] for r in report.values())
     assert_within(m(x), before, FORWARD)  # the kept experts' products, other shapes: summed in other blocks
-    new = lora.adapter_state(m)
+    new = methods.adapter_state(m)
     assert sum(p.numel() for p in new.values()) < sum(p.numel() for p in old.values())
     live = {id(p) for g in opt.param_groups for p in g["params"]}
     assert live == {id(p) for p in new.values()} and len(opt.state) == len(new)
@@ -139,7 +139,7 @@ def test_dmep_pruning_shrinks_parameters_and_optimizer_state_and_keeps_logits():
 def test_dmep_tracking_counts_real_tokens_only():
     """A LoRA-MoE module's utilization counts its top-K choices over real tokens; with beta, an EMA of shares."""
     m = tiny_model("olmoe")
-    lora.attach(m, "dmep", r=4, alpha=8, dmep_experts=8, dmep_topk=2)
+    methods.attach(m, "dmep", r=4, alpha=8, dmep_experts=8, dmep_topk=2)
     randomize_adapters(m)
     x, mask = ids(B=2, T=6), torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
     m(x, mask)
@@ -165,18 +165,18 @@ def test_dmep_keep_rule():
 def test_pruned_dmep_adapter_round_trips(tmp_path):
     """A saved pruned DMEP adapter records its per-module counts; loading rebuilds the shapes and the logits."""
     m = tiny_model("olmoe")
-    config = lora.attach(m, "dmep", r=4, alpha=8, dmep_experts=6, dmep_topk=2)
+    config = methods.attach(m, "dmep", r=4, alpha=8, dmep_experts=6, dmep_topk=2)
     randomize_adapters(m)
     x = ids(B=1, T=4)
     m(x)
     dmep.track(m)
     dmep.prune(m, None, tau=0.9)
     want = m(x)
-    lora.save_adapter(m, tmp_path / "a", config)
+    methods.save_adapter(m, tmp_path / "a", config)
     counts = json.loads((tmp_path / "a" / "adapter_config.json").read_text())["options"]["dmep_counts"]
     assert counts and min(counts.values()) < 6
     fresh = tiny_model("olmoe")
-    lora.load_adapter(fresh, tmp_path / "a")
+    methods.load_adapter(fresh, tmp_path / "a")
     assert torch.equal(fresh(x), want)
 
 
@@ -248,6 +248,6 @@ def test_exports_are_refused_for_input_dependent_adapters(ckpt, tmp_path, capsys
         train.main(["--model", ckpt, "--data", "x.jsonl", "--method", method, "--export-merged", "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "--export" in capsys.readouterr().err
     m = tiny_model("olmoe")
-    lora.attach(m, method, r=4, alpha=8)
-    with pytest.raises(lora.AdapterError, match="cannot be merged"):
-        lora.merge(m)
+    methods.attach(m, method, r=4, alpha=8)
+    with pytest.raises(methods.AdapterError, match="cannot be merged"):
+        methods.merge(m)

@@ -189,7 +189,7 @@ def test_cli_samples_limit(ckpt_copy, tmp_path):
     tok = data.load_tokenizer(model_dir)
     order = list(range(len(RECORDS)))
     random.Random(123).shuffle(order)
-    assert rp.load_profile(out)["tokens"] == sum(len(tok.encode(rp.record_text(RECORDS[i]))) for i in order[:2])
+    assert rp.load_profile(out)["tokens"] == sum(len(tok.encode(data.record_text(RECORDS[i]))) for i in order[:2])
 
 
 @pytest.mark.parametrize("broken", ["data", "model", "record"])

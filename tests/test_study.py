@@ -17,14 +17,14 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_embedded_default_quick_prints_the_comparison_table(tmp_path, monkeypatch, capsys):
-    """`python train.py --quick` (the embedded default, shortened) runs on the shipped model and task and prints
-    the attn / lora / sieve / random table with parameters, adapter size, time and accuracy."""
+    """`python -m tools.study --default --quick` (the embedded default, shortened) runs on the shipped model and
+    task and prints the attn / lora / sieve / random table with parameters, adapter size, time and accuracy."""
     if not os.path.isdir(os.path.join(HERE, "model")):
         pytest.fail("the shipped model/ directory is missing")
     monkeypatch.chdir(tmp_path)  # outputs go to ./runs/study
-    monkeypatch.setattr(sys, "argv", ["train.py", "--quick"])
-    with pytest.raises(SystemExit) as e:  # train.py's __main__ hands the default job to study.py
-        runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+    monkeypatch.setattr(sys, "argv", ["tools/study.py", "--default", "--quick"])
+    with pytest.raises(SystemExit) as e:  # as `python -m tools.study` runs it
+        runpy.run_module("tools.study", run_name="__main__")
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "needs >= 3 seeds" in out and "less per step (controlled: median step of sieve vs lora" in out
@@ -302,20 +302,20 @@ def test_methods_whose_size_varies_by_seed_are_shown_by_their_mean(tmp_path, cap
     assert "with 600 vs 1,000 parameters" in out and "60.0%" in out and "25.0% fewer" in out
 
 
-def test_reference_quick_trains_as_the_fast_default(tmp_path, monkeypatch):
-    """`python train.py --reference --quick` runs the default job on moe.py's plain code and gives the fast
+def test_plain_quick_trains_as_the_fast_default(tmp_path, monkeypatch):
+    """`python -m tools.study --default --plain --quick` runs the default job on moe.py's plain code and gives the fast
     default's losses: per step within 1e-5 relative (fp32, ~a few hundred roundings of unit roundoff 6e-8 each
     between two summation orders of the same products, far below a real difference), and the same methods."""
     logs = {}
-    for name, extra in (("fast", []), ("reference", ["--reference"])):
+    for name, extra in (("fast", []), ("plain", ["--plain"])):
         monkeypatch.chdir(tmp_path)
-        monkeypatch.setattr(sys, "argv", ["train.py", "--quick", *extra])
+        monkeypatch.setattr(sys, "argv", ["tools/study.py", "--default", "--quick", *extra])
         with pytest.raises(SystemExit) as e:
-            runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+            runpy.run_module("tools.study", run_name="__main__")
         assert e.value.code == 0
         runs = sorted((tmp_path / "runs" / "study" / "runs").glob("max/*/seed0/log.jsonl"))
         logs[name] = {p.parent.parent.name: [json.loads(x)["loss"] for x in p.read_text().splitlines()] for p in runs}
         os.rename(tmp_path / "runs", tmp_path / f"runs-{name}")
-    assert set(logs["fast"]) == set(logs["reference"]) == {"attn", "lora", "sieve", "random"}
+    assert set(logs["fast"]) == set(logs["plain"]) == {"attn", "lora", "sieve", "random"}
     for method, losses in logs["fast"].items():
-        assert logs["reference"][method] == pytest.approx(losses, rel=1e-5), method
+        assert logs["plain"][method] == pytest.approx(losses, rel=1e-5), method

@@ -7,28 +7,10 @@ import torch
 
 from files import data
 from files import hub
-import lora
 import train
-from conftest import assert_logits_close
+from conftest import CONFIGS, assert_logits_close
 from tiny import SENTENCES, tiny_checkpoint
-
-CONFIGS = os.path.join(os.path.dirname(__file__), "data", "configs")
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("data") / "train.jsonl"
-    recs = [{"text": s} for s in SENTENCES] + [
-        {"prompt": "Question: 2 + 2 =", "completion": " 4"},
-        {"query": "Question: What colour is grass?\nAnswer:", "choices": ["red", "green"], "gold": 1}]
-    p.write_text("".join(json.dumps(r) + "\n" for r in recs * 2))
-    return str(p)
-
+import methods
 
 def run(*argv):
     return train.main([str(a) for a in argv])
@@ -62,8 +44,8 @@ def test_every_method_trains_end_to_end(ckpt, train_file, tmp_path, method):
     assert summary["steps"] == 2 and summary["trainable_params"] > 0
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     model = hub.load_model(ckpt)
-    config = lora.load_adapter(model, out)
-    assert config["method"] == method and lora.count_trainable(model) == summary["trainable_params"]
+    config = methods.load_adapter(model, out)
+    assert config["method"] == method and methods.count_trainable(model) == summary["trainable_params"]
     if method in ("sieve", "random", "coverage", "budget"):
         assert (out / "plan.json").exists() and (out / "profile.json").exists()
 
@@ -146,7 +128,7 @@ def test_merged_export_loads_and_equals_the_adapter(ckpt, train_file, tmp_path):
                "--batch-size", 4, "--out", out, "--export-merged") == 0
     x = torch.randint(3, 300, (2, 16))
     adapted = hub.load_model(ckpt)
-    lora.load_adapter(adapted, out)
+    methods.load_adapter(adapted, out)
     merged = hub.load_model(str(out / "merged"))
     assert_logits_close(merged(x), adapted(x))  # merging rounds each weight once more (see test_lora)
     assert (out / "merged" / "tokenizer.model").exists() and (out / "merged" / "model.safetensors.index.json").exists()

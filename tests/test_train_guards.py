@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from files import hub
 import train
 from conftest import FORWARD, tol
-from test_train import ckpt, train_file  # noqa: F401  (module-scoped fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,14 +8,14 @@ import torch
 from safetensors.torch import save_file
 
 from files import hub
-import lora
 from tools import verify
 from conftest import FORWARD, FP32_VARIANTS, VARIANTS, assert_logits_close, assert_within, make_ids
+import methods
 
 
 def ours(path, dtype=torch.float32):
     model = hub.load_model(str(path), dtype=dtype)
-    model.set_reference(True)
+    model.set_plain(True)
     return model
 
 
@@ -194,18 +194,18 @@ def test_grad_of_adapter_tensors(checkpoints, tmp_path, capsys):
     """--grad records d loss / d every adapter tensor, equal to autograd's through the model's own (fast) path."""
     path = checkpoints("olmoe").path
     model = hub.load_model(str(path), dtype=torch.float32)
-    config = lora.attach(model, "lora", r=4, alpha=8)
+    config = methods.attach(model, "lora", r=4, alpha=8)
     with torch.no_grad():
-        for n, p in lora.adapter_state(model).items():
+        for n, p in methods.adapter_state(model).items():
             p.normal_(0, 0.05) if "B" in n.rsplit(".", 1)[-1] else None  # B != 0: every factor gets a gradient
-    lora.save_adapter(model, tmp_path / "run", {**config, "base": dict(model_type=model.config.model_type,
-                                                                       fingerprint=lora.fingerprint(model.config))})
+    methods.save_adapter(model, tmp_path / "run", {**config, "base": dict(model_type=model.config.model_type,
+                                                                       fingerprint=methods.fingerprint(model.config))})
     out = tmp_path / "g.safetensors"
     code, _, err = run_cli(["dump", "--model", path, "--adapter", tmp_path / "run", "--ids", "4 5 6 7 8 9", "--grad",
                             "--out", out], capsys)
     assert code == 0, err
     g, _ = verify.read_tensors(str(out))
-    state = lora.adapter_state(model)
+    state = methods.adapter_state(model)
     ids = torch.tensor([[4, 5, 6, 7, 8, 9]])
     logits = model(ids)
     torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()

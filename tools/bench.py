@@ -53,13 +53,14 @@ import torch
 
 import dmep
 from files import hub
-import lora
 import moe
 import router_profile
 import sieve
 from tools import targets
 from tools import traffic
 import train
+import methods
+from files import atomic
 
 ROWS = ("attn", "lora", "sieve", "perft-e", "perft-r", "dmep", "dmep-pruned", "peft-attn", "peft-lora")
 ATTN_ONLY = ("attn", "dmep", "dmep-pruned", "peft-attn")  # compared with peft-attn; the rest with peft-lora
@@ -84,13 +85,13 @@ def parse_args(argv):
     ap.add_argument("--sieve-frac", type=float, default=0.25, help="sieve: share of experts per layer with LoRA")
     ap.add_argument("--dmep-keep", type=float, default=0.6, help="dmep-pruned: share of LoRA experts kept per module")
     # execution
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    hub.add_model_flags(ap, model=None, dtype=False)  # --device
     ap.add_argument("--steps", type=int, default=10, help="timed steps per row (the median is reported)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (compilation, allocator)")
     ap.add_argument("--grad-checkpoint", action="store_true", help="recompute each block in backward (both stacks)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each of OUR blocks (not transformers')")
     ap.add_argument("--compile-backend", default="inductor", help="--compile's backend (eager: trace only, for tests)")
-    ap.add_argument("--reference", action="store_true", help="OUR rows on the model's plain reference path")
+    ap.add_argument("--plain", "--reference", action="store_true", help="OUR rows on moe.py's plain code, not the fast twins")
     ap.add_argument("--hf-loss", default="chunked", choices=["chunked", "native"],
                     help="transformers rows: our chunked CE on its hidden states, or its own loss (full logits)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (CUDA default 989; CPU: no MFU)")
@@ -152,10 +153,10 @@ def build_ours(cdict, method, args, device, dtype, ids):
         prof = router_profile.profile(model, [(ids, None)])
         plan = sieve.topk_plan(prof, args.sieve_frac)
         note = f"{len(plan[prof['layers'][0]])}/{cfg.num_experts} experts, coverage {sieve.plan_coverage(prof, plan)[1]:.0%}"
-    lora.attach(model, method.removesuffix("-pruned"), args.rank, args.alpha, plan=plan)
+    methods.attach(model, method.removesuffix("-pruned"), args.rank, args.alpha, plan=plan)
     model.grad_checkpoint = args.grad_checkpoint
-    if args.reference:
-        model.set_reference(True)
+    if args.plain:
+        model.set_plain(True)
     if args.compile:  # afresh for each row: dynamo keeps 8 graphs per function, and once the rows before have
         torch._dynamo.reset()  # filled them the blocks of the later rows would silently run eagerly
         for block in model.model.layers:
@@ -167,7 +168,7 @@ def ours_step(model, ids, labels, n_labels, aux_coef, track):
     """The loss of train.py's step on one micro-batch: CE mean (+ balancing of the adapters' own routers)."""
     loss = model(ids, labels=labels) / n_labels
     if aux_coef > 0:
-        loss = loss + aux_coef * lora.router_balance_loss(model)
+        loss = loss + aux_coef * methods.router_balance_loss(model)
     if track:
         dmep.track(model)
     return loss
@@ -199,7 +200,7 @@ def build_peft(cdict, kind, args, device, dtype):
     if args.grad_checkpoint:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
     ours = moe.Config.from_json(cdict)
-    targets, params = list(lora.ATTN), []
+    targets, params = list(methods.ATTN), []
     if kind == "peft-lora":
         params = ["mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
         if ours.shared_expert_intermediate_size or not all(ours.is_moe_layer(i) for i in range(ours.num_hidden_layers)):
@@ -325,7 +326,7 @@ def versions():
 
 def write_json(path, result):
     if path:
-        lora.atomic_write(path, lambda t: open(t, "w").write(json.dumps(result, indent=1)))
+        atomic.write(path, lambda t: open(t, "w").write(json.dumps(result, indent=1)))
         print(f"bench: wrote {path} (every row, the versions and the targets)")
     else:
         print("bench: nothing written (--out FILE.json keeps the rows, the versions and the targets)")
@@ -375,7 +376,7 @@ def main(argv=None):
           f"{cfg.num_experts_per_tok}, D {cfg.hidden_size} | batch {args.batch} x {args.seq} | r {args.rank} alpha "
           f"{args.alpha:g} | {str(run.dtype).removeprefix('torch.')} base | median of {args.steps} steps after "
           f"{args.warmup}{' | grad checkpoint' if args.grad_checkpoint else ''}"
-          f"{' | compile (ours)' if args.compile else ''}{' | reference path (ours)' if args.reference else ''}")
+          f"{' | compile (ours)' if args.compile else ''}{' | plain path (ours)' if args.plain else ''}")
     print(f"MFU: {flop / 1e9:.3g} GFLOP/token (4 x active params + 12 L T H S; fwd + activation bwd, no adapter "
           f"FLOPs) / {'-' if peak is None else f'{peak:g}'} TFLOP/s peak", flush=True)
     rows = []
@@ -390,7 +391,7 @@ def main(argv=None):
                   device=run.gpu["name"], gpu=run.gpu, dtype=str(run.dtype), versions=versions(), config=run.cdict,
                   batch=args.batch, seq=args.seq, rank=args.rank, alpha=args.alpha, steps=args.steps,
                   warmup=args.warmup, grad_checkpoint=args.grad_checkpoint, compile=args.compile,
-                  reference=args.reference, hf_loss=args.hf_loss, rows=rows, **done)
+                  plain=args.plain, hf_loss=args.hf_loss, rows=rows, **done)
     write_json(args.out, result)
     return result
 

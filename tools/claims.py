@@ -18,8 +18,7 @@ import math
 import os
 import statistics
 
-from training import checkpoint
-import lora
+from files import atomic
 
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}  # t(0.975, df)
@@ -190,9 +189,9 @@ def summarize(results, out=None, plot_path=None):
     if out:
         os.makedirs(out, exist_ok=True)
         for res in results:
-            checkpoint.write_json(path := os.path.join(out, f"{res['task']}.json"), res)
+            atomic.write_json(path := os.path.join(out, f"{res['task']}.json"), res)
             written.append(f"{path} (the table, the claims, the timing and every run's numbers)")
-        checkpoint.write_text(path := os.path.join(out, "study.txt"), text)
+        atomic.write_text(path := os.path.join(out, "study.txt"), text)
         written.append(f"{path} (the tables and claims above)")
         plot_path = plot_path or os.path.join(out, "accuracy_params.png")
     if plot_path and plot(results, plot_path):
@@ -263,5 +262,5 @@ def plot(results, path):
         ax.set_title(f"{res['task']} ({res['seeds']} seeds, {res['steps']} steps)", fontsize=9)
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    lora.atomic_write(os.fspath(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plots.save(fig, path)
     return True

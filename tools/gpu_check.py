@@ -67,7 +67,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description="The GPU tests, then bench.py's rows, in one time-limited call.")
     ap.add_argument("--out", required=True, help="an empty or new folder for every result")
     ap.add_argument("--tiny", action="store_true", help="the rehearsal: every step on tiny shapes")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    hub.add_model_flags(ap, model=None, dtype=False)  # --device
     ap.add_argument("--budget", type=float, default=470, help="seconds for the whole run, tests included")
     ap.add_argument("--tests-limit", type=float, default=150, help="seconds for tests/test_gpu.py")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma list, in this order: {','.join(STEPS)}")

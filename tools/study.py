@@ -1,8 +1,8 @@
 """study.py: the embedded default job, and a miniature reproduction of the papers' tables.
 
-    python train.py                     # = python -m tools.study --default: one task, four methods, one seed (~1 min)
+    python -m tools.study --default                 # the embedded default job: one task, four methods, one seed
     python -m tools.study --compare results/study   # the committed study again (every method x 5 seeds x 3 tasks),
-                                              # each run's numbers checked against results/study/<task>.json
+                                                    # each run's numbers checked against results/study/<task>.json
     python -m tools.study --train my.train.jsonl --val my.val.jsonl --methods lora,sieve,random --seeds 5
     python -m tools.study --routing --out results/study   # each task's routing and the overlap of their top-25% experts
 
@@ -31,13 +31,13 @@ from concurrent import futures
 
 import torch
 
-from training import checkpoint
+from files import atomic
 from tools import claims
 from files import data
 import eval as evaluation
 from files import hub
-import lora
 import train
+import methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 TASKS = ("max", "count", "words")  # pretrain/tasks.py; see tasks/README.md
@@ -51,9 +51,9 @@ def parse_args(argv):
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--default", action="store_true", help="the embedded default job (what `python train.py` runs)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: a few steps and records (CI)")
-    ap.add_argument("--reference", action="store_true", help="train and evaluate on moe.py's plain code (slow)")
+    ap.add_argument("--plain", "--reference", action="store_true", help="train and evaluate on moe.py's plain code (slow)")
     ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of every run (train.py's --dropout)")
-    ap.add_argument("--model", default=os.path.join(ROOT, "model"), help="base checkpoint directory")
+    hub.add_model_flags(ap, model=os.path.join(ROOT, "model"), dtype=False)  # --model, --device
     ap.add_argument("--tasks", "--task", default=",".join(TASKS),
                     help="task names: each reads tasks/<task>.train.jsonl and .val.jsonl")
     ap.add_argument("--tasks-dir", default=os.path.join(ROOT, "tasks"), help="where the task files are")
@@ -70,7 +70,6 @@ def parse_args(argv):
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N validation records")
     ap.add_argument("--out", default=None, help=f"output directory (default {DEFAULT_OUT}; with --report: write the "
                     "merged JSONs and study.txt there, nothing without it)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--jobs", type=int, default=None, help="runs in parallel, one process each (default: the CPU "
                     "cores, at most 8; 1 on CUDA); 1 = in this process")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of each run (the numbers depend on it)")
@@ -94,25 +93,20 @@ def parse_args(argv):
                      + (" (--train and --val go together)" if flag == "train" else ""))
     if args.default:  # about a minute on two CPU cores: one task, the four MoE-Sieve methods, one seed
         args.tasks, args.methods, args.seeds, args.steps, args.limit = "max", "attn,lora,sieve,random", 1, 60, 200
-        # no LoRA dropout, so that --reference gives the same run: the plain loop draws dropout masks expert by
+        # no LoRA dropout, so that --plain gives the same run: the plain loop draws dropout masks expert by
         # expert, the grouped path for all rows at once, so with dropout the two are different random draws
         args.dropout = 0.0
     if args.quick:
         args.steps, args.limit, args.batch_size, args.timing_steps = 3, 16, 4, min(args.timing_steps, 3)
     try:
-        device_of(args)
+        hub.pick_device(args.device)
     except ValueError as e:
         ap.error(str(e))
     if args.jobs is None:
-        args.jobs = 1 if device_of(args).type == "cuda" else max(1, min(8, os.cpu_count() or 1))
+        args.jobs = 1 if hub.pick_device(args.device).type == "cuda" else max(1, min(8, os.cpu_count() or 1))
     args.write = args.out is not None or not args.report  # --report writes only where told to
     args.out = args.out or DEFAULT_OUT
     return args
-
-
-def device_of(args):
-    """The torch.device of --device, or the default of every script: cuda if available (hub.pick_device)."""
-    return hub.pick_device(args.device)
 
 
 def task_files(args):
@@ -133,8 +127,8 @@ def fine_tune(args, spec, seed, train_file, out, steps=None):
              "--dropout", args.dropout]
     if args.device:
         flags += ["--device", args.device]
-    if args.reference:
-        flags.append("--reference")
+    if args.plain:
+        flags.append("--plain")
     try:
         code = train.main([str(f) for f in flags])
     except SystemExit as e:  # train.py's flag errors exit through argparse: in a worker, that would end the
@@ -151,10 +145,10 @@ def fine_tune(args, spec, seed, train_file, out, steps=None):
 
 
 def accuracy(args, tok, records, adapter=None):
-    model = hub.load_model(args.model, dtype=torch.float32, device=device_of(args))
+    model = hub.load_model(args.model, dtype=torch.float32, device=hub.pick_device(args.device))
     if adapter:
-        lora.load_adapter(model, adapter)
-    model.set_reference(args.reference)
+        methods.load_adapter(model, adapter)
+    model.set_plain(args.plain)
     return evaluation.multiple_choice(model, tok, records, batch_size=32, seq_len=512)
 
 
@@ -189,26 +183,27 @@ def digest(paths):
 
 
 def source_files():
-    """Every .py file of the library and its tools: the root's and those of each package folder under it
-    (a folder with an __init__.py: files/, training/, tools/), recursively."""
-    found = [os.path.join(ROOT, f) for f in os.listdir(ROOT) if f.endswith(".py")]
-    for d in sorted(os.listdir(ROOT)):
-        if os.path.isfile(os.path.join(ROOT, d, "__init__.py")):
-            found += [os.path.join(top, f) for top, _, names in os.walk(os.path.join(ROOT, d)) for f in names
-                      if f.endswith(".py")]
-    return sorted(found)
+    """Every .py file of the library and its tools: the root's and each package folder's (files/, training/, ...)."""
+    packages = [d for d in os.listdir(ROOT) if os.path.isfile(os.path.join(ROOT, d, "__init__.py"))]
+    return sorted(os.path.join(ROOT, d, f) for d in ["", *packages] for f in os.listdir(os.path.join(ROOT, d))
+                  if f.endswith(".py"))
+
+
+def shown(path):
+    """A path as a result file records it: relative to the repository when inside it (no machine's own paths)."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
 
 
 def settings(args, task, train_file, val_file):
     """What a run's numbers depend on: the flags, the thread count and device, the contents of the model and
     task files, this repository's code and torch's version. A saved run is reused only if all are the same."""
-    keys = ("steps", "batch_size", "seq_len", "rank", "lr", "limit", "dropout", "reference", "threads")
+    keys = ("steps", "batch_size", "seq_len", "rank", "lr", "limit", "dropout", "plain", "threads")
     model_files = sorted(os.path.join(args.model, f) for f in os.listdir(args.model)
                          if os.path.isfile(os.path.join(args.model, f)) and not f.endswith(".md"))
-    code = source_files()
-    return dict(task=task, model=os.path.abspath(args.model), train=os.path.abspath(train_file),
-                val=os.path.abspath(val_file), **{k: getattr(args, k) for k in keys}, device=str(device_of(args)),
-                model_sha=digest(model_files), task_sha=digest([train_file, val_file]), code_sha=digest(code),
+    return dict(task=task, model=shown(args.model), train=shown(train_file), val=shown(val_file),
+                **{k: getattr(args, k) for k in keys}, device=str(hub.pick_device(args.device)),
+                model_sha=digest(model_files), task_sha=digest([train_file, val_file]), code_sha=digest(source_files()),
                 torch=torch.__version__)
 
 
@@ -233,7 +228,7 @@ def one_run(job):
     run = dict(seed=seed, acc=res["acc"], acc_norm=res["acc_norm"], nll=res["gold_nll"], params=s["trainable_params"],
                adapter_bytes=s["adapter_bytes"], train_s=s["wall_s"], total_s=round(time.time() - t0, 1),
                step_s=s["step_s"], device=s["device"], **{k: s[k] for k in dmep_keys if k in s})
-    checkpoint.write_json(saved, dict(settings=key, run=run))
+    atomic.write_json(saved, dict(settings=key, run=run))
     return task, method, run
 
 
@@ -262,7 +257,7 @@ def run_all(args, jobs):
 
 def device_name(args):
     """The device of the timing, in words: the GPU's name, or the CPU's model and the threads used."""
-    if device_of(args).type == "cuda":
+    if hub.pick_device(args.device).type == "cuda":
         return torch.cuda.get_device_name()
     name = "cpu"
     with contextlib.suppress(OSError):
@@ -271,12 +266,12 @@ def device_name(args):
     return f"{name}, {args.threads} thread{'s' if args.threads > 1 else ''}"
 
 
-def timing(args, task, train_file, methods):
+def timing(args, task, train_file, specs):
     """The controlled timing of one task: lora, sieve and dmep (those studied) trained again for --timing-steps
     steps at seed 0, one at a time in this process after the workers have ended, so nothing else runs: the
     median step time of each, and DMEP's tokens/s before and after its pruning (bench.py's method on the real
     model, data and plans). None: nothing to time."""
-    timed = [m for m in TIMED if m in methods]
+    timed = [m for m in TIMED if m in specs]
     if not timed or not args.timing_steps:
         return None
     res = dict(device=device_name(args), steps=args.timing_steps, step_s={}, dmep_tok_s=None)
@@ -297,10 +292,10 @@ def main(argv=None):
     if args.report:
         return reprint(args)
     try:
-        methods = args.methods.split(",")
-        for m in methods:
-            if m.partition("@")[0] not in lora.METHODS or not (m.partition("@")[2] or "1").isdigit():
-                raise ValueError(f"--methods: {m!r} is not one of {', '.join(lora.METHODS)} (optionally @RANK)")
+        specs = args.methods.split(",")  # METHOD or METHOD@RANK
+        for m in specs:
+            if m.partition("@")[0] not in methods.METHODS or not (m.partition("@")[2] or "1").isdigit():
+                raise ValueError(f"--methods: {m!r} is not one of {', '.join(methods.METHODS)} (optionally @RANK)")
         files = task_files(args)
         if len({name for name, _, _ in files}) != len(files):
             raise ValueError(f"--tasks {args.tasks}: a task is named twice")
@@ -321,12 +316,12 @@ def main(argv=None):
         for name, _, _ in files:
             with torch_threads(args.threads):
                 b = base[name] = accuracy(args, tok, vals[name])
-            print(f"study: base model {args.model}: acc {b['acc']:.3f} acc_norm {b['acc_norm']:.3f} gold nll/char "
+            print(f"study: base model {shown(args.model)}: acc {b['acc']:.3f} acc_norm {b['acc_norm']:.3f} gold nll/char "
                   f"{b['gold_nll']:.3f} on {len(vals[name])} records of {name}")
         keys = {name: settings(args, name, tr, va) for name, tr, va in files}
-        jobs = [(args, name, tr, va, m, s, keys[name]) for name, tr, va in files for m in methods
+        jobs = [(args, name, tr, va, m, s, keys[name]) for name, tr, va in files for m in specs
                 for s in range(args.seeds)]
-        print(f"study: {len(jobs)} runs ({len(files)} task(s) x {len(methods)} methods x {args.seeds} seeds, "
+        print(f"study: {len(jobs)} runs ({len(files)} task(s) x {len(specs)} methods x {args.seeds} seeds, "
               f"{args.steps} steps each) in {min(args.jobs, len(jobs))} process(es) of {args.threads} thread(s); "
               f"each run's output in {os.path.join(args.out, 'runs', 'TASK', 'METHOD', 'seedN')}", flush=True)
         t0 = time.time()
@@ -334,8 +329,8 @@ def main(argv=None):
         wall = round(time.time() - t0)  # of all the runs, every task
         results = [dict(task=name, model=args.model, steps=args.steps, seeds=args.seeds, rank=args.rank,
                         n_val=len(vals[name]), lr=args.lr, batch_size=args.batch_size, base=base[name],
-                        settings=keys[name], runs={m: done[name][m] for m in methods}, wall_s_all_runs=wall,
-                        jobs=args.jobs, timing=timing(args, name, tr, methods), table=None, claims=None)
+                        settings=keys[name], runs={m: done[name][m] for m in specs}, wall_s_all_runs=wall,
+                        jobs=args.jobs, timing=timing(args, name, tr, specs), table=None, claims=None)
                    for name, tr, va in files]
         print(f"\nstudy: {len(jobs)} runs in {wall / 60:.1f} minutes of wall time ({args.jobs} process(es))")
         claims.summarize(results, args.out)
@@ -399,10 +394,11 @@ def routing(args):
     with contextlib.redirect_stdout(buf := io.StringIO()):
         written = router_profile.compare_tasks(model, data.load_tokenizer(args.model), tasks, args.out)
     print(text := buf.getvalue(), end="")
-    checkpoint.write_text(path := os.path.join(args.out, "routing.txt"), text)
+    atomic.write_text(path := os.path.join(args.out, "routing.txt"), text)
     print("\nwrote:\n" + "".join(f"  {w}\n" for w in [*written, f"{path} (the tables above)"]), end="")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run as tools.study, so that the worker processes find one_run under that name
+    from tools import study
+    sys.exit(study.main())

@@ -20,8 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from files import hub
-import lora
 import moe
+import methods
 
 FREE = {"view", "_unsafe_view", "reshape", "expand", "t", "transpose", "permute", "slice", "select", "unsqueeze",
         "squeeze", "split", "split_with_sizes", "chunk", "unbind", "alias", "detach", "as_strided", "lift_fresh",
@@ -60,7 +60,7 @@ class FlashModel(torch.autograd.Function):
 
 
 class NormModel(torch.autograd.Function):
-    """RMSNorm's fused CUDA kernels' traffic (kernels.RMSNormFn multiplies by the weight after it)."""
+    """RMSNorm's fused CUDA kernels' traffic (moe_fast.RMSNormFn multiplies by the weight after it)."""
 
     @staticmethod
     def forward(ctx, x, counter):
@@ -90,7 +90,7 @@ def count_body(method, cdict, batch, seq, rank, alpha):
     """Bytes by (phase, op) of one forward + backward of the body with `method`'s adapters, on meta tensors."""
     cfg = moe.Config.from_json(cdict)
     model = hub.build_empty(cfg, torch.bfloat16, "meta")
-    lora.attach(model, method, rank, alpha)
+    methods.attach(model, method, rank, alpha)
     counter, sdpa, norm = Traffic(), F.scaled_dot_product_attention, moe.RMSNorm.forward
     F.scaled_dot_product_attention = lambda q, k, v, **kw: FlashModel.apply(q, k, v, counter)
     moe.RMSNorm.forward = lambda self, x: self.weight * NormModel.apply(x, counter)

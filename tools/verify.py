@@ -35,9 +35,10 @@ from safetensors.torch import save_file
 
 from files import data
 from files import hub
-import kernels
 import lora
 import moe
+import methods
+from files import atomic
 
 FORMAT = "moe-lora verify 1"
 PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
@@ -89,11 +90,10 @@ def expert_rows(experts, h, idx):
             x = h[tok]  # (n, D)
             gu = F.linear(x, experts.gate_up_proj[e])  # (n, 2I)
             if adapter is not None:
-                at = adapter.prepare(kernels.ExpertGroups.single(e, tok, len(experts.gate_up_proj)), h)
-                gu = adapter.gate_up(gu, x, at)
+                gu = adapter.gate_up(e, gu, x)
             a = moe.swiglu(gu)  # (n, I)
             y = F.linear(a, experts.down_proj[e])  # (n, D)
-            rows[e] = y if adapter is None else adapter.down(y, a, gu, x, at)
+            rows[e] = y if adapter is None else adapter.down(e, y, a, x)
     return rows
 
 
@@ -143,7 +143,7 @@ def collect(model, cfg, ids, grad=False):
     rec["lm_head"], rec["loss"] = keep(logits), keep(loss)  # lm_head: also when tied to the embeddings (no module)
     if grad:
         loss.backward()
-        rec.update({f"grad.{n}": keep(p.grad) for n, p in lora.adapter_state(model).items() if p.grad is not None})
+        rec.update({f"grad.{n}": keep(p.grad) for n, p in methods.adapter_state(model).items() if p.grad is not None})
     return {n: t.cpu() for n, t in rec.items()}
 
 
@@ -153,14 +153,14 @@ def make_header(tensors, cfg, **about):
     """The golden file's description: the model, how the tensors were made, and every tensor in forward order."""
     entries = [dict(name=n, shape=list(t.shape), dtype=str(t.dtype)[6:], **describe(n, cfg.num_hidden_layers))
                for n, t in tensors.items()]
-    return dict(format=FORMAT, model_type=cfg.model_type, fingerprint=lora.fingerprint(cfg),
+    return dict(format=FORMAT, model_type=cfg.model_type, fingerprint=methods.fingerprint(cfg),
                 num_hidden_layers=cfg.num_hidden_layers, **about, tensors=entries)
 
 
 def write_golden(path, tensors, header):
     """One safetensors file; its metadata's "verify" entry is the header (JSON). Written atomically."""
     tensors = {n: t.contiguous().clone() for n, t in tensors.items()}  # v may be a view of v_proj: one copy each
-    lora.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"verify": json.dumps(header)}))
+    atomic.write(path, lambda tmp: save_file(tensors, tmp, metadata={"verify": json.dumps(header)}))
 
 
 def read_tensors(path, need_header=False):
@@ -354,8 +354,8 @@ def reference(args, dtype, adapter=None, grad=False):
     device = hub.pick_device(args.device)
     model = hub.load_model(args.model, dtype=dtype, device=device)
     if adapter is not None:
-        lora.load_adapter(model, adapter)  # refuses an adapter made for another base
-    model.set_reference(True)
+        methods.load_adapter(model, adapter)  # refuses an adapter made for another base
+    model.set_plain(True)
     ids = input_ids(args, model.config).to(device)
     return model.config, ids, collect(model, model.config, ids, grad=grad)
 

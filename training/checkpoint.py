@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 import dmep
-import lora
+import methods
+from files import atomic
 from training import parallel
 
 KEYS = ("step", "weights", "args", "optimizer", "rng", "log", "adapter_config")  # what resume needs
@@ -34,34 +35,20 @@ class NonFiniteError(RuntimeError):
     """A NaN or inf where training needs finite numbers (loaded weights, a loss, a gradient)."""
 
 
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=1))
-
-
-def write_text(path, text):
-    """The whole text, or the old file: written to a temporary file, closed, then renamed (lora.atomic_write)."""
-    lora.atomic_write(path, lambda t: _write_text(t, text))
-
-
 def write_log(path, log):
     """log.jsonl (one JSON line per step) as the checkpoint's log has it; the loop appends from there."""
-    lora.atomic_write(path, lambda t: _write_text(t, "".join(json.dumps(e) + "\n" for e in log)))
-
-
-def _write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
+    atomic.write_text(path, "".join(json.dumps(e) + "\n" for e in log))
 
 
 def save(out, step, model, opt_state, weights, meta):
     """Write the pair for `step`, then remove the previous pair's tensors. weights None: the model's adapter."""
-    bad = first_non_finite((weights or lora.adapter_state(model)).items())
+    bad = first_non_finite((weights or methods.adapter_state(model)).items())
     if bad:  # the loop stops before a non-finite step, so this is a last guard: the previous pair stays
         raise NonFiniteError(f"step {step}: {bad} is not finite; checkpoint not written")
     name = f"checkpoint-{step}.safetensors"
-    lora.save_adapter_tensors(model, os.path.join(out, name), weights)
+    methods.save_adapter_tensors(model, os.path.join(out, name), weights)
     state = dict(meta, step=step, weights=name, optimizer=opt_state)
-    lora.atomic_write(os.path.join(out, "checkpoint.pt"), lambda t: torch.save(state, t))
+    atomic.write(os.path.join(out, "checkpoint.pt"), lambda t: torch.save(state, t))
     for f in os.listdir(out):
         if f.startswith("checkpoint-") and f.endswith(".safetensors") and f != name:
             os.remove(os.path.join(out, f))
@@ -99,7 +86,7 @@ def restore(args, ckpt, model, opt, state, master, device, world):
     if args.method == "full" and world > 1:  # whole tensors from the file, each rank keeps its shards
         parallel.load_full_state(model, opt, load_file(weights_path), ckpt["optimizer"])
     else:
-        lora.load_adapter_tensors(model, weights_path, master or state)
+        methods.load_adapter_tensors(model, weights_path, master or state)
         if master:
             with torch.no_grad():
                 for n, p in state.items():
@@ -109,9 +96,8 @@ def restore(args, ckpt, model, opt, state, master, device, world):
     torch.set_rng_state(ckpt["rng"])
     if device.type == "cuda" and ckpt.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(ckpt["cuda_rng"])
-    for n, m in model.named_modules():
-        if isinstance(m, dmep.LoRAMoELinear):
-            m.util.copy_(ckpt["dmep_util"][n])
+    for n, m in dmep.modules(model):
+        m.util.copy_(ckpt["dmep_util"][n])
     print(f"resumed at step {ckpt['step']}")
     return ckpt["step"], ckpt["log"]
 

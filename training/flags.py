@@ -10,9 +10,9 @@ import os
 
 import dmep
 from files import hub
-import lora
 import perft
 import sieve
+import methods
 
 # what defines a run: a checkpoint records them and --resume refuses other values (the rest may change: paths,
 # devices, logging, checkpointing, --compile, --grad-checkpoint). --recipe is covered by the values it sets.
@@ -31,14 +31,14 @@ def build_parser(recipe_names):
                                  "PERFT / DMEP.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = ap.add_argument
     # inputs and outputs
-    add("--model", help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    hub.add_model_flags(ap, model="optional", dtype=False)  # --model, --device (--dtype below, with the system)
     add("--data", help="training .jsonl: {text} | {prompt, completion} | {query, choices, gold}")
     add("--out", default="runs/train", help="output directory (adapter, logs, summary, checkpoints)")
     add("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
     add("--recipe", default=None, choices=recipe_names, help="defaults of the run flags from a paper's setup "
         "(flags given here still win)")
     # method
-    add("--method", default="sieve", choices=lora.METHODS + ("full",),
+    add("--method", default="sieve", choices=methods.METHODS + ("full",),
         help="where the adapters go: attn = q/k/v/o; lora = + router, shared experts, dense MLPs, every routed "
         "expert; sieve = routed experts limited to the most-routed per layer; random / coverage / budget = its "
         "ablations; perft-* and dmep = routed adapters; full = train every weight (pretraining, --init-config)")
@@ -53,19 +53,20 @@ def build_parser(recipe_names):
     add("--coverage-p", type=float, default=0.6, help="coverage: share of each layer's routing to reach")
     add("--budget-kmin", type=int, default=1, help="budget: experts every layer gets before the greedy rest")
     # PERFT (routed adapters beside / inside the MoE block) and DMEP (LoRA-MoE with expert pruning)
-    add("--adapter-act", default="identity", choices=["identity", "silu", "relu"],
+    add("--adapter-act", default=methods.OPTIONS["act"], choices=list(perft.ACTS),
         help="PERFT expert B(act(A h)): identity = LoRA-style, silu/relu = bottleneck adapter")
-    add("--perft-experts", type=int, default=4, help="perft-r: adapter experts N")
-    add("--perft-topk", type=int, default=2, help="perft-r: adapter experts per token K")
-    add("--perft-shared", type=int, default=2, help="perft-d: always-on adapters M")
-    add("--perft-renorm", default="base", choices=["base", "on", "off"],
+    add("--perft-experts", type=int, default=methods.OPTIONS["perft_experts"], help="perft-r: adapter experts N")
+    add("--perft-topk", type=int, default=methods.OPTIONS["perft_topk"], help="perft-r: adapter experts per token K")
+    add("--perft-shared", type=int, default=methods.OPTIONS["perft_shared"], help="perft-d: always-on adapters M")
+    add("--perft-renorm", default={v: k for k, v in methods.RENORM.items()}[methods.OPTIONS["perft_renorm"]],
+        choices=list(methods.RENORM),
         help="perft-r: renormalise the top-K weights (base: as the base model's norm_topk_prob, PERFT's code)")
-    add("--perft-init", default="theirs", choices=list(perft.INITS),
+    add("--perft-init", default=methods.OPTIONS["perft_init"], choices=list(perft.INITS),
         help="PERFT adapters: theirs = PERFT's code (A ~ N(0,1)*sqrt(2/r), B ~ N(0,1)*1e-6); kaiming = LoRA's (B = 0)")
     add("--perft-aux-coef", type=float, default=0.01, help="perft-r: load-balancing loss on its router")
-    add("--dmep-experts", type=int, default=8, help="dmep: LoRA experts N per module")
-    add("--dmep-topk", type=int, default=2, help="dmep: LoRA experts per token K")
-    add("--dmep-targets", default="q_proj,k_proj,v_proj,o_proj,dense",
+    add("--dmep-experts", type=int, default=methods.OPTIONS["dmep_experts"], help="dmep: LoRA experts N per module")
+    add("--dmep-topk", type=int, default=methods.OPTIONS["dmep_topk"], help="dmep: LoRA experts per token K")
+    add("--dmep-targets", default=methods.OPTIONS["dmep_targets"],
         help="dmep: linears to wrap (attention names; 'dense' = shared experts and dense MLPs)")
     add("--dmep-warmup", type=float, default=0.2, help="dmep: fraction of steps before pruning")
     add("--dmep-tau", type=float, default=0.5, help="dmep: prune experts with utilization < tau / N")
@@ -100,10 +101,9 @@ def build_parser(recipe_names):
     add("--z-coef", type=float, default=0.0, help="router z-loss coefficient (0: off)")
     add("--seed", type=int, default=0, help="seed for data order, adapter init, dropout, random plan")
     # system
-    add("--device", default=None, help="cpu or cuda (None: cuda if available)")
-    add("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-        help="frozen base dtype (auto: bfloat16 on CUDA, float32 on CPU); adapters stay fp32")
-    add("--reference", action="store_true", help="run the model's plain reference path (slow; for checking)")
+    add("--dtype", default="auto", choices=hub.DTYPES,
+        help="frozen base dtype (auto: bfloat16 on CUDA, float32 on the CPU); adapters stay fp32")
+    add("--plain", "--reference", action="store_true", help="run moe.py's plain code, not the fast twins (slow; for checking)")
     add("--grad-checkpoint", action="store_true", help="recompute each block in backward (less memory)")
     add("--compile", action="store_true", help="torch.compile each transformer block")
     add("--save-every", type=int, default=0, help="write OUT/checkpoint.pt every N steps (0: only at the end)")
@@ -165,14 +165,14 @@ def check_ranges(ap, args):
         if getattr(args, k) > getattr(args, n):
             ap.error(f"--{k.replace('_', '-')} {getattr(args, k)}: must be at most --{n.replace('_', '-')} "
                      f"({getattr(args, n)})")
-    unknown = set(args.dmep_targets.split(",")) - set(lora.ATTN + ("dense",))
+    unknown = set(args.dmep_targets.split(",")) - set(methods.ATTN + ("dense",))
     if unknown:
-        ap.error(f"--dmep-targets: unknown {sorted(unknown)}; choose from {','.join(lora.ATTN + ('dense',))}")
+        ap.error(f"--dmep-targets: unknown {sorted(unknown)}; choose from {','.join(methods.ATTN + ('dense',))}")
 
 
 def check_paths(ap, args):
     """The flags that name files: present, of the right kind, and the model's config against --seq-len."""
-    if (args.export_peft or args.export_merged) and args.method not in lora.LORA_METHODS and not args.adapter:
+    if (args.export_peft or args.export_merged) and args.method not in methods.LORA_METHODS and not args.adapter:
         ap.error(f"--export-peft / --export-merged: {args.method} adapters depend on the input (their own routers "
                  "or per-expert outputs), so they cannot become PEFT LoRA or merged weights; use the adapter format")
     if args.init_config and args.method != "full":
@@ -180,7 +180,7 @@ def check_paths(ap, args):
     if args.init_config:
         args.model = args.model or os.path.dirname(os.path.abspath(args.init_config))
     if args.model is None:
-        ap.error("--model is required")
+        ap.error("--model is required (the embedded default job on the shipped model: python -m tools.study --default)")
     if args.data is None and not (args.dry_run or args.adapter):
         ap.error("--data is required (except with --dry-run or --adapter)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

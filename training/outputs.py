@@ -1,17 +1,16 @@
-"""outputs.py: what train.py prints and writes besides checkpoints: the step line's memory figure, DMEP's pruning
-report, and at the end the adapter (or model), summary.json, loss.png, the exports, and what to run next."""
+"""outputs.py: what train.py prints and writes besides checkpoints: the step line's memory figure, and at the end
+the adapter (or model), summary.json, loss.png, the exports, and what to run next. (DMEP's pruning report is
+dmep.prune_step's.)"""
 import json
 import os
 import sys
 
 import torch
 
+import methods
+from files import atomic, export, plots
 from training import checkpoint
-import dmep
-from files import hub
-import lora
-from training import parallel
-from files import plots
+
 
 
 def memory_gib(device):
@@ -32,45 +31,24 @@ def memory_label(device):
     return "mem" if device.type == "cuda" else "rss"
 
 
-def dmep_prune(model, opt, args, n_before, log):
-    """Prune, report counts / parameters / throughput before and after, return the optimizer's new params."""
-    for _, m in dmep.modules(model):  # torchrun: the utilization over all ranks' tokens, so all prune alike
-        m.util.copy_(parallel.all_sum(m.util) / parallel.world())
-    report = dmep.prune(model, opt, args.dmep_tau)
-    n_after = lora.count_trainable(model)
-    params = [p for group in opt.param_groups for p in group["params"]]
-    if parallel.rank() != 0:  # the report and its files come from rank 0 alone
-        return params
-    before, after = sum(r["before"] for r in report.values()), sum(r["after"] for r in report.values())
-    print(f"dmep: pruned {before - after} of {before} LoRA experts; trainable {n_before:,} -> {n_after:,} "
-          f"(-{100 * (1 - n_after / n_before):.1f}%); load balancing off from here")
-    for name, r in report.items():
-        print(f"  {name}: {r['before']} -> {r['after']}  util {r['util']}")
-    os.makedirs(args.out, exist_ok=True)
-    checkpoint.write_json(os.path.join(args.out, "dmep.json"), dict(step=len(log), trainable_before=n_before,
-                                                                    trainable_after=n_after, modules=report))
-    plots.dmep(report, os.path.join(args.out, "dmep_utilization.png"))
-    return params
-
-
 def finish(args, model, adapter_config, log, run):
     """Write the trained adapter (or model under OUT/model), summary.json, loss.png and the exports; say what was
     written and how to use it. `run`: wall, tokens, n_train, n_unpruned, total, prune_at, device, dtype, main."""
     full, dmep = adapter_config["method"] == "full", adapter_config["method"] == "dmep"
     if full:  # a hub-style checkpoint: OUT/model (every rank helps gather the shards, rank 0 writes)
         sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())  # FSDP2: gathered whole first
-        tensors = hub.model_tensors(model) if sharded else hub.checkpoint_views(model)  # views: a shard at a time
+        tensors = export.model_tensors(model) if sharded else export.checkpoint_views(model)  # views: a shard at a time
         bad = checkpoint.first_non_finite(tensors.items()) if run["main"] else None
         if bad:
             raise checkpoint.NonFiniteError(f"{bad} is not finite; OUT/model not written")
         with open(args.init_config or os.path.join(args.model, "config.json")) as f:
             if run["main"]:
-                hub.write_checkpoint(tensors, os.path.join(args.out, "model"), json.load(f), args.model)
+                export.write_checkpoint(tensors, os.path.join(args.out, "model"), json.load(f), args.model)
     elif run["main"]:
-        bad = checkpoint.first_non_finite(lora.adapter_state(model).items())
+        bad = checkpoint.first_non_finite(methods.adapter_state(model).items())
         if bad:
             raise checkpoint.NonFiniteError(f"adapter tensor {bad} is not finite; no adapter written")
-        lora.save_adapter(model, args.out, adapter_config)
+        methods.save_adapter(model, args.out, adapter_config)
     if not run["main"]:
         return 0
     written = ["model/ (the trained checkpoint)" if full else "adapter.safetensors + adapter_config.json (the adapter)"]
@@ -80,10 +58,10 @@ def finish(args, model, adapter_config, log, run):
     extra = dmep_speeds(model, log, run) if dmep and run["prune_at"] is not None else {}
     wall = run["wall"]
     summary = dict(**extra, method=adapter_config["method"], adapter_bytes=size, steps=run["total"],
-                   trainable_params=run["n_train"] if full else lora.count_trainable(model), wall_s=round(wall, 2),
+                   trainable_params=run["n_train"] if full else methods.count_trainable(model), wall_s=round(wall, 2),
                    tok_s=round(run["tokens"] / max(wall, 1e-9), 1), final_loss=log[-1]["loss"] if log else None,
                    device=str(run["device"]), dtype=str(run["dtype"]))
-    checkpoint.write_json(os.path.join(args.out, "summary.json"), summary)
+    atomic.write_json(os.path.join(args.out, "summary.json"), summary)
     print(f"done: {summary['trainable_params']:,} trainable params | adapter {size / 2**20:.2f} MiB | {wall:.1f}s | "
           f"{summary['tok_s']:,.0f} tok/s | final loss {summary['final_loss']}")
     for name, what in (("plan.json", "adapted experts per layer"), ("profile.json", "the routing profile"),
@@ -91,7 +69,7 @@ def finish(args, model, adapter_config, log, run):
         if os.path.exists(os.path.join(args.out, name)):  # the methods that make them
             written.append(f"{name} ({what})")
     written += ["log.jsonl (one line per step)", "summary.json", "checkpoint.pt + its tensors (for --resume)"]
-    if plot_log(log, os.path.join(args.out, "loss.png")):
+    if plots.loss(log, os.path.join(args.out, "loss.png")):
         written.append("loss.png (loss and lr against step)")
     written += write_exports(args, model, adapter_config)
     print(f"wrote to {args.out}:\n" + "".join(f"  {w}\n" for w in written), end="")
@@ -110,33 +88,8 @@ def dmep_speeds(model, log, run):
     before, after = speed(log[1:prune_at]), speed(log[prune_at + 1:])
     show = lambda v: "(no step to measure)" if v is None else f"{v:,.0f}"
     print(f"dmep: {show(before)} tok/s before pruning, {show(after)} after (first step of each phase left out); "
-          f"trainable now {lora.count_trainable(model):,}")
+          f"trainable now {methods.count_trainable(model):,}")
     return dict(tok_s_before_prune=before, tok_s_after_prune=after, trainable_before_prune=run["n_unpruned"])
-
-
-def plot_log(log, path):
-    """loss.png: the training loss against the step, the learning rate on a second axis (train.py has no
-    validation set, so there is no validation curve). False, and a line saying so, without matplotlib."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("train.py: matplotlib not installed, no loss.png (pip install matplotlib)")
-        return False
-    steps = [e["step"] for e in log]
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.add_subplot()
-    (loss_line,) = ax.plot(steps, [e["loss"] for e in log], color="tab:blue", label="training loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean per target token)", color="tab:blue")
-    ax.grid(alpha=0.3)
-    lr = ax.twinx()
-    (lr_line,) = lr.plot(steps, [e["lr"] for e in log], color="tab:orange", linestyle="--", label="learning rate")
-    lr.set_ylabel("learning rate", color="tab:orange")
-    lr.set_ylim(bottom=0)
-    lr.legend(handles=[loss_line, lr_line], loc="best")  # inside the axes, where it covers the least
-    ax.set_title(f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}: {len(log)} steps")
-    lora.atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=120))
-    return True
 
 
 def write_exports(args, model, adapter_config):
@@ -144,14 +97,14 @@ def write_exports(args, model, adapter_config):
     for flag, name in ((args.export_peft, "peft"), (args.export_merged, "merged")):
         if flag and os.path.exists(os.path.join(args.out, name)) and not os.path.isdir(os.path.join(args.out, name)):
             raise OSError(f"{os.path.join(args.out, name)}: exists and is not a directory")
-    bad = checkpoint.first_non_finite(lora.adapter_state(model).items())
+    bad = checkpoint.first_non_finite(methods.adapter_state(model).items())
     if bad and (args.export_peft or args.export_merged):
         raise checkpoint.NonFiniteError(f"adapter tensor {bad} is not finite; nothing exported")
     written = []
     if args.export_peft:
-        hub.export_peft(model, adapter_config, os.path.join(args.out, "peft"))
+        export.export_peft(model, adapter_config, os.path.join(args.out, "peft"))
         written.append("peft/ (PEFT's adapter layout)")
     if args.export_merged:
-        hub.export_merged(model, args.model, os.path.join(args.out, "merged"))
+        export.export_merged(model, args.model, os.path.join(args.out, "merged"))
         written.append("merged/ (a checkpoint with the adapter merged in)")
     return written

@@ -1,30 +1,22 @@
 """The fast twins of moe.py's plain code: the same results in fewer passes over memory, or in less of it.
 
-moe.py is the model written plainly; every module there that has a twin here checks its `reference` flag
-(`model.set_reference(True)` sets it everywhere) and runs its plain code when it is set. Each twin below
-names its plain twin and the test that proves the two equal (tests/test_kernels.py; the whole model both
-ways against transformers: tests/test_parity.py). This file imports no other file of the project.
+moe.py is the model written plainly; every module there that has a twin here checks its `plain` flag
+(`model.set_plain(True)` sets it everywhere) and runs its plain code when it is set. Each twin below names its
+plain twin and the test that proves the two equal (tests/test_fast.py; the whole model both ways against
+transformers: tests/test_parity.py). This file imports no other file of the project (moe.py imports it).
 
 - RMSNormFn: moe.RMSNorm's plain code as torch's fused norm (and its fused backward on CUDA).
 - RoPEFn: moe.apply_rope (x * cos + rotate_half(x) * sin) without the negated copy and the cat.
 - ExpertGroups, grouped_experts, SwiGLUFn, Unsort: moe.Experts.forward_loop (one expert at a time) as
   grouped matrix products over the (token, slot) pairs sorted by expert once per layer.
-- grouped_lora_factors, RegatheredProduct, a_product: lora.ExpertLoRA's per-expert products, grouped.
 - chunked_cross_entropy_sum: moe.cross_entropy_sum's plain form, without (N, V) fp32 logits at once.
 - grouped_mm: torch's grouped_mm itself, with exactly zero weight gradient for a group without rows.
+The expert adapters' grouped products (LoRA on a subset of the experts, PERFT-E) are lora_fast.py's.
 
 Shape letters: D hidden, I expert width, E experts, K top-k, N tokens, P (token, slot) pairs (N*K), V vocab.
-
-What a GPU meets here that the CPU tests cannot show: torch's grouped_mm is fast only in bfloat16 on
-H100/B200-class devices (elsewhere warn_if_slow says so, once); Blackwell's kernel is wrong for empty groups'
-weight gradients (group_weight_grad zeroes them). And one host sync per MoE layer is deliberate: an adapter on
-a subset of the experts (sieve, random, coverage, budget) finds the rows routed to its experts with `nonzero`
-(lora.ExpertLoRA.prepare), whose result's size the host must know before it can allocate the LoRA tensors of
-those rows only. Eager, the host waits there once per layer for the router's work to finish, so the launch
-queue runs dry briefly (launch latency, not bandwidth); under torch.compile it is a graph break per MoE layer,
-so each such block compiles as two graphs or more and ops across the break are not fused, and the step cannot
-be captured as one CUDA graph. The sync-free alternative, masking (P, width) tensors of every pair, moves as
-many bytes as LoRA on every expert, which is what the sieve is there to avoid.
+What a GPU meets here that the CPU tests cannot show (grouped_mm's fast kernel only in bf16 on H100/B200-class
+devices; Blackwell's empty-group gradients; the one host sync per MoE layer of an adapter on a subset of the
+experts): notes/speed.md.
 """
 import warnings
 from typing import NamedTuple
@@ -112,7 +104,7 @@ def warn_if_slow(device, dtype):
     if dtype == torch.bfloat16 and cap[0] in (9, 10):
         return
     _warned_slow = True
-    warnings.warn(f"kernels.grouped_mm: no fast kernel for {str(dtype).removeprefix('torch.')} on {device} "
+    warnings.warn(f"moe_fast.grouped_mm: no fast kernel for {str(dtype).removeprefix('torch.')} on {device} "
                   f"(capability {cap[0]}.{cap[1]}): torch falls back to one matmul per expert with a host sync per "
                   "call; its fast kernel needs bfloat16 on capability 9.x or 10.x", stacklevel=3)
 
@@ -130,7 +122,7 @@ class RMSNormFn(torch.autograd.Function):
     plain result bit for bit), then the same separate multiply by the weight. The plain code makes ~5 passes
     over an fp32 copy of x forward and ~10 backward. The backward keeps x in its own dtype and the fp32 1/rms
     of each row (autograd would keep fp32 x) and is torch's fused kernel on CUDA; the same formula written
-    out elsewhere. Tests: test_kernels.py::test_rmsnorm_*."""
+    out elsewhere. Tests: test_fast.py::test_rmsnorm_*."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -158,7 +150,7 @@ class RoPEFn(torch.autograd.Function):
     """moe.apply_rope, x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1], with its roundings
     (each product, then the sum) but without the negated half and the cat: out = x * cos, then in place
     out1 -= x2 * sin1 and out2 += x1 * sin2. The backward has the same form (the rotation transposed):
-    autograd's gradient bit for bit, in fewer passes. Test: test_kernels.py::test_rope_bitwise."""
+    autograd's gradient bit for bit, in fewer passes. Test: test_fast.py::test_rope_bitwise."""
 
     @staticmethod
     def forward(ctx, x, cos, sin):
@@ -187,14 +179,14 @@ def _rotate(x, cos, sin, inverse):
 # ----------------------------------------------------------------------------- grouped experts
 
 class ExpertGroups(NamedTuple):
-    """Rows sorted by expert, as the expert adapters see them (moe.Experts' hook protocol): the (token, slot)
-    pairs of a whole layer sorted once (`sort`, the fast path), or the rows of one expert (`single`, the loop)."""
-    order: torch.Tensor | None  # (P,) pair index (token * K + slot) of each sorted row (None: one expert)
+    """The (token, slot) pairs of a whole layer sorted by expert once (`sort`): what grouped_experts and the
+    expert adapters' grouped products (lora_fast.py) read."""
+    order: torch.Tensor  # (P,) pair index (token * K + slot) of each sorted row
     token: torch.Tensor  # (P,) token of each sorted row
     expert: torch.Tensor  # (P,) expert of each sorted row (ascending)
     counts: torch.Tensor  # (E,) rows per expert
     offs: torch.Tensor  # (E,) int32 end offset of each expert's rows, as grouped_mm wants
-    inverse: torch.Tensor | None  # (P,) sorted row of each pair: order's inverse permutation
+    inverse: torch.Tensor  # (P,) sorted row of each pair: order's inverse permutation
 
     @staticmethod
     def sort(idx, E):
@@ -206,43 +198,38 @@ class ExpertGroups(NamedTuple):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
         return ExpertGroups(order, order // idx.shape[1], expert, counts, ends.to(torch.int32), inverse)
 
-    @staticmethod
-    def single(e, token, E):
-        """The n rows of expert e (tokens `token`, (n,)), in the loop path's order."""
-        counts = torch.zeros(E, dtype=torch.long, device=token.device)
-        counts[e] = token.numel()
-        return ExpertGroups(None, token, torch.full_like(token, e), counts, counts.cumsum(0).to(torch.int32), None)
-
-    def spans(self, ids):
-        """[(j, lo, hi)]: the rows lo:hi of expert ids[j], for each of `ids` that has rows (one host sync)."""
-        ends = self.offs.tolist()
-        return [(j, ends[e - 1] if e else 0, ends[e]) for j, e in enumerate(ids) if ends[e] > (ends[e - 1] if e else 0)]
-
 
 def grouped_experts(x, idx, w, gate_up_proj, down_proj, adapter=None):
     """moe.Experts.forward_loop as grouped products: the pairs sorted by expert once, one grouped_mm for
     gate_up and one for down over all experts, back in (token, slot) order, weighted and summed as the loop.
-    x (N, D), idx (N, K), w (N, K) -> (N, D). Tests: test_kernels.py::test_grouped_experts_*,
-    test_parity.py (the whole model both ways)."""
+    x (N, D), idx (N, K), w (N, K) -> (N, D). Tests: test_fast.py::test_grouped_experts_*,
+    test_parity.py (the whole model both ways).
+
+    An expert adapter (lora.ExpertLoRA, perft.ExpertAdapter) adds its updates through three grouped hooks,
+    the fast twins of its plain gate_up / down (lora_fast.py has their bodies):
+        work = adapter.grouped_prepare(groups, x)     once per layer: which sorted rows carry adapter work
+        gu = adapter.grouped_gate_up(gu, xs, work)    gate_up_proj's output (P, 2I) + its update from xs (P, D)
+        ys = adapter.grouped_down(ys, h, gu, xs, work)  down_proj's output (P, D) + its update
+    They may add in place: gu and ys are grouped_mm outputs that nothing else holds."""
     N, K = idx.shape
     warn_if_slow(x.device, gate_up_proj.dtype)
     groups = ExpertGroups.sort(idx, gate_up_proj.shape[0])
-    at = adapter.prepare(groups, x) if adapter is not None else None
+    work = adapter.grouped_prepare(groups, x) if adapter is not None else None
     xs = x[groups.token]  # (P, D) token rows in expert order
     gu = grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=groups.offs)  # (P, 2I)
     if adapter is not None:
-        gu = adapter.gate_up(gu, xs, at)
+        gu = adapter.grouped_gate_up(gu, xs, work)
     h = SwiGLUFn.apply(gu)  # (P, I) silu(g) * u, keeping gu only
     ys = grouped_mm(h, down_proj.transpose(1, 2), offs=groups.offs)  # (P, D)
     if adapter is not None:
-        ys = adapter.down(ys, h, gu, xs, at)
+        ys = adapter.grouped_down(ys, h, gu, xs, work)
     y = Unsort.apply(ys, groups).view(N, K, -1)  # (N, K, D) back in (token, slot) order
     return (y * w[..., None]).to(x.dtype).sum(dim=1)  # (N, D): weighted with the loop's rounding, summed over slots
 
 
 class SwiGLUFn(torch.autograd.Function):
     """moe.swiglu(gu) = silu(g) * u with autograd's own backward ops, but keeping gu only (autograd keeps
-    silu(g) too: another (rows, I)). Test: test_kernels.py::test_swiglu_bitwise."""
+    silu(g) too: another (rows, I)). Test: test_fast.py::test_swiglu_bitwise."""
 
     @staticmethod
     def forward(ctx, gu):
@@ -265,7 +252,7 @@ class SwiGLUFn(torch.autograd.Function):
 class Unsort(torch.autograd.Function):
     """rows.index_select(0, groups.inverse): the layer's sorted rows back in (token, slot) order. A permutation's
     gradient is the gather by its inverse, `order`; autograd's index_select backward would instead zero a
-    (P, D) tensor and scatter-add into it. Test: test_kernels.py::test_unsort."""
+    (P, D) tensor and scatter-add into it. Test: test_fast.py::test_unsort."""
 
     @staticmethod
     def forward(ctx, rows, groups):
@@ -277,54 +264,12 @@ class Unsort(torch.autograd.Function):
         return g.index_select(0, ctx.order), None
 
 
-# ----------------------------------------------------------------------------- grouped LoRA products
-
-def grouped_lora_factors(A, B, scale, dt):
-    """A and scale * B (scale folded into the small factor) in dtype dt, for the grouped products. grouped_mm
-    wants 16-byte rows: the rank is padded to a multiple of 8 with zeros (exact: zero rows of A meet zero
-    columns of B). A (m, r, in), B (m, out, r)."""
-    A, B, pad = A.to(dt), (B * scale).to(dt), -A.shape[1] % 8
-    return (A, B) if pad == 0 else (F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad)))
-
-
-class RegatheredProduct(torch.autograd.Function):
-    """z = grouped_mm(xr, A^T) (n, r), LoRA's A product, with its input rows xr (n, in) NOT kept for backward
-    but made again there from a tensor that is kept anyway: xr = src[index], the layer input's rows (K copies
-    of each token), or, with `swiglu`, xr = swiglu(src[index]), the down input made from the gate_up output
-    that SwiGLUFn keeps (index None: all rows). These rows are the largest things a LoRA step would keep
-    per layer, for A's gradient alone; making them again costs one pass over them in backward. Plain twin:
-    x @ A[e].T per expert (lora.ExpertLoRA in reference mode). Tests: test_lora.py (fast == loop)."""
-
-    @staticmethod
-    def forward(ctx, xr, A, offs, src, index, swiglu):  # A (m, r, in), offs (m,) group ends over the n rows
-        ctx.save_for_backward(A, offs, src, index)
-        ctx.swiglu = swiglu
-        return grouped_mm(xr, A.transpose(1, 2), offs=offs)
-
-    @staticmethod
-    def backward(ctx, dz):
-        A, offs, src, index = ctx.saved_tensors
-        xr = src if index is None else src.index_select(0, index)
-        xr = _swiglu(xr) if ctx.swiglu else xr
-        dxr = grouped_mm(dz, A, offs=offs) if ctx.needs_input_grad[0] else None  # (n, in)
-        dA = group_weight_grad(dz, xr, offs)  # (m, r, in): one product per expert, empty ones zero
-        return dxr, dA, None, None, None, None
-
-
-def a_product(dropout, xr, A, offs, src, index, swiglu=False):
-    """An adapter's A product on the fast path, grouped_mm(dropout(xr), A^T) with xr = src[index] (or its
-    swiglu): the rows are made again in backward, unless dropout is active (then autograd keeps them)."""
-    if isinstance(dropout, torch.nn.Dropout) and dropout.training:
-        return grouped_mm(dropout(xr), A.transpose(1, 2), offs=offs)
-    return RegatheredProduct.apply(xr, A, offs, src, index, swiglu)
-
-
 # ----------------------------------------------------------------------------- loss
 
 def chunked_cross_entropy_sum(head, h, labels, chunk=2048, ignore_index=-100):
     """moe.cross_entropy_sum's plain form (all (N, V) logits in fp32 at once), a chunk of rows at a time:
     each chunk's fp32 logits are made and, when training, recomputed in backward instead of kept. Equal up
-    to the order of the fp32 sum. Test: test_kernels.py::test_chunked_cross_entropy."""
+    to the order of the fp32 sum. Test: test_fast.py::test_chunked_cross_entropy."""
     h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
     ce = lambda hc, lc: F.cross_entropy(head(hc).float(), lc, ignore_index=ignore_index, reduction="sum")
     total = 0.0
