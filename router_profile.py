@@ -31,6 +31,7 @@ import time
 import torch
 
 from training import checkpoint
+from files import chat
 from files import data
 from files import hub
 import lora
@@ -46,9 +47,12 @@ CALIB_SEED, CALIB_TOKENS, MIN_CHARS = 123, 2048, 10  # scripts/profiling.py --se
 # ----------------------------------------------------------------------------- calibration data
 
 
-def record_text(rec):
-    """The whole text of a record, as routed: text; prompt + completion; query + " " + gold; question + " " + answer."""
+def record_text(rec, tok=None):
+    """The whole text of a record, as routed: text; prompt + completion; query + " " + gold; question + " " + answer;
+    a chat record: the conversation as tok's chat template writes it."""
     kind = data.record_kind(rec)
+    if kind == "chat":
+        return chat.render(tok, rec["messages"])
     if kind == "text":
         return rec["text"]
     if kind == "prompt":
@@ -66,7 +70,8 @@ def calibration(tok, records, samples=None, seq_len=CALIB_TOKENS, seed=CALIB_SEE
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     chosen = [records[i] for i in order[:samples]]
-    return [tok.encode(t)[:seq_len] for t in map(record_text, chosen) if len(t) >= MIN_CHARS]
+    encode = lambda rec, t: chat.encode_rendered(tok, t)[0] if "messages" in rec else tok.encode(t)  # chat: as rendered
+    return [encode(r, t)[:seq_len] for r, t in ((r, record_text(r, tok)) for r in chosen) if len(t) >= MIN_CHARS]
 
 
 # ----------------------------------------------------------------------------- profile

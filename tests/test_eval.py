@@ -7,6 +7,7 @@ import types
 import pytest
 import torch
 
+import answers
 from files import data
 import eval as ev
 from files import hub
@@ -64,13 +65,13 @@ class Emitter(torch.nn.Module):
     (72, "72"), (3.5, "3.5")])
 def test_extract_number(text, number):
     """The final number: after the last "####" if any, else the last one; commas, trailing zeros, final "." dropped."""
-    assert ev.extract_number(text) == number
+    assert answers.extract_number(text) == number
 
 
 def test_exact_match_scores_outputs_against_gold():
     """An output matches when its final number equals the gold's, whatever the formatting; no number never matches."""
     outputs = ["so #### 1,234", "x is 3.50.", "I do not know", "2 + 2 = 5"]
-    assert ev.exact_match(outputs, [1234, "work... #### 3.5", "7", "4"]) == [True, True, False, False]
+    assert answers.exact_match(outputs, [1234, "work... #### 3.5", "7", "4"]) == [True, True, False, False]
 
 
 # ----------------------------------------------------------------------------- fake-model metrics
@@ -100,7 +101,8 @@ def test_mc_acc_norm_divides_by_the_choice_length_without_the_space():
     rel = tol(torch.float32, 1, 16)  # sums of <= 9 equal log-probabilities, each one rounding of log 1/128
     assert lls[0] == pytest.approx([-3 * math.log(128), -9 * math.log(128)], rel=rel)
     res = ev.multiple_choice(uniform_model, TOK, recs, batch_size=2)
-    assert res == dict(acc=0.0, acc_norm=1.0, gold_nll=pytest.approx(9 * math.log(128) / 8, rel=rel), n=1)
+    assert res == dict(acc=0.0, acc_norm=1.0, gold_nll=pytest.approx(9 * math.log(128) / 8, rel=rel), n=1,
+                       acc_stderr=None, acc_norm_stderr=None)  # one item: no standard error
 
 
 def test_perplexity_of_uniform_model_is_vocab_size():
