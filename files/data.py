@@ -7,6 +7,7 @@ for two known cases, both with tokenizer.model, where we follow sentencepiece (t
 transformers 5's LlamaTokenizer encodes " hello" like "hello" (its Metaspace pre-tokenizer skips the
 dummy "▁" prefix when the text already starts with a space; huggingface/transformers#47487), and it
 turns "<s>" / "</s>" written in the text into special tokens, where sentencepiece keeps them as text.
+(The tokenizer.json that tokenizer_files.py converts from a tokenizer.model has only the second difference.)
 
 Records, one JSON object per line (`.jsonl` or `.jsonl.gz`), told apart by their keys:
     text    {"text"}                          plain text, loss on every token

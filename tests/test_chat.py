@@ -189,3 +189,20 @@ def test_gen_reads_chat_records_with_the_generation_prompt(tmp_path, monkeypatch
     assert chat.render(tok, CONVERSATIONS[0][:1], True).endswith("<|im_start|>assistant\n")
     assert res["exact_match"] == 1.0 and [i["correct"] for i in items] == [True, True]
     assert [i["gold"] for i in items] == ["4", "4"] and items[0]["output"] == " 4"
+
+
+def test_chat_records_train_and_profile(tmp_path):
+    """train.py --method sieve on chat records with the checkpoint's template: the routing profile reads the
+    conversations as rendered, the loss is on the assistant tokens, and the run finishes."""
+    from tiny import tiny_checkpoint
+    import train
+
+    ckpt = tiny_checkpoint(tmp_path / "model")
+    shutil.copy(os.path.join(TEMPLATES, "mixtral-8x7b-instruct-v0.1.jinja"), os.path.join(ckpt, "chat_template.jinja"))
+    path = write(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS[:2]] * 4)
+    tok = data.load_tokenizer(ckpt)
+    (ids, mask), = data.encode_examples(tok, data.read_jsonl(path)[:1], 512)[0]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "4" and ids[-1] == tok.eos_id and mask[-1] == 1
+    assert train.main(["--model", ckpt, "--data", path, "--method", "sieve", "--steps", "2", "--seq-len", "64",
+                       "--out", str(tmp_path / "run")]) == 0
+    assert json.load(open(tmp_path / "run" / "profile.json"))["samples"] == 8
