@@ -241,8 +241,8 @@ def check_task(records, task, path=None):
         if kind == "mc" and not all(isinstance(c, str) for c in rec["choices"]):
             raise data.DataError(f"{where}: choices must be strings")
         if kind in ("qa", "chat"):
-            gold = rec["answer"] if kind == "qa" else [m for m in rec["messages"] if m["role"] == "assistant"][-1]
-            gold = gold if kind == "qa" else gold["content"]
+            gold = rec["answer"] if kind == "qa" else [m["content"] for m in rec["messages"]
+                                                       if m["role"] == "assistant"][-1]
             if answers.extract_number(gold) is None:
                 raise data.DataError(f"{where}: answer {str(gold)[:60]!r} has no number to match")
 
@@ -302,11 +302,15 @@ def parse_args(argv=None):
     if args.num_fewshot < 0 or (args.num_fewshot and (args.task == "ppl" or args.fewshot_data is None)):
         ap.error(f"--num-fewshot {args.num_fewshot}: needs --task mc or gen and a --fewshot-data file")
     if os.path.isfile(os.path.join(args.model, "config.json")):  # as train.py: not past the trained positions
-        limit = hub.read_config(args.model).max_position_embeddings
+        try:
+            limit = hub.read_config(args.model).max_position_embeddings
+        except ValueError as e:
+            ap.error(f"--model: {e}")
         args.seq_len = args.seq_len or min(2048, limit)
         if args.seq_len > limit and not args.allow_long_seq:
             ap.error(f"--seq-len {args.seq_len}: longer than the model's max_position_embeddings ({limit}); "
                      "use a shorter --seq-len, or --allow-long-seq")
+    args.seq_len = args.seq_len or 2048  # no config.json: run() names the model directory
     return args
 
 

@@ -12,7 +12,7 @@ Loss on the assistant turns (`--loss-on answer`): with `{% generation %}` blocks
 training templates have), exactly their characters, as transformers' return_assistant_tokens_mask. Without them
 (the templates models ship), turn i's tokens are what the model generates after its prompt: from the end of
 messages[:i] rendered with add_generation_prompt=True (which must be where the whole rendering goes on) to the
-end of the message's content, and the special tokens right after it (EOS, <|im_end|>: the model learns to stop).
+end of the message's content, and the special token right after it (EOS, <|im_end|>: the model learns to stop).
 A token that straddles a boundary counts as assistant's, as transformers counts it. `--loss-on all`: every token.
 
 jinja2 is needed only here, imported when a chat record is rendered.
@@ -74,7 +74,8 @@ def _info(tok):
             if value is not None:
                 special[name] = str(value)
         if tok.sp is not None:  # a lone tokenizer.model: its own pieces
-            for name, i in (("bos_token", tok.sp.bos_id()), ("eos_token", tok.sp.eos_id()), ("unk_token", tok.sp.unk_id())):
+            sp = tok.sp
+            for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
                 if i >= 0:
                     special.setdefault(name, tok.sp.id_to_piece(i))
         special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
@@ -199,8 +200,8 @@ def encode(tok, rec, max_len, loss_on):
             if not inside:
                 continue
             last = inside[-1]
-            while last + 1 < len(ids) and ids[last + 1] in _info(tok)["special_ids"]:  # EOS, <|im_end|>: the model stops
-                last += 1
+            if last + 1 < len(ids) and ids[last + 1] in _info(tok)["special_ids"]:  # EOS, <|im_end|>: the model
+                last += 1  # stops; one token only (Llama 3 writes the next turn's <|start_header_id|> right after)
             for j in range(inside[0], last + 1):
                 mask[j] = 1
         mask[0] = 0

@@ -96,11 +96,13 @@ def test_rendering_and_ids_equal_apply_chat_template(dirs):
     for conv in CONVERSATIONS:
         for gen in (False, True):
             msgs = conv[:-1] if gen else conv
-            assert chat.render(tok, msgs, gen) == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            theirs = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            assert chat.render(tok, msgs, gen) == theirs
         ids, mask, cut = chat.encode(tok, {"messages": conv}, 10_000, "answer")
         assert ids == list(hf.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]) and cut == 0
         prompt, gold = chat.prompt_and_answer(tok, {"messages": conv})
-        assert prompt == list(hf.apply_chat_template(conv[:-1], add_generation_prompt=True, return_dict=True)["input_ids"])
+        theirs = hf.apply_chat_template(conv[:-1], add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert prompt == list(theirs)
         assert gold == conv[-1]["content"]
     # BOS where the template writes it, once; nothing added after rendering (Qwen3 writes none)
     first = {"mixtral": tok.bos_id, "olmoe": 50279, "qwen3": hf.convert_tokens_to_ids("<|im_start|>")}[name]

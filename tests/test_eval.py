@@ -314,7 +314,8 @@ def test_log_samples_and_standard_errors(files, tmp_path):
     items = [json.loads(line) for line in log.read_text().splitlines()]
     assert sum(i["tokens"] for i in items) == r["tokens"]
     assert sum(i["nll"] for i in items) / r["tokens"] == pytest.approx(r["nll"], rel=1e-12)
-    r = cli("--model", files["ckpt"], "--task", "gen", "--data", files["qa"], "--max-new-tokens", 4, "--log-samples", log)
+    r = cli("--model", files["ckpt"], "--task", "gen", "--data", files["qa"], "--max-new-tokens", 4,
+            "--log-samples", log)
     items = [json.loads(line) for line in log.read_text().splitlines()]
     assert [i["gold"] for i in items] == ["4", "357"]
     assert all(i["pred"] == answers.extract_number(i["output"]) for i in items)

@@ -149,7 +149,8 @@ def test_generation_runs_without_autograd_when_the_base_requires_grad(checkpoint
     model.requires_grad_(True)
     ids, mask = left_padded_batch()
     with NoGradWatch(model) as watch:
-        out = generate.generate(model, ids, mask, max_new_tokens=3, temperature=0.7, generator=torch.Generator().manual_seed(0))
+        out = generate.generate(model, ids, mask, max_new_tokens=3, temperature=0.7,
+                                generator=torch.Generator().manual_seed(0))
     watch.check()
     assert_no_graph(out)
     assert torch.is_grad_enabled()
