@@ -14,6 +14,10 @@ are data.py's formats, and `evaluate` checks they are the kind the task reads.
   gen  {"question", "answer"} (GSM8K style): greedy generation (generate.generate, left padding) until EOS, then
        exact match of the final number: the one after the last "####", else the last in the text; commas
        dropped, "3.50" == "3.5". The gold answer is read alike. No stop strings: the model ends with EOS.
+       A chat record {"messages"} is read too: the prompt is the conversation before its last assistant turn,
+       rendered by the model's chat template with add_generation_prompt=True; the gold is that turn's content.
+Each scores a mean over items, with lm-eval's standard error (harness.mean_stderr); `items=[]` collects
+one dict per item (--log-samples). --num-fewshot K puts K solved examples before each prompt (evaluation/harness.py).
 
     python eval.py --model DIR [--adapter DIR] --task mc --data hellaswag.jsonl --out results.json
 """
@@ -22,20 +26,17 @@ import contextlib
 import json
 import math
 import os
-import re
 import sys
 import time
-from decimal import Decimal
 
 import torch
 
-from files import data
 import generate
-from files import hub
 import methods
-from files import atomic
+from evaluation import answers, harness
+from files import atomic, chat, data, hub
 
-TASKS = {"ppl": "text", "mc": "mc", "gen": "qa"}  # task -> the data.py record kind it reads
+TASKS = {"ppl": ("text",), "mc": ("mc",), "gen": ("qa", "chat")}  # task -> the data.py record kinds it reads
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -92,29 +93,34 @@ def _argmax(xs):  # the first index of the largest value, as np.argmax
 
 # ----------------------------------------------------------------------------- perplexity
 
-def perplexity(model, tok, records, batch_size=8, seq_len=2048, progress=None):
+def perplexity(model, tok, records, batch_size=8, seq_len=2048, progress=None, items=None):
     """{"text"} records -> dict(ppl, nll, tokens): mean token NLL over every token after the first of each
     text (EOS included), ppl = exp(nll). Texts longer than seq_len are windowed (module docstring)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-    seqs = []
-    for rec in records:
+    seqs = []  # (record index, window ids)
+    for r, rec in enumerate(records):
         ids, _ = data.encode_example(tok, rec, max_len=sys.maxsize)  # [BOS] text EOS
         for i in range(0, max(len(ids) - 1, 1), seq_len - 1):  # window i predicts ids[i+1 : i+seq_len]
-            seqs.append(ids[i:i + seq_len])
-    seqs.sort(key=len, reverse=True)  # less padding; the sum does not depend on the order
-    nll, tokens = 0.0, 0
+            seqs.append((r, ids[i:i + seq_len]))
+    seqs.sort(key=lambda s: len(s[1]), reverse=True)  # less padding; the sum does not depend on the order
+    nll, count = [0.0] * len(records), [0] * len(records)  # per record
     with _inference(model):
         for i in range(0, len(seqs), batch_size):
-            batch = seqs[i:i + batch_size]
+            batch = [s for _, s in seqs[i:i + batch_size]]
             ids, mask, labels = data.pad_batch(batch, [[0] + [1] * (len(s) - 1) for s in batch], tok.pad_id)
-            nll -= _label_logprobs(model, ids, mask, labels).double().sum().item()
-            tokens += int((labels != data.IGNORE).sum())
+            lp = _label_logprobs(model, ids, mask, labels).double().sum(-1)  # (B,)
+            for b, (r, s) in enumerate(seqs[i:i + batch_size]):
+                nll[r] -= lp[b].item()
+                count[r] += len(s) - 1
             if progress:
                 progress(i + len(batch), len(seqs))
+    tokens = sum(count)
     if tokens == 0:
         raise ValueError("perplexity: the records have no token to predict")
-    return dict(ppl=math.exp(nll / tokens), nll=nll / tokens, tokens=tokens)
+    if items is not None:
+        items += [dict(index=r, nll=nll[r], tokens=count[r]) for r in range(len(records))]
+    return dict(ppl=math.exp(sum(nll) / tokens), nll=sum(nll) / tokens, tokens=tokens)
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -149,47 +155,27 @@ def choice_logliks(model, tok, records, batch_size=8, seq_len=2048, progress=Non
     return out
 
 
-def multiple_choice(model, tok, records, batch_size=8, seq_len=2048, progress=None):
-    """{"query", "choices", "gold"} records -> dict(acc, acc_norm, gold_nll, n): acc and acc_norm as
-    lm-evaluation-harness computes them; gold_nll, the gold choice's negative log-likelihood per character
-    (nats), a continuous signal for models too small to rise above chance."""
-    acc = acc_norm = nll = 0
-    for rec, ll in zip(records, choice_logliks(model, tok, records, batch_size, seq_len, progress)):
-        per_char = [x / max(len(c), 1) for x, c in zip(ll, rec["choices"])]  # len(choice), not len(" " + choice)
-        acc += _argmax(ll) == rec["gold"]
-        acc_norm += _argmax(per_char) == rec["gold"]
+def multiple_choice(model, tok, records, batch_size=8, seq_len=2048, progress=None, items=None):
+    """{"query", "choices", "gold"} records -> dict(acc, acc_norm, their standard errors, gold_nll, n): acc and
+    acc_norm as lm-evaluation-harness computes them; gold_nll, the gold choice's negative log-likelihood per
+    character (nats), a continuous signal for models too small to rise above chance."""
+    acc, acc_norm, nll = [], [], 0.0
+    for r, (rec, ll) in enumerate(zip(records, choice_logliks(model, tok, records, batch_size, seq_len, progress))):
+        lengths = [len(c) for c in rec["choices"]]  # len(choice), not len(" " + choice)
+        per_char = [x / max(n, 1) for x, n in zip(ll, lengths)]
+        pick, pick_norm = _argmax(ll), _argmax(per_char)
+        acc.append(float(pick == rec["gold"]))
+        acc_norm.append(float(pick_norm == rec["gold"]))
         nll -= per_char[rec["gold"]]
+        if items is not None:
+            items.append(dict(index=r, loglik=ll, chars=lengths, gold=rec["gold"], pick=pick, pick_norm=pick_norm,
+                              acc=acc[-1], acc_norm=acc_norm[-1]))
     n = len(records)
-    return dict(acc=acc / n, acc_norm=acc_norm / n, gold_nll=nll / n, n=n)
+    return dict(acc=sum(acc) / n, acc_stderr=harness.mean_stderr(acc), acc_norm=sum(acc_norm) / n,
+                acc_norm_stderr=harness.mean_stderr(acc_norm), gold_nll=nll / n, n=n)
 
 
 # ----------------------------------------------------------------------------- generation
-
-_NUMBER = re.compile(r"-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)")  # 1,234  -3.50  .5 (a trailing "." is not taken)
-
-
-def _normalise(s):
-    d = Decimal(s.replace(",", ""))
-    return "0" if d == 0 else format(d.normalize(), "f")  # "3.50" -> "3.5", "1,200" -> "1200", "-0" -> "0"
-
-
-def extract_number(text):
-    """The final number of an output or gold answer, normalised ("#### 1,234" -> "1234"), or None:
-    the first number after the last "####" if there is one, else the last number in the text."""
-    text = str(text)
-    if "####" in text:
-        found = _NUMBER.findall(text.rsplit("####", 1)[1])
-        if found:
-            return _normalise(found[0])
-    found = _NUMBER.findall(text)
-    return _normalise(found[-1]) if found else None
-
-
-def exact_match(outputs, answers):
-    """Per output: does its final number equal the gold answer's? (No number in the output: False.)"""
-    preds = [extract_number(o) for o in outputs]
-    return [p is not None and p == extract_number(a) for p, a in zip(preds, answers)]
-
 
 def _cut_left(ids, n, bos_id):  # keep the last n tokens, and BOS in front if the sequence starts with one
     if len(ids) <= n:
@@ -198,12 +184,16 @@ def _cut_left(ids, n, bos_id):  # keep the last n tokens, and BOS in front if th
     return bos + ids[len(ids) - (n - len(bos)):]
 
 
-def generation(model, tok, records, batch_size=8, max_new_tokens=256, seq_len=2048, progress=None, n_samples=5):
-    """{"question", "answer"} records -> dict(exact_match, n, samples): greedy answers to the questions (the
-    prompt is the question as it is; prompts longer than seq_len - max_new_tokens lose their start)."""
+def generation(model, tok, records, batch_size=8, max_new_tokens=256, seq_len=2048, progress=None, n_samples=5,
+               items=None):
+    """{"question", "answer"} or chat records -> dict(exact_match, its standard error, n, samples): greedy answers
+    (the prompt is the question as it is, or the chat rendered for generation; prompts longer than
+    seq_len - max_new_tokens lose their start)."""
     if seq_len - max_new_tokens < 2:
         raise ValueError(f"seq_len {seq_len} leaves no room for a prompt before {max_new_tokens} new tokens")
-    prompts = [_cut_left(tok.encode(rec["question"]), seq_len - max_new_tokens, tok.bos_id) for rec in records]
+    asked = [chat.prompt_and_answer(tok, rec) if "messages" in rec else (tok.encode(rec["question"]), rec["answer"])
+             for rec in records]  # (prompt ids, gold answer)
+    prompts = [_cut_left(ids, seq_len - max_new_tokens, tok.bos_id) for ids, _ in asked]
     order = sorted(range(len(records)), key=lambda j: len(prompts[j]))  # similar lengths: less padding
     outputs, dev = [None] * len(records), _device(model)
     with _inference(model):
@@ -218,10 +208,16 @@ def generation(model, tok, records, batch_size=8, max_new_tokens=256, seq_len=20
                 outputs[j] = tok.decode(new[:new.index(tok.eos_id)] if tok.eos_id in new else new)
             if progress:
                 progress(i + len(js), len(records))
-    correct = exact_match(outputs, [rec["answer"] for rec in records])
-    samples = [dict(question=rec["question"], output=o, pred=extract_number(o), gold=extract_number(rec["answer"]),
-                    correct=c) for rec, o, c in zip(records[:n_samples], outputs, correct)]
-    return dict(exact_match=sum(correct) / len(records), n=len(records), samples=samples)
+    golds = [gold for _, gold in asked]
+    correct = answers.exact_match(outputs, golds)
+    asks = [rec["question"] if "question" in rec else [m for m in rec["messages"] if m["role"] == "user"][-1]["content"]
+            for rec in records]  # a chat: its last user turn
+    log = [dict(index=r, question=q, output=o, pred=answers.extract_number(o), gold=answers.extract_number(g),
+                correct=c) for r, (q, o, g, c) in enumerate(zip(asks, outputs, golds, correct))]
+    if items is not None:
+        items += log
+    return dict(exact_match=sum(correct) / len(records), exact_match_stderr=harness.mean_stderr(
+        [float(c) for c in correct]), n=len(records), samples=log[:n_samples])
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -230,20 +226,22 @@ def check_task(records, task, path=None):
     """DataError naming the file (or record) and the expected keys if a record is not the kind `task` reads."""
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
-    want = TASKS[task]
-    keys = "{" + ", ".join(data.KINDS[want]) + "}"
+    keys = " or ".join("{" + ", ".join(data.KINDS[want]) + "}" for want in TASKS[task])
     for i, rec in enumerate(records):
         where = f"{path}: record {i + 1}" if path else f"record {i + 1}"
         try:
             kind = data.record_kind(rec)
         except ValueError as e:
             raise data.DataError(f"{where}: {e}") from None
-        if kind != want:
+        if kind not in TASKS[task]:
             raise data.DataError(f"{where}: task {task!r} reads {keys} records, this one has keys {sorted(rec)}")
         if kind == "mc" and not all(isinstance(c, str) for c in rec["choices"]):
             raise data.DataError(f"{where}: choices must be strings")
-        if kind == "qa" and extract_number(rec["answer"]) is None:
-            raise data.DataError(f"{where}: answer {str(rec['answer'])[:60]!r} has no number to match")
+        if kind in ("qa", "chat"):
+            gold = rec["answer"] if kind == "qa" else [m["content"] for m in rec["messages"]
+                                                       if m["role"] == "assistant"][-1]
+            if answers.extract_number(gold) is None:
+                raise data.DataError(f"{where}: answer {str(gold)[:60]!r} has no number to match")
 
 
 def evaluate(model, tok, task, records, path=None, **kw):
@@ -270,20 +268,42 @@ def parse_args(argv=None):
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N records only (None: all)")
     # how
     ap.add_argument("--batch-size", type=int, default=8, help="sequences (mc: query-choice pairs) per forward pass")
-    ap.add_argument("--seq-len", type=int, default=2048,
-                    help="longest sequence: ppl window length; mc and gen cut the start of longer prompts")
+    ap.add_argument("--seq-len", type=int, default=None, help="longest sequence: ppl window length; mc and gen cut "
+                    "the start of longer prompts (None: 2048, or the model's max_position_embeddings if less)")
+    ap.add_argument("--allow-long-seq", action="store_true", help="allow --seq-len above max_position_embeddings")
+    ap.add_argument("--num-fewshot", type=int, default=0, help="mc / gen: solved examples before each prompt, "
+                    "drawn from --fewshot-data as lm-eval's default sampler")
+    ap.add_argument("--fewshot-data", default=None, help="records to draw the few-shot examples from "
+                    "(the kind --data has; the same file: a record never shows itself)")
+    ap.add_argument("--fewshot-seed", type=int, default=1234, help="seed of the few-shot draws (lm-eval's default)")
     ap.add_argument("--max-new-tokens", type=int, default=256, help="gen: most tokens generated per answer")
     ap.add_argument("--plain", "--reference", action="store_true",
                     help="run moe.py's plain code, not the fast twins (moe_fast.py)")
     # output
     ap.add_argument("--out", default=None, help="also write the results JSON here (atomically)")
+    ap.add_argument("--log-samples", default=None, help="write one JSON line per item here: mc its choices' "
+                    "log-likelihoods, lengths, picks and correctness; gen the generation and the extracted answer")
     args = ap.parse_args(argv)
     for flag in ("limit", "batch_size", "seq_len", "max_new_tokens"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             ap.error(f"--{flag.replace('_', '-')} {v}: must be at least 1")
-    if args.out is not None and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out)))):
-        ap.error(f"--out {args.out}: must name a file in an existing directory")  # before the model is loaded
+    for flag in ("out", "log_samples"):  # before the model is loaded
+        path = getattr(args, flag)
+        if path is not None and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            ap.error(f"--{flag.replace('_', '-')} {path}: must name a file in an existing directory")
+    if args.num_fewshot < 0 or (args.num_fewshot and (args.task == "ppl" or args.fewshot_data is None)):
+        ap.error(f"--num-fewshot {args.num_fewshot}: needs --task mc or gen and a --fewshot-data file")
+    if os.path.isfile(os.path.join(args.model, "config.json")):  # as train.py: not past the trained positions
+        try:
+            limit = hub.read_config(args.model).max_position_embeddings
+        except ValueError as e:
+            ap.error(f"--model: {e}")
+        args.seq_len = args.seq_len or min(2048, limit)
+        if args.seq_len > limit and not args.allow_long_seq:
+            ap.error(f"--seq-len {args.seq_len}: longer than the model's max_position_embeddings ({limit}); "
+                     "use a shorter --seq-len, or --allow-long-seq")
+    args.seq_len = args.seq_len or 2048  # no config.json: run() names the model directory
     return args
 
 
@@ -306,6 +326,12 @@ def run(args):
     data.check_records(records, args.data)  # unknown kinds, named by file and line
     records = records[:args.limit]
     check_task(records, args.task, args.data)
+    if args.num_fewshot:
+        pool = data.read_jsonl(args.fewshot_data)
+        check_task(pool, args.task, args.fewshot_data)
+        kind = data.record_kind(records[0])
+        same = os.path.abspath(args.fewshot_data) == os.path.abspath(args.data)
+        records = harness.fewshot(records, pool, args.num_fewshot, args.fewshot_seed, kind, same)
     # ---- model
     if not os.path.isdir(args.model):
         raise OSError(f"{args.model}: model directory not found")
@@ -321,20 +347,25 @@ def run(args):
     print(f"eval.py: {args.task} on {len(records)} records of {args.data}; {model.config.model_type}"
           f"{' + adapter ' + args.adapter if args.adapter else ''}, {dtype}, {device}", flush=True)
     # ---- evaluate
-    kw = dict(batch_size=args.batch_size, seq_len=args.seq_len,
+    items = [] if args.log_samples else None
+    kw = dict(batch_size=args.batch_size, seq_len=args.seq_len, items=items,
               progress=progress_printer({"ppl": "windows", "mc": "pairs", "gen": "records"}[args.task]))
     if args.task == "gen":
         kw["max_new_tokens"] = args.max_new_tokens
     t0 = time.time()
     results = evaluate(model, tok, args.task, records, path=args.data, **kw)
     results = dict(task=args.task, model=args.model, adapter=args.adapter, data=args.data, records=len(records),
-                   dtype=str(dtype).removeprefix("torch."), device=str(device),
-                   seconds=round(time.time() - t0, 3), **results)
+                   seq_len=args.seq_len, num_fewshot=args.num_fewshot, dtype=str(dtype).removeprefix("torch."),
+                   device=str(device), seconds=round(time.time() - t0, 3), **results)
     # ---- save
     text = json.dumps(results, indent=1)
-    if args.out is not None:
-        atomic.write(args.out, lambda tmp: open(tmp, "w").write(text + "\n"))
     print(text)
+    if args.out is not None:
+        atomic.write_text(args.out, text + "\n")
+        print(f"eval.py: wrote the results to {args.out}")
+    if args.log_samples is not None:
+        harness.write_samples(args.log_samples, items)
+        print(f"eval.py: wrote {len(items)} items, one JSON line each, to {args.log_samples}")
     return results
 
 

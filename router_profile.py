@@ -30,11 +30,8 @@ import time
 
 import torch
 
-from files import data
-from files import hub
-from files import plots
 import sieve
-from files import atomic
+from files import atomic, chat, data, hub, plots
 
 COLD_FRACTION = 0.5  # cold: count < 0.5 * total / E (MoE-Sieve Table 2; companion notebook, routing_stats)
 # MoE-Sieve's OLMoE-1B-7B numbers (paper Table 2, means over its 10 calibration datasets), printed next to ours;
@@ -53,7 +50,8 @@ def calibration(tok, records, samples=None, seq_len=CALIB_TOKENS, seed=CALIB_SEE
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     chosen = [records[i] for i in order[:samples]]
-    return [tok.encode(t)[:seq_len] for t in map(data.record_text, chosen) if len(t) >= MIN_CHARS]
+    encode = lambda rec, t: chat.encode_rendered(tok, t)[0] if "messages" in rec else tok.encode(t)  # chat: as rendered
+    return [encode(r, t)[:seq_len] for r, t in ((r, data.record_text(r, tok)) for r in chosen) if len(t) >= MIN_CHARS]
 
 
 # ----------------------------------------------------------------------------- profile

@@ -7,12 +7,15 @@ for two known cases, both with tokenizer.model, where we follow sentencepiece (t
 transformers 5's LlamaTokenizer encodes " hello" like "hello" (its Metaspace pre-tokenizer skips the
 dummy "▁" prefix when the text already starts with a space; huggingface/transformers#47487), and it
 turns "<s>" / "</s>" written in the text into special tokens, where sentencepiece keeps them as text.
+(The tokenizer.json that tokenizer_files.py converts from a tokenizer.model has only the second difference.)
 
 Records, one JSON object per line (`.jsonl` or `.jsonl.gz`), told apart by their keys:
     text    {"text"}                          plain text, loss on every token
     prompt  {"prompt", "completion"}          loss on the completion only
     mc      {"query", "choices", "gold"}      multiple choice; train text is query + " " + choices[gold]
     qa      {"question", "answer"}            generation eval (GSM8K); trains like mc: question + " " + answer
+    chat    {"messages": [{"role", "content"}]}  rendered with the model's chat template, loss on the assistant
+                                              turns (chat.py; needs jinja2)
 Extra keys (e.g. "id") are allowed and ignored.
 
 Loss-mask convention: `loss_mask[i] = 1` means token i is a prediction target, i.e. the model predicts
@@ -27,6 +30,8 @@ import os
 import random
 
 import torch
+
+from files import chat
 
 IGNORE = -100  # label value that cross_entropy ignores
 
@@ -116,7 +121,9 @@ def load_tokenizer(model_dir):
         if pad_id is None and sp.pad_id() >= 0:
             pad_id = sp.pad_id()
         add_bos = tok_config.get("add_bos_token", True) and bos_id is not None
-        return Tokenizer(sp, None, bos_id, eos_id, eos_id if pad_id is None else pad_id, add_bos, files)
+        tok = Tokenizer(sp, None, bos_id, eos_id, eos_id if pad_id is None else pad_id, add_bos, files)
+        tok.where, tok.tok_config, tok.special_map = model_dir, tok_config, special_map  # for chat.py
+        return tok
 
     if "tokenizer.json" in files:
         import tokenizers
@@ -142,7 +149,9 @@ def load_tokenizer(model_dir):
         bos_id, eos_id, pad_id = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
         if eos_id is None:
             raise ValueError(f"{model_dir}: no eos_token_id in config.json and no eos_token in tokenizer_config.json")
-        return Tokenizer(None, tk, bos_id, eos_id, eos_id if pad_id is None else pad_id, False, files)
+        tok = Tokenizer(None, tk, bos_id, eos_id, eos_id if pad_id is None else pad_id, False, files)
+        tok.where, tok.tok_config, tok.special_map = model_dir, tok_config, special_map  # for chat.py
+        return tok
 
     raise FileNotFoundError(f"{model_dir}: no tokenizer.model or tokenizer.json in this directory")
 
@@ -151,6 +160,7 @@ def load_tokenizer(model_dir):
 # JSON-lines records
 
 KINDS = {  # checked in this order; a record's kind is the first whose keys it has
+    "chat": ("messages",),
     "mc": ("query", "choices", "gold"),
     "prompt": ("prompt", "completion"),
     "qa": ("question", "answer"),
@@ -189,9 +199,11 @@ def _read_records(path):
 
 
 def record_kind(rec):
-    """The kind of a record, "text", "prompt", "mc" or "qa"; ValueError naming its keys if none fits."""
+    """The kind of a record, "chat", "text", "prompt", "mc" or "qa"; ValueError naming its keys if none fits."""
     for kind, keys in KINDS.items():
         if all(k in rec for k in keys):
+            if kind == "chat":
+                chat.check_messages(rec)  # roles, empty content, no assistant turn
             for k in set(keys) & {"text", "prompt", "completion", "query", "question"}:
                 if not isinstance(rec[k], str):
                     raise ValueError(f"{kind} record: {k!r} must be a string, not {type(rec[k]).__name__}")
@@ -241,9 +253,13 @@ def prompt_and_answer(rec):
     raise ValueError(f"a {kind} record has no prompt and answer")
 
 
-def record_text(rec):
-    """The whole text of a record (its prompt and answer joined; a text record's text), without EOS."""
-    return rec["text"] if record_kind(rec) == "text" else "".join(prompt_and_answer(rec))
+def record_text(rec, tok=None):
+    """The whole text of a record, without EOS: a text record's text, the prompt and answer joined, or a chat
+    record's conversation as tok's chat template writes it."""
+    kind = record_kind(rec)
+    if kind == "chat":
+        return chat.render(tok, rec["messages"])
+    return rec["text"] if kind == "text" else "".join(prompt_and_answer(rec))
 
 
 def encode_pair(tok, prompt, completion):
@@ -274,11 +290,15 @@ def encode_example(tok, rec, max_len, loss_on="answer"):
     return ids, mask
 
 
-def encode_examples(tok, records, max_len, loss_on="answer"):
-    """[(ids, loss_mask)] of every record, and (records cut, tokens cut) by max_len, for one report."""
+def encode_examples(tok, records, max_len, loss_on="answer", path=None):
+    """[(ids, loss_mask)] of every record, and (records cut, tokens cut) by max_len, for one report. A chat record
+    the template refuses is a DataError naming `path` and its line."""
     out, n_cut, tokens_cut = [], 0, 0
-    for rec in records:
-        ids, mask, cut = _encode(tok, rec, max_len, loss_on)
+    for i, rec in enumerate(records):
+        try:
+            ids, mask, cut = _encode(tok, rec, max_len, loss_on)
+        except chat.ChatError as e:
+            raise DataError(f"{path}:{_line_number(path, i)}: {e}" if path else f"record {i + 1}: {e}") from None
         out.append((ids, mask))
         n_cut, tokens_cut = n_cut + (cut > 0), tokens_cut + cut
     return out, (n_cut, tokens_cut)
@@ -288,6 +308,8 @@ def _encode(tok, rec, max_len, loss_on):  # (ids, loss_mask, number of tokens cu
     if loss_on not in ("answer", "all"):
         raise ValueError(f"loss_on must be 'answer' or 'all', not {loss_on!r}")
     kind = record_kind(rec)
+    if kind == "chat":
+        return chat.encode(tok, rec, max_len, loss_on)
     if kind == "text":
         ids = tok.encode(rec["text"]) + [tok.eos_id]
         return ids[:max_len], [0] + [1] * (min(len(ids), max_len) - 1), max(0, len(ids) - max_len)

@@ -10,14 +10,13 @@ Directories are built under a temporary name and swapped in (files/atomic.py): n
 import json
 import math
 import os
-import shutil
 
 import torch
 from safetensors.torch import save_file
 
 import lora
 import methods
-from files import atomic, hub
+from files import atomic, hub, tokenizer_files
 
 
 def _base_param(params, name):  # "…q_proj.weight" lives at "…q_proj.base.weight" once wrapped
@@ -47,7 +46,8 @@ def model_tensors(model):
 
 def write_checkpoint(tensors, out_dir, config, src_dir, shard_bytes=4 << 30):
     """A hub-style checkpoint directory: sharded safetensors + index, config.json (its dtype set to the
-    tensors'), and the tokenizer files of src_dir. Written under a temporary name, then swapped in.
+    tensors'), and the tokenizer files of src_dir (tokenizer_files.write). Written under a temporary name, then
+    swapped in.
     `tensors` may lie on any device: each shard is copied to the host just before it is written and let
     go after, so host memory holds one shard (at most shard_bytes, or one larger tensor) at a time."""
     def fill(tmp):
@@ -73,9 +73,7 @@ def write_checkpoint(tensors, out_dir, config, src_dir, shard_bytes=4 << 30):
         written = {**config, **({k: dtype for k in ("torch_dtype", "dtype") if k in config} or {"torch_dtype": dtype})}
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(written, f, indent=1)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(src_dir, name)):
-                shutil.copy(os.path.join(src_dir, name), tmp)
+        tokenizer_files.write(src_dir, tmp)  # as they are; a tokenizer.json converted from a lone tokenizer.model
 
     atomic.write_dir(out_dir, fill)
 
@@ -91,10 +89,6 @@ def export_merged(model, src_dir, out_dir, shard_bytes=4 << 30):
         write_checkpoint(checkpoint_views(model), out_dir, config, src_dir, shard_bytes)
     finally:
         methods.merge(model, -1)
-
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
 
 
 def export_peft(model, adapter_config, out_dir):

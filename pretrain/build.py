@@ -110,7 +110,8 @@ def install():
     config["torch_dtype"] = "bfloat16"
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    shutil.copy(os.path.join(src, "tokenizer.model"), dst)
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"):  # train.py wrote the last two
+        shutil.copy(os.path.join(src, name), dst)  # (files/tokenizer_files.py): transformers reads them as we do
     for name in ("summary.json", "log.jsonl"):  # keep the training record next to the weights' provenance
         if os.path.exists(os.path.join(S, "run", name)):
             shutil.copy(os.path.join(S, "run", name), os.path.join(dst, "train_" + name))

@@ -2,11 +2,13 @@
 adapter == merged checkpoint through the CLI, generation end to end on a tiny checkpoint, and CLI errors."""
 import json
 import math
+import random
 import types
 
 import pytest
 import torch
 
+from evaluation import answers, harness
 from files import data
 import eval as ev
 from files import export
@@ -65,13 +67,13 @@ class Emitter(torch.nn.Module):
     (72, "72"), (3.5, "3.5")])
 def test_extract_number(text, number):
     """The final number: after the last "####" if any, else the last one; commas, trailing zeros, final "." dropped."""
-    assert ev.extract_number(text) == number
+    assert answers.extract_number(text) == number
 
 
 def test_exact_match_scores_outputs_against_gold():
     """An output matches when its final number equals the gold's, whatever the formatting; no number never matches."""
     outputs = ["so #### 1,234", "x is 3.50.", "I do not know", "2 + 2 = 5"]
-    assert ev.exact_match(outputs, [1234, "work... #### 3.5", "7", "4"]) == [True, True, False, False]
+    assert answers.exact_match(outputs, [1234, "work... #### 3.5", "7", "4"]) == [True, True, False, False]
 
 
 # ----------------------------------------------------------------------------- fake-model metrics
@@ -101,7 +103,8 @@ def test_mc_acc_norm_divides_by_the_choice_length_without_the_space():
     rel = tol(torch.float32, 1, 16)  # sums of <= 9 equal log-probabilities, each one rounding of log 1/128
     assert lls[0] == pytest.approx([-3 * math.log(128), -9 * math.log(128)], rel=rel)
     res = ev.multiple_choice(uniform_model, TOK, recs, batch_size=2)
-    assert res == dict(acc=0.0, acc_norm=1.0, gold_nll=pytest.approx(9 * math.log(128) / 8, rel=rel), n=1)
+    assert res == dict(acc=0.0, acc_norm=1.0, gold_nll=pytest.approx(9 * math.log(128) / 8, rel=rel), n=1,
+                       acc_stderr=None, acc_norm_stderr=None)  # one item: no standard error
 
 
 def test_perplexity_of_uniform_model_is_vocab_size():
@@ -258,3 +261,100 @@ def test_out_that_is_a_directory_is_refused_before_loading(files, tmp_path, caps
         ev.main(["--model", str(tmp_path / "never_read"), "--task", "ppl", "--data", str(files["text"]),
                  "--out", str(tmp_path)])
     assert e.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- no autograd, per-item log, few-shot
+
+
+def test_evaluation_runs_without_autograd_when_the_base_requires_grad(files):
+    """train.py evaluates a model whose parameters require gradients: every scoring function switches autograd off
+    itself (every module forward inside runs with gradients disabled), returns nothing that keeps a graph, and
+    gives the caller's mode back."""
+    from conftest import NoGradWatch, assert_no_graph
+    model, tok = hub.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"])
+    model.requires_grad_(True)
+    for run in (lambda: ev.perplexity(model, tok, TEXT, seq_len=8, items=[]),
+                lambda: ev.choice_logliks(model, tok, MC),
+                lambda: ev.multiple_choice(model, tok, MC, items=[]),
+                lambda: ev.generation(model, tok, QA, max_new_tokens=3, seq_len=64, items=[])):
+        with NoGradWatch(model) as watch:
+            out = run()
+        watch.check()
+        assert_no_graph(out)
+        assert torch.is_grad_enabled()
+
+
+def test_seq_len_beyond_the_trained_positions_is_refused(files, capsys):
+    """As train.py: --seq-len above max_position_embeddings (128 here) exits 2 naming both, before the model is
+    read; the default is min(2048, max_position_embeddings); --allow-long-seq lets it through."""
+    argv = ["--model", files["ckpt"], "--task", "ppl", "--data", files["text"]]
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args(argv + ["--seq-len", "129"])
+    assert e.value.code == 2 and "max_position_embeddings (128)" in capsys.readouterr().err
+    assert ev.parse_args(argv).seq_len == 128
+    assert ev.parse_args(argv + ["--seq-len", "129", "--allow-long-seq"]).seq_len == 129
+
+
+def test_log_samples_and_standard_errors(files, tmp_path):
+    """--log-samples: one JSON line per item, whose numbers make the printed results: mc its choices'
+    log-likelihoods (those of choice_logliks), lengths, picks and correctness; acc's standard error is lm-eval's
+    sqrt(p (1 - p) / (n - 1)); ppl's per-text NLL sums and token counts; gen the output and extracted answer."""
+    log = tmp_path / "mc.jsonl"
+    r = cli("--model", files["ckpt"], "--task", "mc", "--data", files["mc"], "--log-samples", log)
+    items = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [i["index"] for i in items] == [0, 1, 2] and [i["chars"] for i in items] == [[4, 3, 5], [5, 3], [9, 4, 9]]
+    lls = ev.choice_logliks(hub.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"]), MC)
+    assert [i["loglik"] for i in items] == [pytest.approx(x, rel=1e-6) for x in lls]
+    for i in items:
+        assert i["pick"] == max(range(len(i["loglik"])), key=i["loglik"].__getitem__) and i["acc"] == (i["pick"] == 0)
+    p = sum(i["acc"] for i in items) / 3
+    assert r["acc"] == p and r["acc_stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 2))
+    assert r["acc_norm"] == sum(i["acc_norm"] for i in items) / 3
+    r = cli("--model", files["ckpt"], "--task", "ppl", "--data", files["text"], "--seq-len", 8, "--log-samples", log)
+    items = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sum(i["tokens"] for i in items) == r["tokens"]
+    assert sum(i["nll"] for i in items) / r["tokens"] == pytest.approx(r["nll"], rel=1e-12)
+    r = cli("--model", files["ckpt"], "--task", "gen", "--data", files["qa"], "--max-new-tokens", 4,
+            "--log-samples", log)
+    items = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [i["gold"] for i in items] == ["4", "357"]
+    assert all(i["pred"] == answers.extract_number(i["output"]) for i in items)
+
+
+def test_mean_stderr_is_lm_evals():
+    """lm-eval's mean_stderr: the sample standard deviation over sqrt(n)."""
+    xs = [1.0, 0.0, 1.0, 1.0, 0.0]
+    mu = sum(xs) / 5
+    assert harness.mean_stderr(xs) == pytest.approx(math.sqrt(sum((x - mu) ** 2 for x in xs) / 4 / 5))
+    assert harness.mean_stderr([1.0]) is None
+
+
+def test_fewshot_draws_as_lm_evals_default_sampler():
+    """One random.Random(seed) drawn in record order, rnd.sample(pool, k) per record (k + 1 from the evaluated file
+    itself, the record dropped); examples "query gold" joined by blank lines before the record's query."""
+    pool = [{"query": f"Q{i}:", "choices": [f"a{i}", f"b{i}"], "gold": i % 2} for i in range(8)]
+    shots = harness.fewshot(MC, pool, 2, seed=7)
+    rnd = random.Random(7)
+    for rec, got in zip(MC, shots):
+        ex = rnd.sample(pool, 2)
+        want = "\n\n".join(e["query"] + " " + e["choices"][e["gold"]] for e in ex) + "\n\n" + rec["query"]
+        assert got == {**rec, "query": want}
+    same = harness.fewshot(pool, pool, 7, seed=1, same_file=True)
+    assert all(rec["query"] not in got["query"].rsplit("\n\n", 1)[0] for rec, got in zip(pool, same))
+    assert all(got["query"].count("\n\n") == 7 for got in same)
+    with pytest.raises(ValueError, match="fewer than the 9"):
+        harness.fewshot(pool, pool, 8, same_file=True)
+
+
+def test_cli_fewshot_scores_the_context(files, tmp_path):
+    """--num-fewshot K --fewshot-data F: the records scored are the few-shot ones, the same seed the same."""
+    args = ("--model", files["ckpt"], "--task", "mc", "--data", files["mc"], "--num-fewshot", 2, "--fewshot-data",
+            files["mc"])
+    a, b = cli(*args, "--log-samples", tmp_path / "a.jsonl"), cli(*args, "--log-samples", tmp_path / "b.jsonl")
+    assert a["num_fewshot"] == 2 and (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    zero = cli("--model", files["ckpt"], "--task", "mc", "--data", files["mc"], "--log-samples", tmp_path / "z.jsonl")
+    assert (tmp_path / "a.jsonl").read_text() != (tmp_path / "z.jsonl").read_text()
+    tok, model = data.load_tokenizer(files["ckpt"]), hub.load_model(files["ckpt"])
+    want = ev.choice_logliks(model, tok, harness.fewshot(MC, MC, 2, 1234, "mc", same_file=True))
+    got = [json.loads(line)["loglik"] for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert got == [pytest.approx(x, rel=1e-6) for x in want]

@@ -138,3 +138,19 @@ def test_top_p_keeps_the_smallest_set_reaching_it():
     drawn = {int(generate.sample(torch.zeros(1, 4), 1.0, 0.5, g)) for _ in range(200)}
     assert len(drawn) == 2
     assert len({int(generate.sample(torch.zeros(1, 4), 1.0, 0.0, g)) for _ in range(50)}) == 1  # top_p 0: still one token
+
+
+def test_generation_runs_without_autograd_when_the_base_requires_grad(checkpoints):
+    """generate switches autograd off itself: with every parameter requiring gradients (as train.py's base before
+    it is frozen), each module forward inside runs with gradients disabled, the tokens keep no graph, and the
+    caller's mode is given back."""
+    from conftest import NoGradWatch, assert_no_graph
+    model = hub.load_model(checkpoints("olmoe").path)
+    model.requires_grad_(True)
+    ids, mask = left_padded_batch()
+    with NoGradWatch(model) as watch:
+        out = generate.generate(model, ids, mask, max_new_tokens=3, temperature=0.7,
+                                generator=torch.Generator().manual_seed(0))
+    watch.check()
+    assert_no_graph(out)
+    assert torch.is_grad_enabled()

@@ -4,15 +4,15 @@ import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("files", "training", "tools")
+PACKAGES = ("files", "training", "evaluation", "tools")
 # lowest first; a module may import its own layer and the layers below it, never one above
 LAYERS = [
-    ("files", {"files.atomic", "files.data", "files.plots"}),  # writing files, tokenizers and records, pictures
+    ("files", {"files.atomic", "files.chat", "files.data", "files.plots", "files.tokenizer_files"}),  # writing files, tokenizers and records, pictures
     ("model", {"moe", "moe_fast", "generate", "files.hub"}),  # the transformer, its fast twins, reading checkpoints
     ("lora", {"lora", "lora_fast"}),
     ("methods", {"sieve", "router_profile", "perft", "dmep", "methods", "files.export"}),
     ("training and evaluation", {"train", "eval", "training.flags", "training.checkpoint", "training.outputs",
-                                 "training.parallel"}),
+                                 "training.parallel", "evaluation.answers", "evaluation.harness"}),
     ("tools", None),  # everything under tools/
 ]
 

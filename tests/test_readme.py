@@ -26,7 +26,7 @@ def test_every_relative_link_opens_a_file_of_the_repository():
 def test_file_map_names_every_python_file_and_test():
     text = read("README.md")
     mapped = set(re.findall(r"^([\w./-]+\.py)\s", text, flags=re.M))
-    code = {os.path.relpath(os.path.join(d, f), ROOT) for d in [ROOT] + [os.path.join(ROOT, p) for p in ("files", "training", "tools")] for f in os.listdir(d) if f.endswith(".py") and f != "__init__.py"}
+    code = {os.path.relpath(os.path.join(d, f), ROOT) for d in [ROOT] + [os.path.join(ROOT, p) for p in ("files", "training", "evaluation", "tools")] for f in os.listdir(d) if f.endswith(".py") and f != "__init__.py"}
     tests = {f for f in os.listdir(os.path.join(ROOT, "tests")) if f.startswith("test_") and f.endswith(".py")}
     missing = sorted((code | tests) - mapped)
     assert not missing, f"README.md's file map has no line for {missing}"
