@@ -35,6 +35,7 @@ import generate
 import methods
 from evaluation import answers, harness
 from files import atomic, chat, data, hub
+from files import tokenizer
 
 TASKS = {"ppl": ("text",), "mc": ("mc",), "gen": ("qa", "chat")}  # task -> the data.py record kinds it reads
 
@@ -339,7 +340,7 @@ def run(args):
     dtype = hub.pick_dtype(args.dtype, device)
     model = hub.load_model(args.model, dtype=dtype, device=device)
     model.set_plain(args.plain)
-    tok = data.load_tokenizer(args.model)
+    tok = tokenizer.load(args.model)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{args.model}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     if args.adapter is not None:

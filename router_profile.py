@@ -32,6 +32,7 @@ import torch
 
 import sieve
 from files import atomic, chat, data, hub, plots
+from files import tokenizer
 
 COLD_FRACTION = 0.5  # cold: count < 0.5 * total / E (MoE-Sieve Table 2; companion notebook, routing_stats)
 # MoE-Sieve's OLMoE-1B-7B numbers (paper Table 2, means over its 10 calibration datasets), printed next to ours;
@@ -284,7 +285,7 @@ def run(args):
     data.check_records(records, args.data)
     if not os.path.isdir(args.model):
         raise OSError(f"{args.model}: model directory not found")
-    tok = data.load_tokenizer(args.model)
+    tok = tokenizer.load(args.model)
     seqs = calibration(tok, records, args.samples, args.seq_len, args.seed)
     if not seqs:
         raise ValueError(f"{args.data}: no record has a text of at least {MIN_CHARS} characters to profile")

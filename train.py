@@ -26,6 +26,7 @@ import router_profile
 import sieve
 from files import atomic, data, hub
 from training import checkpoint, flags, outputs, parallel
+from files import tokenizer
 
 
 def main(argv=None):
@@ -210,7 +211,7 @@ def build_model(args, dtype, device, world):
         model = hub.load_model(args.model, dtype=dtype, device=device, shard=parallel.shard if world > 1 else None)
     if args.plain:  # the whole step on the plain code of moe.py (no moe_fast.py)
         model.set_plain(True)
-    return model, data.load_tokenizer(args.model)
+    return model, tokenizer.load(args.model)
 
 
 def init_weights(model, std=0.02):

@@ -49,7 +49,7 @@ def check_messages(rec):
 
 
 def _info(tok):
-    """What chat needs beyond data.Tokenizer, read once per tokenizer from its directory (tok.where): the template
+    """What chat needs beyond tokenizer.Tokenizer, read once per tokenizer from its directory (tok.where): the template
     (chat_template.jinja first, as transformers 5, else tokenizer_config.json's, a string or the "default" of a
     list), the special tokens as the strings the template sees, and a `tokenizers.Tokenizer` that matches special
     tokens in the rendered text and gives character offsets (a sentencepiece model: converted exactly,

@@ -72,7 +72,7 @@ def from_sentencepiece(path):
 
 def config_for(sp_path, config):
     """tokenizer_config.json for the converted tokenizer.json: the class that reads it as it is, the special tokens
-    (pad: config.json's pad_token_id, as data.load_tokenizer reads it), BOS added as sentencepiece adds it."""
+    (pad: config.json's pad_token_id, as tokenizer.load reads it), BOS added as sentencepiece adds it."""
     import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=sp_path)

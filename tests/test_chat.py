@@ -14,6 +14,7 @@ import torch
 from files import chat
 from files import data
 import eval as ev
+from files import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -92,7 +93,7 @@ def auto_tokenizer(path):
 def test_rendering_and_ids_equal_apply_chat_template(dirs):
     """The text (with and without the generation prompt) and the ids are transformers' own."""
     name, plain, _ = dirs
-    tok, hf = data.load_tokenizer(str(plain)), auto_tokenizer(plain)
+    tok, hf = tokenizer.load(str(plain)), auto_tokenizer(plain)
     for conv in CONVERSATIONS:
         for gen in (False, True):
             msgs = conv[:-1] if gen else conv
@@ -119,11 +120,11 @@ def test_assistant_mask_equals_transformers_on_the_tagged_template(dirs):
         theirs = list(out["assistant_masks"])
         theirs[0] = 0  # nothing predicts the first token
         for d in (plain, tagged):
-            ids, mask, _ = chat.encode(data.load_tokenizer(str(d)), {"messages": conv}, 10_000, "answer")
+            ids, mask, _ = chat.encode(tokenizer.load(str(d)), {"messages": conv}, 10_000, "answer")
             assert ids == list(out["input_ids"])
             assert mask == theirs, (name, d.name, [hf.decode([i]) for i, m in zip(ids, mask) if m])
         assert sum(theirs) > len([m for m in conv if m["role"] == "assistant"])  # content and the end-of-turn token
-        _, everything, _ = chat.encode(data.load_tokenizer(str(plain)), {"messages": conv}, 10_000, "all")
+        _, everything, _ = chat.encode(tokenizer.load(str(plain)), {"messages": conv}, 10_000, "all")
         assert everything == [0] + [1] * (len(ids) - 1)
 
 
@@ -147,7 +148,7 @@ def test_malformed_chat_records_are_named_by_file_and_line(tmp_path, bad, messag
 
 def test_a_template_that_refuses_the_conversation_is_named_by_file_and_line(tmp_path):
     """Mixtral's template raises on roles that do not alternate: a DataError naming the file, line and reason."""
-    tok = data.load_tokenizer(str(make_dir(tmp_path / "mx", "mixtral")))
+    tok = tokenizer.load(str(make_dir(tmp_path / "mx", "mixtral")))
     conv = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
     path = write(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": conv}])
     with pytest.raises(data.DataError, match=r"chat.jsonl:2: the chat template refused .*must alternate"):
@@ -155,15 +156,15 @@ def test_a_template_that_refuses_the_conversation_is_named_by_file_and_line(tmp_
 
 
 def test_a_checkpoint_without_a_template_is_refused_for_chat(tmp_path):
-    tok = data.load_tokenizer(os.path.join(ROOT, "model"))  # the shipped model has no chat template
+    tok = tokenizer.load(os.path.join(ROOT, "model"))  # the shipped model has no chat template
     with pytest.raises(data.DataError, match=r"chat.jsonl:1: .*model: chat records need a chat template"):
         path = write(tmp_path / "chat.jsonl", [{"messages": CONVERSATIONS[0]}])
         data.encode_examples(tok, data.read_jsonl(path), 512, path=path)
 
 
 def test_jinja2_is_imported_only_for_chat_records():
-    code = ("import sys; from files import data; import train, eval, router_profile; "
-            "tok = data.load_tokenizer('model'); data.encode_example(tok, {'text': 'hi'}, 16); "
+    code = ("import sys; from files import data, tokenizer; import train, eval, router_profile; "
+            "tok = tokenizer.load('model'); data.encode_example(tok, {'text': 'hi'}, 16); "
             "assert 'jinja2' not in sys.modules, 'jinja2 imported without a chat record'; "
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -173,7 +174,7 @@ def test_jinja2_is_imported_only_for_chat_records():
 def test_gen_reads_chat_records_with_the_generation_prompt(tmp_path, monkeypatch):
     """eval's gen task on chat records: the prompt is the conversation before the last assistant turn rendered with
     add_generation_prompt=True (exactly what generate receives), the gold that turn's content."""
-    tok = data.load_tokenizer(str(make_dir(tmp_path / "q", "qwen3")))
+    tok = tokenizer.load(str(make_dir(tmp_path / "q", "qwen3")))
     seen = []
 
     def fake_generate(model, ids, mask, max_new_tokens, eos_token_id, pad_token_id):
@@ -202,7 +203,7 @@ def test_chat_records_train_and_profile(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "model")
     shutil.copy(os.path.join(TEMPLATES, "mixtral-8x7b-instruct-v0.1.jinja"), os.path.join(ckpt, "chat_template.jinja"))
     path = write(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS[:2]] * 4)
-    tok = data.load_tokenizer(ckpt)
+    tok = tokenizer.load(ckpt)
     (ids, mask), = data.encode_examples(tok, data.read_jsonl(path)[:1], 512)[0]
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "4" and ids[-1] == tok.eos_id and mask[-1] == 1
     assert train.main(["--model", ckpt, "--data", path, "--method", "sieve", "--steps", "2", "--seq-len", "64",

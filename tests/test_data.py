@@ -16,6 +16,7 @@ import torch
 
 from files import data
 from conftest import assert_within
+from files import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OLMO_DIR = os.path.join(HERE, "data", "olmo_tokenizer")
@@ -68,7 +69,7 @@ def sp_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def both(sp_dir):
     """Our two tokenizers, loaded once: [Mixtral-like sentencepiece, OLMo tokenizer.json]."""
-    return [data.load_tokenizer(sp_dir), data.load_tokenizer(OLMO_DIR)]
+    return [tokenizer.load(sp_dir), tokenizer.load(OLMO_DIR)]
 
 
 def hf_tokenizer(model_dir):
@@ -90,7 +91,7 @@ def write(path, text):
 
 def test_sp_ids_match_transformers(sp_dir):
     """SentencePiece tokenizer.model: our ids equal AutoTokenizer's (BOS first) on every test string."""
-    ours, hf = data.load_tokenizer(sp_dir), hf_tokenizer(sp_dir)
+    ours, hf = tokenizer.load(sp_dir), hf_tokenizer(sp_dir)
     for s in STRINGS:
         assert ours.encode(s) == hf(s)["input_ids"], repr(s)
     assert ours.encode("Hello")[0] == ours.bos_id == hf.bos_token_id == 1
@@ -108,7 +109,7 @@ def test_sp_follows_sentencepiece_where_transformers_differs(sp_dir):
     """
     import sentencepiece as spm
 
-    ours = data.load_tokenizer(sp_dir)
+    ours = tokenizer.load(sp_dir)
     sp = spm.SentencePieceProcessor(model_file=os.path.join(sp_dir, "tokenizer.model"))
     for s in LEADING_SPACE + ["a</s>b <s>"]:
         assert ours.encode(s) == [1] + sp.encode(s), repr(s)
@@ -118,7 +119,7 @@ def test_sp_follows_sentencepiece_where_transformers_differs(sp_dir):
 
 def test_olmo_ids_match_transformers():
     """OLMo tokenizer.json: our ids equal AutoTokenizer's on every string, leading spaces and EOS text included."""
-    ours, hf = data.load_tokenizer(OLMO_DIR), hf_tokenizer(OLMO_DIR)
+    ours, hf = tokenizer.load(OLMO_DIR), hf_tokenizer(OLMO_DIR)
     for s in STRINGS + LEADING_SPACE + ["a<|endoftext|>b", "x |||IP_ADDRESS||| y"]:
         assert ours.encode(s) == hf(s)["input_ids"], repr(s)
     assert ours.encode("a<|endoftext|>b") == [66, 50279, 67]  # added tokens in the text are matched
@@ -140,12 +141,12 @@ def test_special_ids_fallback_without_config(tmp_path):
 
     shutil.copy(os.path.join(OLMO_DIR, "tokenizer.json"), tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: no eos_token_id")):
-        data.load_tokenizer(str(tmp_path))
+        tokenizer.load(str(tmp_path))
     write(tmp_path / "special_tokens_map.json", json.dumps({"eos_token": {"content": "<|endoftext|>"}}))
-    tok = data.load_tokenizer(str(tmp_path))
+    tok = tokenizer.load(str(tmp_path))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 50279, 50279)  # no pad token: pad = EOS
     write(tmp_path / "tokenizer_config.json", json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<|padding|>"}))
-    tok = data.load_tokenizer(str(tmp_path))
+    tok = tokenizer.load(str(tmp_path))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (None, 50279, 1)
     assert tok.files == ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
@@ -171,7 +172,7 @@ def test_bos_flag(both):
 def test_missing_tokenizer_names_dir(tmp_path):
     """A directory with neither tokenizer.model nor tokenizer.json is refused, naming the directory."""
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))):
-        data.load_tokenizer(str(tmp_path))
+        tokenizer.load(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_record_kinds():
 
 def test_unreadable_files_are_named(tmp_path):
     """A .jsonl that is not UTF-8, a .jsonl.gz that is not gzip, a malformed tokenizer_config.json and a
-    corrupt tokenizer.model each raise DataError naming the file."""
+    corrupt tokenizer.model each raise DataError (TokenizerError for the tokenizer's files) naming the file."""
     bad_utf8 = tmp_path / "x.jsonl"
     bad_utf8.write_bytes(b'{"text": "\xff"}\n')
     not_gz = write(tmp_path / "y.jsonl.gz", '{"text": "a"}\n')
@@ -233,12 +234,12 @@ def test_unreadable_files_are_named(tmp_path):
         with pytest.raises(data.DataError, match=re.escape(f"{path}: cannot read")):
             data.read_jsonl(path)
     (tmp_path / "tokenizer_config.json").write_text("{oops")
-    with pytest.raises(data.DataError, match="tokenizer_config.json: not valid JSON"):
-        data.load_tokenizer(str(tmp_path))
+    with pytest.raises(tokenizer.TokenizerError, match="tokenizer_config.json: not valid JSON"):
+        tokenizer.load(str(tmp_path))
     (tmp_path / "tokenizer_config.json").unlink()
     (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
-    with pytest.raises(data.DataError, match="tokenizer.model: cannot load"):
-        data.load_tokenizer(str(tmp_path))
+    with pytest.raises(tokenizer.TokenizerError, match="tokenizer.model: cannot load"):
+        tokenizer.load(str(tmp_path))
 
 
 def test_check_records_names_file_line_and_keys(tmp_path):

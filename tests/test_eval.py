@@ -16,6 +16,7 @@ from files import hub
 from conftest import FORWARD, tol
 from tiny import tiny_checkpoint, tiny_model
 import methods
+from files import tokenizer
 
 # ----------------------------------------------------------------------------- fakes
 
@@ -196,7 +197,7 @@ def test_adapter_equals_merged_checkpoint(files):
     mc = [cli("--model", m, *a, "--task", "mc", "--data", f["mc"]) for m, a in
           ((f["ckpt"], ("--adapter", f["adapter"])), (f["merged"], ()))]
     assert (mc[0]["acc"], mc[0]["acc_norm"], mc[0]["n"]) == (mc[1]["acc"], mc[1]["acc_norm"], 3)
-    tok = data.load_tokenizer(f["ckpt"])
+    tok = tokenizer.load(f["ckpt"])
     lls = [ev.choice_logliks(hub.load_model(f["merged"]), tok, MC)]
     model = hub.load_model(f["ckpt"])
     methods.load_adapter(model, f["adapter"])
@@ -207,7 +208,7 @@ def test_adapter_equals_merged_checkpoint(files):
 
 def test_batch_size_does_not_change_the_numbers(files):
     """Right padding is invisible: perplexity and choice log-likelihoods are the same at batch size 1 and 4."""
-    model, tok = hub.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"])
+    model, tok = hub.load_model(files["ckpt"]), tokenizer.load(files["ckpt"])
     p1, p4 = (ev.perplexity(model, tok, TEXT, batch_size=b, seq_len=8) for b in (1, 4))
     rel = tol(torch.float32, model(torch.randint(3, 300, (2, 16))).abs().max(), 2 * FORWARD)  # as above
     assert p1["tokens"] == p4["tokens"] and p1["nll"] == pytest.approx(p4["nll"], rel=rel)
@@ -228,7 +229,7 @@ def test_cli_generation_end_to_end(files, capsys):
 
 def test_generation_matches_moe_generate_row_by_row(files):
     """Batched left-padded generation gives each record the answer it gets alone (greedy, cut at EOS)."""
-    model, tok = hub.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"])
+    model, tok = hub.load_model(files["ckpt"]), tokenizer.load(files["ckpt"])
     together = ev.generation(model, tok, QA, batch_size=2, max_new_tokens=5)["samples"]
     alone = [ev.generation(model, tok, [q], batch_size=1, max_new_tokens=5)["samples"][0] for q in QA]
     assert [s["output"] for s in together] == [s["output"] for s in alone]
@@ -271,7 +272,7 @@ def test_evaluation_runs_without_autograd_when_the_base_requires_grad(files):
     itself (every module forward inside runs with gradients disabled), returns nothing that keeps a graph, and
     gives the caller's mode back."""
     from conftest import NoGradWatch, assert_no_graph
-    model, tok = hub.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"])
+    model, tok = hub.load_model(files["ckpt"]), tokenizer.load(files["ckpt"])
     model.requires_grad_(True)
     for run in (lambda: ev.perplexity(model, tok, TEXT, seq_len=8, items=[]),
                 lambda: ev.choice_logliks(model, tok, MC),
@@ -303,7 +304,7 @@ def test_log_samples_and_standard_errors(files, tmp_path):
     r = cli("--model", files["ckpt"], "--task", "mc", "--data", files["mc"], "--log-samples", log)
     items = [json.loads(line) for line in log.read_text().splitlines()]
     assert [i["index"] for i in items] == [0, 1, 2] and [i["chars"] for i in items] == [[4, 3, 5], [5, 3], [9, 4, 9]]
-    lls = ev.choice_logliks(hub.load_model(files["ckpt"]), data.load_tokenizer(files["ckpt"]), MC)
+    lls = ev.choice_logliks(hub.load_model(files["ckpt"]), tokenizer.load(files["ckpt"]), MC)
     assert [i["loglik"] for i in items] == [pytest.approx(x, rel=1e-6) for x in lls]
     for i in items:
         assert i["pick"] == max(range(len(i["loglik"])), key=i["loglik"].__getitem__) and i["acc"] == (i["pick"] == 0)
@@ -354,7 +355,7 @@ def test_cli_fewshot_scores_the_context(files, tmp_path):
     assert a["num_fewshot"] == 2 and (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     zero = cli("--model", files["ckpt"], "--task", "mc", "--data", files["mc"], "--log-samples", tmp_path / "z.jsonl")
     assert (tmp_path / "a.jsonl").read_text() != (tmp_path / "z.jsonl").read_text()
-    tok, model = data.load_tokenizer(files["ckpt"]), hub.load_model(files["ckpt"])
+    tok, model = tokenizer.load(files["ckpt"]), hub.load_model(files["ckpt"])
     want = ev.choice_logliks(model, tok, harness.fewshot(MC, MC, 2, 1234, "mc", same_file=True))
     got = [json.loads(line)["loglik"] for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert got == [pytest.approx(x, rel=1e-6) for x in want]

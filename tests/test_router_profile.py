@@ -15,6 +15,7 @@ from files import data
 from files import hub
 from files import plots
 import router_profile as rp
+from files import tokenizer
 
 MOE_LAYERS = {"olmoe": [0, 1], "qwen2_moe": [0, 2]}  # qwen2_moe: layer 1 is dense (mlp_only_layers)
 
@@ -164,7 +165,7 @@ def test_cli_end_to_end(ckpt_copy, tmp_path, capsys):
     rp.main(["--model", str(model_dir), "--data", str(calib), "--out", str(out), "--plot", str(png),
              "--batch-size", "2", "--seq-len", "16", "--device", "cpu"])
     p = rp.load_profile(out)
-    tok = data.load_tokenizer(model_dir)
+    tok = tokenizer.load(model_dir)
     whole = [LINES[0], "the router picks the top two experts", "the quick brown fox jumps", "what is two plus two? four",
              LINES[1] + " " + LINES[3]]
     n = sum(len(tok.encode(t)[:16]) for t in whole)  # BOS + the text, cut at --seq-len 16
@@ -186,7 +187,7 @@ def test_cli_samples_limit(ckpt_copy, tmp_path):
     out = tmp_path / "p.json"
     rp.main(["--model", str(model_dir), "--data", str(write_jsonl(tmp_path / "c.jsonl", RECORDS)), "--out", str(out),
              "--samples", "2", "--device", "cpu"])
-    tok = data.load_tokenizer(model_dir)
+    tok = tokenizer.load(model_dir)
     order = list(range(len(RECORDS)))
     random.Random(123).shuffle(order)
     assert rp.load_profile(out)["tokens"] == sum(len(tok.encode(data.record_text(RECORDS[i]))) for i in order[:2])

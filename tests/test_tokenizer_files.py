@@ -12,11 +12,11 @@ import sysconfig
 
 import pytest
 
-from files import data
 from files import export, hub
 from files import tokenizer_files
 import train
 from tiny import SENTENCES, tiny_checkpoint
+from files import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "model")
@@ -52,7 +52,7 @@ def auto_tokenizer(path):
 
 
 def assert_same_ids(directory, strings):
-    ours, theirs = data.load_tokenizer(str(directory)), auto_tokenizer(directory)
+    ours, theirs = tokenizer.load(str(directory)), auto_tokenizer(directory)
     got = theirs(strings)["input_ids"]
     bad = [s for s, ids in zip(strings, got) if ids != ours.encode(s)]
     assert not bad, f"{len(bad)} of {len(strings)} strings differ, first {bad[0][:60]!r}"

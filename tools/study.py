@@ -38,6 +38,7 @@ import eval as evaluation
 from files import hub
 import train
 import methods
+from files import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 TASKS = ("max", "count", "words")  # pretrain/tasks.py; see tasks/README.md
@@ -223,7 +224,7 @@ def one_run(job):
     t0 = time.time()
     with quietly(out), torch_threads(args.threads):
         s = fine_tune(args, method, seed, train_file, out)
-        res = accuracy(args, data.load_tokenizer(args.model), data.read_jsonl(val_file)[: args.limit], out)
+        res = accuracy(args, tokenizer.load(args.model), data.read_jsonl(val_file)[: args.limit], out)
     dmep_keys = ("trainable_before_prune", "tok_s_before_prune", "tok_s_after_prune")
     run = dict(seed=seed, acc=res["acc"], acc_norm=res["acc_norm"], nll=res["gold_nll"], params=s["trainable_params"],
                adapter_bytes=s["adapter_bytes"], train_s=s["wall_s"], total_s=round(time.time() - t0, 1),
@@ -301,7 +302,7 @@ def main(argv=None):
             raise ValueError(f"--tasks {args.tasks}: a task is named twice")
         if args.routing:
             return routing(args)
-        tok, vals = data.load_tokenizer(args.model), {}
+        tok, vals = tokenizer.load(args.model), {}
         for name, train_file, val_file in files:  # every file checked before the first run
             for path in (train_file, val_file):
                 if not os.path.isfile(path):
@@ -392,7 +393,7 @@ def routing(args):
     model = hub.load_model(args.model, dtype=torch.float32, device=args.device or "cpu")
     tasks = {name: data.read_jsonl(train_file) for name, train_file, _ in task_files(args)}
     with contextlib.redirect_stdout(buf := io.StringIO()):
-        written = router_profile.compare_tasks(model, data.load_tokenizer(args.model), tasks, args.out)
+        written = router_profile.compare_tasks(model, tokenizer.load(args.model), tasks, args.out)
     print(text := buf.getvalue(), end="")
     atomic.write_text(path := os.path.join(args.out, "routing.txt"), text)
     print("\nwrote:\n" + "".join(f"  {w}\n" for w in [*written, f"{path} (the tables above)"]), end="")

@@ -39,6 +39,7 @@ import lora
 import moe
 import methods
 from files import atomic
+from files import tokenizer
 
 FORMAT = "moe-lora verify 1"
 PER_LAYER = 16  # tolerance: unit roundoffs per layer (see the docstring)
@@ -338,7 +339,7 @@ def input_ids(args, cfg):
     else:
         where, records = args.data, data.read_jsonl(args.data)
         data.check_records(records, args.data)
-        tok = data.load_tokenizer(args.model)
+        tok = tokenizer.load(args.model)
         seqs = [data.encode_example(tok, r, args.seq_len)[0] for r in records[: args.samples]]
     T = min(map(len, seqs), default=0)
     if T < 2:
