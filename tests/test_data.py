@@ -1,4 +1,4 @@
-"""Tests for data.py: tokenizer parity with transformers, the jsonl readers, masks, padding, packing.
+"""Tests for files/tokenizer.py and files/data.py: tokenizer parity with transformers, the jsonl readers, masks, padding, packing.
 
 Two tokenizers: a tiny SentencePiece BPE model trained here (Mixtral/Llama style: tokenizer.model, BOS
 prepended, byte fallback, identity normalisation), and the real OLMo-family tokenizer.json in
