@@ -32,7 +32,7 @@ def golden(checkpoints, tmp_path_factory):
     return get
 
 
-def run(argv, capsys=None):
+def run(argv):
     with pytest.raises(SystemExit) as e:
         verify.main([str(a) for a in argv])
     return e.value.code
@@ -115,18 +115,24 @@ def test_nan_named_where_it_appears(golden, checkpoints, tmp_path, capsys):
 def test_misspelled_name_fails_and_foreign_names_are_listed(golden, checkpoints, tmp_path, capsys):
     """A name one letter off a known one fails at its layer; a name of the implementation's own is listed."""
     code, text, first = verdict(golden, checkpoints, tmp_path, capsys, rename={
-        "model.layers.0.self_attn.o_proj.input": "model.layers.0.self_attn.o_prj.input",
-        "model.norm": "transformer.ln_f"})
-    assert code == 1 and "layer 0, model.layers.0.self_attn.o_prj.input" in first, text
-    assert "did you mean model.layers.0.self_attn.o_proj.input" in first
+        "model.layers.1.self_attn.o_proj.input": "model.layers.1.self_attn.o_prj.input",
+        "model.layers.0.self_attn": "model.layer.0.self_attn", "model.norm": "transformer.ln_f"})
+    assert code == 1 and "layer 0, model.layer.0.self_attn: not a name" in first, text
+    assert "did you mean model.layers.0.self_attn?" in first and "model.layers.1.self_attn.o_prj.input" in text
     assert "names verify does not know (not compared): transformer.ln_f" in text
 
 
 def test_capture_kit_depends_on_torch_and_safetensors_only():
     """tools/capture.py runs in a verifier's process: it imports torch, safetensors and the standard library only,
-    and writes the header format verify.py reads."""
+    writes the header format verify.py reads, and its record() is a no-op outside a Capture."""
     tree = ast.parse(open(os.path.join(os.path.dirname(__file__), "..", "tools", "capture.py")).read())
     roots = {(n.module if isinstance(n, ast.ImportFrom) else a.name).split(".")[0]
              for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     assert roots <= {"torch", "safetensors", "json", "contextlib"}, roots
     assert capture.FORMAT == verify.THEIRS
+    capture.record("lm_head", torch.zeros(1))  # outside a Capture: nothing, so record lines may stay in your code
+    with capture.Capture(torch.zeros(2, 3, dtype=torch.long), dtype=torch.bfloat16) as cap:
+        capture.record("model.norm", torch.zeros(6, 4))  # (B*T, D) rows become (B, T, D)
+        with pytest.raises(ValueError, match="recorded twice"):
+            cap.record("model.norm", torch.zeros(2, 3, 4))
+    assert cap.tensors["model.norm"].shape == (2, 3, 4) and cap.run == {"compute": "bfloat16", "params": "bfloat16"}

@@ -136,8 +136,10 @@ def run_dtype(theirs, their_header, flag):
         run = their_header["run"]
         return getattr(torch, run["compute"]), getattr(torch, run.get("params", run["compute"])), \
             f"{run['compute']} (weights {run.get('params', run['compute'])}; declared in its header)"
-    floats = [t.dtype for n, t in theirs.items() if t.is_floating_point() and n != "loss" and not n.startswith("grad.")]
-    dtype = max(floats, key=lambda d: torch.finfo(d).eps, default=torch.float32)
+    floats = [t for n, t in theirs.items() if t.is_floating_point() and n != "loss" and not n.startswith("grad.")]
+    dtype = max((t.dtype for t in floats), key=lambda d: torch.finfo(d).eps, default=torch.float32)
+    if dtype == torch.float32 and floats and all(torch.equal(t, t.bfloat16().float()) for t in floats):
+        dtype = torch.bfloat16  # fp32 tensors holding bf16 values only: a bf16 run, saved upcast
     return dtype, dtype, f"{str(dtype)[6:]} (guessed from its tensors; declare it: capture.Capture(dtype=...) or --dtype)"
 
 

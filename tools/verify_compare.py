@@ -84,13 +84,12 @@ class Judge:
     def __init__(self, golden, theirs, cfg, run_dtype):
         self.golden, self.theirs, self.cfg, self.run = golden, theirs, cfg, run_dtype
         self.B, self.T = golden["input_ids"].shape
-        self.rows, self.missing, self.seen, self.bounds = [], [], set(), {}
+        self.rows, self.missing, self.bounds = [], [], {}
         self.ex = forced.exact_dtype(run_dtype)
 
     def take(self, name, like):
         """theirs[name] in the shape of `like` (merged or split trailing dims, (B*T, ...) for (B, T, ...))."""
         t = self.theirs.get(name)
-        self.seen.add(name)
         if t is None:
             return None
         if not t.is_floating_point():
@@ -125,7 +124,7 @@ class Judge:
         g = self.golden.get(name)
         vs = None
         if g is not None and g.numel() == t.numel() and fin_t.all() and g.abs().max() > 0:
-            vs = rms(t.double().flatten() - g.double().flatten()) / rms(g.double())
+            vs = rms(t.double().cpu().flatten() - g.double().flatten()) / rms(g.double())
         apart = [f"{int((~fin_e).sum())} token(s) not judged: their inputs were not finite"] if (~fin_e).any() else []
         if v.taint.any() and M == 1:
             apart.append("not judged: a token's routing was not recorded and is a near-tie upstream (record lm_head "
@@ -133,13 +132,13 @@ class Judge:
         elif v.taint.any():
             apart.append(f"{int(v.taint.sum())} token(s) excused (routing not recorded, a near-tie upstream): "
                          + ", ".join(self.where(token(r)) for r in v.taint.nonzero().squeeze(1)[:4].tolist()))
-        bad = keep & ~fin_t
+        bad = fin_e & ~fin_t  # excused or not: nothing excuses a NaN
         if bad.any():
             r = int(bad.nonzero()[0])
             kind = "nan" if torch.isnan(tt[r]).any() else "inf"
             return Row(name, True, None, None, None, vs, token(r), f"not finite ({kind}) where the reference is finite")
         d = tt - e
-        row_ratio = torch.where(keep, rms(d, -1) / b.row.clamp_min(1e-300), torch.zeros(M, dtype=d.dtype))
+        row_ratio = torch.where(keep, rms(d, -1) / b.row.clamp_min(1e-300), torch.zeros_like(b.row))
         rel = rms(d[keep]) / b.scale if keep.any() and b.scale > 0 else 0.0
         tensor_ratio = rel / (C_TENSOR * b.sigma)
         ratio = max(tensor_ratio, float(row_ratio.max()) if M else 0.0)
@@ -176,10 +175,9 @@ class Judge:
         _, ids_e = route(logits.exact)
         lg = logits.exact.reshape(N, -1).double()
         top = lg.topk(min(K + 1, lg.shape[1]), dim=-1).values
-        gap = top[:, K - 1] - top[:, K] if lg.shape[1] > K else torch.full((N,), float("inf"), dtype=lg.dtype)
-        near = gap < 2 * self.bounds[prefix + "gate"].elem.to(gap.device)  # (N,) rounding could swap these experts
+        gap = top[:, K - 1] - top[:, K] if lg.shape[1] > K else torch.full((N,), float("inf"), dtype=lg.dtype, device=lg.device)
+        near = gap < 2 * self.bounds[prefix + "gate"].elem  # (N,) rounding could swap these experts
         t_ids, taint = self.theirs.get(name), logits.taint.clone()
-        self.seen.add(name)
         if t_ids is None:
             self.missing.append(name)
             ids, taint = ids_e, taint | near  # theirs may have chosen otherwise on a near-tie: excused below
@@ -213,12 +211,10 @@ class Judge:
         name = f"{prefix}experts.{e}"
         t = self.theirs.get(name)
         if t is not None and prefix + "topk_ids" not in self.theirs:
-            self.seen.add(name)
             self.missing.append(name + " (needs topk_ids)")
             return v
         if t is None or t.shape == v.exact.shape:
             return self.tensor(name, v, t=None if t is None else t.to(v.exact.device), tokens=tok)
-        self.seen.add(name)
         if t.dim() != 2 or t.shape[1] != v.exact.shape[1] or not t.is_floating_point():
             raise Unusable(f"{name}: {t.dtype} {tuple(t.shape)}, expected (n_e, {v.exact.shape[1]}) rows")
         b = bound(v.exact, v.rounded, ~v.taint, unit(coarser(self.run, t.dtype)))
@@ -245,7 +241,6 @@ class Judge:
         for e in range(self.cfg.num_experts):
             t, name = self.theirs.get(f"{prefix}experts.{e}"), f"{prefix}experts.{e}"
             if e not in tokens and t is not None:
-                self.seen.add(name)
                 if t.numel():
                     self.rows.append(Row(name, True, None, None, None, None, None,
                                          f"{t.shape[0]} rows, but no token is routed to expert {e}"))
@@ -290,12 +285,12 @@ def compare(golden, theirs, header, model, run_dtype):
     forced.forward(model, ids.to(next(model.parameters()).device), run_dtype, judge)
     rows = judge.rows + grad_rows(golden, theirs, header, run_dtype)
     for n, close in misspelled.items():
-        hint = f"did you mean {close}?" if close else f"this {cfg.model_type} model has no such tensor"
+        hint = f"did you mean {close}?" if schema.entry(n) is None else f"this {cfg.model_type} model has no such tensor"
         rows.append(Row(n, True, None, None, None, None, None, f"not a name of this model's tensors ({hint})"))
         order[n] = order.get(close, order.get(re.sub(r"(model\.layers\.\d+).*", r"\1.input_layernorm", n), len(order))) - 0.5
     rows.sort(key=lambda r: order.get(r.name, len(order) + 1))  # stable: routing rows stay where they were made
-    L = cfg.num_hidden_layers
-    first = next(((r.name, schema.describe(r.name, L)["layer"], r.token) for r in rows if r.failed), None)
+    layer = lambda n: schema.describe(misspelled.get(n) or n, cfg.num_hidden_layers)["layer"]  # a misspelling: its match's
+    first = next(((r.name, layer(r.name), r.token) for r in rows if r.failed), None)
     unknown = [n for n in unknown if n not in misspelled]
     missing = [n for n in judge.missing if n in golden or n.endswith("(needs topk_ids)")]
     return rows, first, missing, unknown

@@ -203,9 +203,8 @@ def moe_block(judge, p, L, h, cfg, N):
     taint = w.taint
     tokens = routed_tokens(idx, cfg.num_experts)
     rows = {0: expert_rows(L[0].mlp.experts, flat(h.exact), idx), 1: expert_rows(L[1].mlp.experts, flat(h.rounded), idx)}
-    for e, tok in tokens.items():
-        v = judge.experts(p + "mlp.", e, tok, Value(rows[0][e], rows[1][e], taint[tok]))
-        rows[0][e], rows[1][e] = v.exact, v.rounded
+    for e, tok in tokens.items():  # judged, but the sum below uses the reference's rows: a verifier's rows are often
+        judge.experts(p + "mlp.", e, tok, Value(rows[0][e], rows[1][e], taint[tok]))  # a second computation, not the one summed
     judge.experts_done(p + "mlp.", tokens)
     y = Value(combine(rows[0], tokens, idx, w.exact, flat(h.exact)).view_as(h.exact),
               combine(rows[1], tokens, idx, w.rounded, flat(h.rounded)).view_as(h.rounded), taint)

@@ -122,7 +122,7 @@ def check_names(names, known):
     """(unknown, misspelled): the names verify does not know, and among them {name: the known name it looks like}
     (a close spelling, or a layer or expert this model does not have). The others are the implementation's own
     names: listed, not failed."""
-    unknown = [n for n in names if n not in known and not n.startswith("grad.")]
+    unknown = [n for n in names if n not in known]
     pool = sorted(known)
     misspelled = {}
     for n in unknown:
