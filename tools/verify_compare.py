@@ -4,7 +4,7 @@ tensors they recorded before each (verify_forced.forward), and where they first 
 The bound (README, "Verify your implementation"). For each tensor the reference computes `exact` (no rounding
 to speak of) and `rounded` (the same ops in the run's dtype, rounding wherever a plain run rounds) from the same
 inputs; sigma, the rms of rounded - exact over the rms of exact (at least one unit roundoff u of the run's
-dtype), is what the run's arithmetic does to this tensor here: about u/2 for one rounded op, more for a chain
+dtype), is what the run's arithmetic does to this tensor here: about 0.4 u for one rounded op, more for a chain
 (attention, an expert), and it grows with every op between the tensor and the nearest one they recorded.
 Theirs passes when
     rms(theirs - exact) <= C_TENSOR * sigma * rms(exact)                over the tensor, and
