@@ -293,6 +293,8 @@ def compare(golden, theirs, header, model, run_dtype):
     first = next(((r.name, layer(r.name), r.token) for r in rows if r.failed), None)
     unknown = [n for n in unknown if n not in misspelled]
     missing = [n for n in judge.missing if n in golden or n.endswith("(needs topk_ids)")]
+    if "input_ids" not in theirs:
+        missing.insert(0, "input_ids (assumed to be the golden's)")
     return rows, first, missing, unknown
 
 
