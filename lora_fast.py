@@ -26,34 +26,34 @@ def grouped_lora_factors(A, B, scale, dt):
 
 class RegatheredProduct(torch.autograd.Function):
     """z = grouped_mm(xr, A^T) (n, r), LoRA's A product, with its input rows xr (n, in) NOT kept for backward
-    but made again there from a tensor that is kept anyway: xr = src[index], the layer input's rows (K copies
-    of each token), or, with `swiglu`, xr = swiglu(src[index]), the down input made from the gate_up output
-    that SwiGLUFn keeps (index None: all rows). These rows are the largest things a LoRA step would keep
+    but made again there from a tensor that is kept anyway: xr = kept[rows], the layer input's rows (K copies
+    of each token), or, with `swiglu`, xr = swiglu(kept[rows]), the down input made from the gate_up output
+    that SwiGLUFn keeps (rows None: all rows). These rows are the largest things a LoRA step would keep
     per layer, for A's gradient alone; making them again costs one pass over them in backward. Plain twin:
     x @ A[e].T per expert (lora.ExpertLoRA's plain gate_up / down). Tests: test_lora.py (fast == loop)."""
 
     @staticmethod
-    def forward(ctx, xr, A, offs, src, index, swiglu):  # A (m, r, in), offs (m,) group ends over the n rows
-        ctx.save_for_backward(A, offs, src, index)
+    def forward(ctx, xr, A, offs, kept, rows, swiglu):  # A (m, r, in), offs (m,) group ends over the n rows
+        ctx.save_for_backward(A, offs, kept, rows)
         ctx.swiglu = swiglu
         return moe_fast.grouped_mm(xr, A.transpose(1, 2), offs=offs)
 
     @staticmethod
     def backward(ctx, dz):
-        A, offs, src, index = ctx.saved_tensors
-        xr = src if index is None else src.index_select(0, index)
+        A, offs, kept, rows = ctx.saved_tensors
+        xr = kept if rows is None else kept.index_select(0, rows)
         xr = moe_fast._swiglu(xr) if ctx.swiglu else xr
         dxr = moe_fast.grouped_mm(dz, A, offs=offs) if ctx.needs_input_grad[0] else None  # (n, in)
         dA = moe_fast.group_weight_grad(dz, xr, offs)  # (m, r, in): one product per expert, empty ones zero
         return dxr, dA, None, None, None, None
 
 
-def a_product(dropout, xr, A, offs, src, index, swiglu=False):
-    """An adapter's A product on the fast path, grouped_mm(dropout(xr), A^T) with xr = src[index] (or its
+def a_product(dropout, xr, A, offs, kept, rows, swiglu=False):
+    """An adapter's A product on the fast path, grouped_mm(dropout(xr), A^T) with xr = kept[rows] (or its
     swiglu): the rows are made again in backward, unless dropout is active (then autograd keeps them)."""
     if isinstance(dropout, torch.nn.Dropout) and dropout.training:
         return moe_fast.grouped_mm(dropout(xr), A.transpose(1, 2), offs=offs)
-    return RegatheredProduct.apply(xr, A, offs, src, index, swiglu)
+    return RegatheredProduct.apply(xr, A, offs, kept, rows, swiglu)
 
 
 # ----------------------------------------------------------------------------- LoRA on a subset of the experts
