@@ -40,3 +40,21 @@ def test_no_pointer_to_files_outside_the_repository():
         for name in ("DESIGN.md", "STYLE.md", "../shared"):
             assert name not in read(doc), f"{doc} mentions {name}, which is not in the repository"
 
+
+
+def test_line_links_point_at_what_they_name():
+    """A link to lines of a file, [`name`](file.py#L10-L20), starts at the line that defines `name` (def/class, its
+    last dotted part) or holds it: the README's answers stay true when the code moves."""
+    checked = 0
+    for doc in DOCS:
+        for m in re.finditer(r"\[([^\]]*)\]\(([^)\s#]+)#L(\d+)(?:-L\d+)?\)", read(doc)):
+            text, path, line = m.group(1), m.group(2), int(m.group(3))
+            names = re.findall(r"`([^`]+)`", text)
+            assert names, f"{doc}: the link to {path}#L{line} names nothing in backticks"
+            with open(os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), path)), encoding="utf-8") as f:
+                first = f.read().splitlines()[line - 1]
+            leaf = names[0].split(".")[-1].removesuffix("()")
+            assert re.search(rf"\b(def|class) {re.escape(leaf)}\b", first) or leaf in first, \
+                f"{doc}: {text} -> {path} line {line} is {first.strip()!r}"
+            checked += 1
+    assert checked, "no line links found"
