@@ -25,11 +25,11 @@ ADAPTER = dict(rtol=1e-4, atol=1e-4)
 
 
 def torchrun(*argv, nproc=2, ok=True, timeout=600, script=os.path.join(ROOT, "train.py")):
-    """Run train.py (or another script) under torchrun; its output. --standalone lets the OS pick the rendezvous port (bound at once,
-    so concurrent runs cannot clash, unlike a port found free first and bound later). One thread per process:
-    2 processes on a 2-core machine. On a timeout torchrun is stopped with SIGTERM, which it passes on to its
-    workers (each in a session of its own: killing torchrun alone would leave them running, slowing down
-    every test after this one)."""
+    """Run train.py (or another script) under torchrun; its output. --standalone lets the OS pick the rendezvous
+    port (bound at once, so concurrent runs cannot clash, unlike a port found free first and bound later). One
+    thread per process: 2 processes on a 2-core machine. On a timeout torchrun is stopped with SIGTERM, which it
+    passes on to its workers (each in a session of its own: killing torchrun alone would leave them running,
+    slowing down every test after this one)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(script), *map(str, argv)]
