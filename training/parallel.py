@@ -135,7 +135,9 @@ def cleanup(ok=True):
         if ok:
             dist.barrier()
         if _mesh is not None:
-            _mesh._pg_registry.clear()  # private: the one place the mesh keeps its groups (torch 2.11 .. 2.13)
+            # private: where the mesh keeps its groups in torch 2.11 .. 2.13; should a later torch keep them
+            # elsewhere, test_distributed's test of this cleanup fails
+            getattr(_mesh, "_pg_registry", {}).clear()
             _mesh = None
         gc.collect()
         dist.destroy_process_group()
