@@ -23,15 +23,15 @@ TOL = tol(torch.float32, 1, 2 * FORWARD)
 ADAPTER = dict(rtol=1e-4, atol=1e-4)
 
 
-def torchrun(*argv, nproc=2, ok=True, timeout=600):
-    """Run train.py under torchrun; its output. --standalone lets the OS pick the rendezvous port (bound at once,
-    so concurrent runs cannot clash, unlike a port found free first and bound later). One thread per process:
-    2 processes on a 2-core machine. On a timeout torchrun is stopped with SIGTERM, which it passes on to its
-    workers (each in a session of its own: killing torchrun alone would leave them running, slowing down
-    every test after this one)."""
+def torchrun(*argv, nproc=2, ok=True, timeout=600, script=os.path.join(ROOT, "train.py")):
+    """Run train.py (or another script) under torchrun; its output. --standalone lets the OS pick the rendezvous
+    port (bound at once, so concurrent runs cannot clash, unlike a port found free first and bound later). One
+    thread per process: 2 processes on a 2-core machine. On a timeout torchrun is stopped with SIGTERM, which it
+    passes on to its workers (each in a session of its own: killing torchrun alone would leave them running,
+    slowing down every test after this one)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           os.path.join(ROOT, "train.py"), *map(str, argv)]
+           str(script), *map(str, argv)]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -136,3 +136,42 @@ def test_an_error_on_one_rank_ends_the_run_at_once(ckpt, train_file, tmp_path):
     (tmp_path / "out" / "log.jsonl").mkdir(parents=True)
     err = torchrun(*common(ckpt, train_file, steps=3), "--out", tmp_path / "out", ok=False, timeout=150)
     assert "log.jsonl" in err and "Is a directory" in err
+
+
+# train.main in a torchrun worker, watching the process group that parallel.setup makes: once main has returned,
+# each rank writes whether that group still exists and which of its threads (gloo names them) are still running
+PROBE = """
+import glob, json, os, sys, weakref
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from training import parallel
+import train
+
+groups = []
+setup = parallel.setup
+def watched(device=None):
+    out = setup(device)
+    groups.append(weakref.ref(dist.distributed_c10d._get_default_group()))
+    return out
+parallel.setup = watched
+code = train.main(sys.argv[1:])
+threads = [open(f).read().strip() for f in glob.glob("/proc/self/task/*/comm")]
+with open(os.path.join({out!r}, "teardown." + os.environ["RANK"] + ".json"), "w") as f:
+    json.dump(dict(group_alive=groups[0]() is not None, gloo_threads=sorted(t for t in threads if "gloo" in t)), f)
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the thread names in /proc")
+def test_cleanup_deletes_the_process_group_so_no_thread_of_it_outlives_python(ckpt, train_file, tmp_path):
+    """When train.py returns under torchrun, its gloo process group is gone and its worker threads joined.
+    A worker left alive can still be releasing a collective's tensors when Python finalizes; it then takes the
+    GIL, is ended by Python and aborts the process after a run that wrote everything (parallel.cleanup says
+    how). Before the fix the group outlived destroy_process_group on every run: DTensor's caches keep FSDP2's
+    mesh, which holds it, and torch.distributed.nn.functional, imported after the group was made, holds it in
+    its default arguments. The abort itself is a race (1 run in tens); this state is not."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE.format(root=ROOT, out=str(tmp_path)))
+    torchrun(*common(ckpt, train_file, "lora", steps=1), "--out", tmp_path / "out", script=probe)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"teardown.{rank}.json").read_text()) == dict(group_alive=False, gloo_threads=[])

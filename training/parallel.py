@@ -10,7 +10,9 @@
 - Each global micro-batch is split over the ranks; losses are normalised by the global number of
   target tokens, so the curve is that of one process with the same global batch (up to float sums).
 - Only rank 0 writes files. With one process (no torchrun) everything here is a no-op.
+- cleanup really deletes the process group, so that none of its threads outlives Python (see cleanup).
 """
+import gc
 import os
 from datetime import timedelta
 
@@ -20,18 +22,28 @@ import torch.distributed as dist
 # How long a rank waits in a collective for the others: generous, because on a loaded machine one rank may still
 # be loading or writing a checkpoint while the other waits (NCCL's own default would be 10 minutes).
 TIMEOUT = timedelta(minutes=30)
+_mesh = None  # FSDP2's device mesh over all ranks, made by setup (cleanup takes the process group back from it)
 
 
 def setup(device=None):
-    """(rank, world size, device). Under torchrun: the process group (NCCL on CUDA, gloo on the CPU)."""
+    """(rank, world size, device). Under torchrun: the process group (NCCL on CUDA, gloo on the CPU) and the
+    one-dimensional device mesh over it that shard gives FSDP2 (the group itself, not a new one)."""
+    global _mesh
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, None
+    # Imported before the group exists: torch.distributed.fsdp imports torch.distributed.nn.functional, whose
+    # collectives take `group=group.WORLD` as a default argument, evaluated at import; imported after
+    # init_process_group (by shard, or by torch._dynamo when the model is built on the meta device) those
+    # defaults would hold the group for the life of the process (see cleanup).
+    import torch.distributed.fsdp  # noqa: F401
+    from torch.distributed.device_mesh import init_device_mesh
     cuda = torch.cuda.is_available() and device != "cpu"
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
+    _mesh = init_device_mesh(dev.type, (world,))
     return dist.get_rank(), world, dev
 
 
@@ -47,8 +59,8 @@ def shard(model):
     """FSDP2: every transformer block is its own unit (gathered for its forward and backward), then the root."""
     from torch.distributed.fsdp import fully_shard
     for block in model.model.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=_mesh)
+    fully_shard(model, mesh=_mesh)
 
 
 def all_sum(x):
@@ -104,8 +116,28 @@ def cleanup(ok=True):
     """Close the process group. After a run that ended well on this rank, first a barrier: no rank closes its
     connections while another still has a collective in flight. After an error, no barrier: the other ranks may
     be inside another collective, which a barrier would be paired with (a hang until TIMEOUT); closing this rank's
-    connections instead makes their collective fail at once ("Connection closed by peer"), so torchrun exits."""
+    connections instead makes their collective fail at once ("Connection closed by peer"), so torchrun exits.
+
+    The group must really be deleted here, while Python is alive: its destructor lets gloo's worker threads
+    finish and joins them. destroy_process_group only drops c10d's own references; FSDP2's device mesh holds
+    the group too (mesh._pg_registry), and DTensor's caches (sharding propagation, redistribution plans) keep
+    the mesh for the life of the process. A worker left alive releases each collective's tensors just after
+    it has marked the collective done. If the main thread has meanwhile dropped such a tensor (its Python
+    object is then owned by C++) and Python has begun to finalize, the worker takes the GIL to free that
+    object, Python ends the thread with pthread_exit, and the unwinding through a noexcept destructor
+    (~AsyncWork) aborts the process: "terminate called without an active exception", SIGABRT after a run
+    that wrote everything, torchrun exit 1 (pytorch/pytorch#190489; notes/history.md has the backtrace).
+    So: the mesh lets go of the group, the garbage collector frees the model's FSDP2 state (reference
+    cycles, which hold the group as well), and destroy_process_group frees the last reference. After an
+    error the traceback still holds the model and with it the group: the exit status is not 0 then anyway."""
+    global _mesh
     if dist.is_initialized():
         if ok:
             dist.barrier()
+        if _mesh is not None:
+            # private: where the mesh keeps its groups in torch 2.11 .. 2.13; should a later torch keep them
+            # elsewhere, test_distributed's test of this cleanup fails
+            getattr(_mesh, "_pg_registry", {}).clear()
+            _mesh = None
+        gc.collect()
         dist.destroy_process_group()
