@@ -21,6 +21,7 @@ import torch
 
 from training import checkpoint
 from files import data
+from training import memory
 import dmep
 from training import flags
 from files import hub
@@ -86,7 +87,9 @@ def train(args, rank, world, device):
     n_train = sum(p.numel() for p in state.values())
     n_unpruned = ckpt.get("trainable_before_prune", n_train) if ckpt else n_train  # DMEP's count before its pruning
     print(f"trainable parameters: {n_train:,} ({n_train / 1e6:.1f}M), adapter file ~{4 * n_train / 2**20:.1f} MiB (fp32)")
-    if args.dry_run:
+    if args.dry_run:  # the same step on fake tensors: its peak GPU memory, before any weight is read
+        attach = lambda fake_model: attach_adapters(args, fake_model, tok, None)
+        print("\n".join(memory.dry_run_report(args, cfg, device, attach, make_optimizer, train_step)))
         return 0
 
     # ------------------------------------------------------------------ data
