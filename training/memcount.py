@@ -156,7 +156,8 @@ class LiveBytes(TorchDispatchMode):
             rows = round(t.numel() * self.mask_share.get(t, 1.0))
             return t.new_empty((rows, t.dim()), dtype=torch.long)
         if func is aten.bincount.default:
-            weights, minlength = (list(args[1:]) + [kwargs.get("weights"), kwargs.get("minlength", 0)])[:2]
+            weights = args[1] if len(args) > 1 else kwargs.get("weights")
+            minlength = args[2] if len(args) > 2 else kwargs.get("minlength", 0)
             return t.new_zeros(max(minlength, 1), dtype=torch.long if weights is None else weights.dtype)
         indices = []  # aten.index.Tensor: a boolean mask becomes the long indices of its true entries
         for i in args[1]:

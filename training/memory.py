@@ -11,6 +11,10 @@ another path than the CPU (attention, RMSNorm's backward, AdamW's foreach step) 
 first_step stand in; everything else is the code a GPU runs: bf16 base weights, fp32 adapters and AdamW
 state, kernels.py's grouped expert products and custom autograd Functions, the chunked loss.
 
+A base stored otherwise than in `dtype` (issue 27's NF4: packed 4-bit codes, 0.5 byte a weight, and their
+scales) is counted as its own code stores it: the function that converts a built model (step_peak's attach,
+profile_peak's prepare) runs on the fake model too, and every storage it leaves is a weight.
+
 Assumed, since fake tensors have no values: every micro-batch is full (batch x seq real, labelled tokens); an
 expert LoRA on some experts gets its layer's share of the routing (routed_shares: the plan's share of the
 profile's counts, or m / E: uniform, as a dry run's profile is).
@@ -120,11 +124,15 @@ def first_step(opt, params, cuda=True):
     opt.zero_grad(set_to_none=True)
 
 
-def profile_peak(cfg, dtype, batch, seq, batches=2, cuda=True, fake=True):
+def profile_peak(cfg, dtype, batch, seq, batches=2, cuda=True, fake=True, prepare=None):
     """The peak of router_profile.profile over `batches` calibration batches of batch x seq tokens, on the
-    base as train.py profiles it (before the adapters: its weights still require gradients)."""
+    base as train.py profiles it (before the adapters: its weights still require gradients). prepare(model):
+    what is done to the base once built (as step_peak's attach)."""
     with running(cuda, fake) as mode:
         model = new_model(cfg, dtype, mode)
+        if prepare is not None:
+            with building(mode):
+                prepare(model)
         live = LiveBytes(BLOCK if cuda else 1)
         live.hold_model(model)
         ids, mask, _ = token_batch(cfg, batch, seq)
@@ -184,6 +192,8 @@ def dry_run_report(args, cfg, device, attach, make_optimizer, train_step):
     if prof:
         lines.append(f"  routing profile before training ({args.batch_size} x {args.calib_tokens} tokens a batch): "
                      f"{gib(prof['peak']):.2f} GiB")
+    if args.reference or args.compile:
+        lines.append("  (predicted for the eager fast path: --reference's plain code and --compile's graphs are not modelled)")
     lines.append(f"predicted peak: {gib(peak):.2f} GiB")
     if args.gpu_memory:
         cards = {f"{args.gpu_memory:g} GiB (--gpu-memory)": args.gpu_memory}
