@@ -63,8 +63,9 @@ class LoRAMoELinear(nn.Module):
 
     def forward(self, x):
         xf = x.reshape(-1, x.shape[-1])  # (T, in)
-        self.router_logits = F.linear(xf, self.router.to(x.dtype))  # (T, n)
-        gate = perft.dense_gate(self.router_logits, self.top_k, renorm=True)  # (T, n)
+        logits = F.linear(xf, self.router.to(x.dtype))  # (T, n)
+        perft.keep_router_logits(self, logits)
+        gate = perft.dense_gate(logits, self.top_k, renorm=True)  # (T, n)
         out = perft.gated(self.dropout(xf), self.A, self.B, nn.Identity(), gate, self.scale)
         return self.base(x) + out.view(*x.shape[:-1], -1)
 

@@ -81,6 +81,15 @@ def gated(x, A, B, act, gate, scale):
     return F.linear(z, B.permute(1, 0, 2).reshape(B.shape[1], n * r).to(x.dtype)) * scale  # (T, out)
 
 
+def keep_router_logits(module, logits):
+    """module.router_logits = logits, for the balancing loss and DMEP's tracking, except inside a backward pass:
+    there --grad-checkpoint is recomputing this forward, and the recomputed logits, kept until the next forward,
+    would keep the whole recomputed graph of the block alive with them (every layer's, by the end of backward).
+    Compiled, the check would break the block's graph: there they are always kept, as before."""
+    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:  # -1: not inside a backward
+        module.router_logits = logits
+
+
 def dense_gate(logits, k, renorm):
     """moe.route's top-k weights spread out densely: the (T, n) fp32 gate, 0 for the unchosen experts."""
     w, idx = moe.route(logits, k, renorm)  # (T, k)
@@ -103,8 +112,9 @@ class ParallelAdapter(nn.Module):
     def forward(self, h):
         gate = None
         if self.router is not None:
-            self.router_logits = F.linear(h, self.router.to(h.dtype))  # (T, n)
-            gate = dense_gate(self.router_logits, self.top_k, self.renorm)
+            logits = F.linear(h, self.router.to(h.dtype))  # (T, n)
+            keep_router_logits(self, logits)
+            gate = dense_gate(logits, self.top_k, self.renorm)
         return gated(self.dropout(h), self.A, self.B, self.act, gate, self.scale)
 
 

@@ -24,9 +24,8 @@ import methods
 import moe
 import router_profile
 import sieve
-from files import atomic, data, hub
-from training import checkpoint, flags, outputs, parallel
-from files import tokenizer
+from files import atomic, data, hub, tokenizer
+from training import checkpoint, flags, memory, outputs, parallel
 
 
 def main(argv=None):
@@ -83,7 +82,9 @@ def train(args, rank, world, device):
     n_train = sum(p.numel() for p in trainable.values())
     n_unpruned = ckpt.get("trainable_before_prune", n_train) if ckpt else n_train  # DMEP's count before its pruning
     print(f"trainable parameters: {n_train:,} ({n_train / 1e6:.1f}M), adapter file ~{4 * n_train / 2**20:.1f} MiB (fp32)")
-    if args.dry_run:
+    if args.dry_run:  # the same step on fake tensors: its peak GPU memory, before any weight is read
+        attach = lambda fake_model: attach_adapters(args, fake_model, tok, None)
+        print("\n".join(memory.dry_run_report(args, cfg, device, attach, make_optimizer, train_step)))
         return 0
 
     # ------------------------------------------------------------------ data

@@ -51,14 +51,7 @@ def write_checkpoint(tensors, out_dir, config, src_dir, shard_bytes=4 << 30):
     `tensors` may lie on any device: each shard is copied to the host just before it is written and let
     go after, so host memory holds one shard (at most shard_bytes, or one larger tensor) at a time."""
     def fill(tmp):
-        shards, size = [[]], 0
-        for name, t in tensors.items():
-            n = t.numel() * t.element_size()
-            if shards[-1] and size + n > shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(name)
-            size += n
+        shards = shard_names(tensors, shard_bytes)
         weight_map = {}
         for i, names in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -76,6 +69,20 @@ def write_checkpoint(tensors, out_dir, config, src_dir, shard_bytes=4 << 30):
         tokenizer_files.write(src_dir, tmp)  # as they are; a tokenizer.json converted from a lone tokenizer.model
 
     atomic.write_dir(out_dir, fill)
+
+
+def shard_names(tensors, shard_bytes):
+    """The tensor names of each shard write_checkpoint writes: in order, a new shard when the next tensor would
+    take this one past shard_bytes (a larger tensor gets a shard of its own)."""
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    return shards
 
 
 def export_merged(model, src_dir, out_dir, shard_bytes=4 << 30):

@@ -21,7 +21,8 @@ def read_rows(out):
 def test_tiny_rehearsal_runs_every_step_of_the_plan(tmp_path):
     """`gpu_check.py --tiny --device cpu` runs the whole plan as the GPU call would (a subprocess, as on the
     device): the GPU tests (skipped cleanly without CUDA), then every row of every group, in plan order, each
-    ok; the summary has every group's table and its targets' ratios, with no verdict on a CPU."""
+    ok; the summary has every group's table and its targets' ratios, with no verdict on a CPU, and every row's
+    predicted peak beside the measured one."""
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "tools.gpu_check", "--tiny", "--device", "cpu", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -39,6 +40,16 @@ def test_tiny_rehearsal_runs_every_step_of_the_plan(tmp_path):
     assert verdicts and all(line.endswith(": no verdict") for line in verdicts), verdicts
     assert "(eager, from olmoe-4x2048)" in text  # the compiled rows compared with the eager peft rows
     assert (out / "gpu_tests.xml").exists() and text in proc.stdout
+    # the memory model's prediction beside the measured peak (None on a CPU) for every row, the profile row's tok/s
+    predicted = [json.loads(line) for line in (out / "predicted.jsonl").read_text().splitlines()]
+    assert sorted(p["index"] for p in predicted) == [r["index"] for r in rows]
+    for g in summary["groups"]:
+        for r in g["rows"]:
+            assert "peak_gib" in r and (r["predicted_gib"] is None) == (r["method"] == "dmep-pruned"), r
+            assert r["predicted_gib"] is None or r["predicted_gib"] > 0 and sum(r["predicted_split_gib"].values()) > 0
+    assert text.count("memory GiB, predicted / measured: ") == len(gpu_check.PLAN)
+    profile = next(r for r in rows if r["method"] == "profile")
+    assert profile["group"] == "olmoe-profile-64x2048" and "64 records" in profile["note"]
 
 
 def opts_for(tmp_path, *extra):

@@ -12,7 +12,8 @@ LAYERS = [
     ("lora", {"lora", "lora_fast"}),
     ("methods", {"sieve", "router_profile", "perft", "dmep", "methods", "files.export"}),
     ("training and evaluation", {"train", "eval", "training.flags", "training.checkpoint", "training.outputs",
-                                 "training.parallel", "evaluation.answers", "evaluation.harness"}),
+                                 "training.parallel", "training.memory", "training.memcount", "evaluation.answers",
+                                 "evaluation.harness"}),
     ("tools", None),  # everything under tools/
 ]
 

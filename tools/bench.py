@@ -196,7 +196,7 @@ def build_peft(cdict, kind, args, device, dtype):
     cfg = transformers.AutoConfig.for_model(c.pop("model_type"), **c)
     cfg.use_cache = False
     with torch.device(device):  # default attention (sdpa) and experts implementation (grouped_mm)
-        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device)
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)  # made on the device itself
     if args.grad_checkpoint:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
     ours = moe.Config.from_json(cdict)
@@ -268,10 +268,11 @@ def measure(name, args, cdict, ids, labels, device, dtype):
     return row
 
 
-def run_row(name, args, cdict, ids, labels, device, dtype):
-    """One row, its failure reported in the row instead of ending the run; memory freed afterwards."""
+def run_row(name, args, cdict, ids, labels, device, dtype, measure_row=None):
+    """One row, its failure reported in the row instead of ending the run; memory freed afterwards. measure_row:
+    another measurement than measure's training step (gpu_check.py's profile row)."""
     try:
-        row = measure(name, args, cdict, ids, labels, device, dtype)
+        row = (measure_row or measure)(name, args, cdict, ids, labels, device, dtype)
     except torch.cuda.OutOfMemoryError:
         row = dict(method=name, status="OOM")
     except ImportError as e:

@@ -7,9 +7,15 @@ Steps, the most important first, so that a run cut short still returns the numbe
 `tests` (tests/test_gpu.py under pytest, in a subprocess with its own time limit), then bench.py's rows in the
 groups of PLAN: the OLMoE-1B-7B shape at 4 x 2048, r 16, eager (attn, lora, sieve, peft-attn, peft-lora); our
 rows compiled (peft is never compiled, so this group and the other-methods group are compared with the eager
-peft rows); 8 x 2048 lora and peft-lora (the 80 GB fit); perft-e, perft-r, dmep, dmep-pruned; and, on a GPU with
-at least 120 GiB (an H200), Mixtral-8x7B (32 layers, random bf16 weights) at 1 x 2048 with gradient
-checkpointing. `--steps` picks some of them (a second, shorter call can finish what a first one cut off).
+peft rows); 8 x 2048 lora and peft-lora (the 80 GB fit); the routing profile (router_profile.profile over 64
+records of 2048 tokens in batches of 8: tok/s and peak, issue 29); perft-e, perft-r, dmep, dmep-pruned; the
+4 x 2048 rows with gradient checkpointing; and, on a GPU with at least 120 GiB (an H200), Mixtral-8x7B (32
+layers, random bf16 weights) at 1 x 2048 with gradient checkpointing. `--steps` picks some of them (a second,
+shorter call can finish what a first one cut off).
+
+Predicted beside measured: a process beside the rows (`--predict`, on the CPU, fake tensors: tools/memory.py)
+writes each row's predicted peak to predicted.jsonl; the summary puts it next to the measured
+torch.cuda.max_memory_allocated(), so the first GPU run calibrates the memory model.
 
 Time: every row has its own limit, and the whole run --budget seconds; a row that cannot start in time is
 recorded as skipped. The rows run in one worker process (one import, one batch per group). In the worker a
@@ -19,8 +25,9 @@ limit plus a grace (a hang inside one CUDA call), or sees it die, records that r
 for the rest; a worker whose CUDA context an error has broken exits, and a fresh one carries on.
 
 Files under --out: env.json (device, versions), gpu_tests.txt and .xml, rows.jsonl (one line per row, written
-when the row ends), worker.log (bench's output, tracebacks), summary.txt and summary.json (per group: the
-table and issue 6's targets with their verdicts, targets.py; rewritten after every row).
+when the row ends), predicted.jsonl (each row's predicted peak), worker.log (bench's output, tracebacks),
+summary.txt and summary.json (per group: the table, predicted and measured peaks, and issue 6's targets with
+their verdicts, targets.py; rewritten after every row).
 
 --tiny: the same plan on tiny shapes (bench.py --tiny, a 2-layer Mixtral), one warm-up and one timed step per
 row, the compiled rows traced by dynamo's eager backend (inductor would compile for minutes on a CPU).
@@ -39,7 +46,11 @@ import torch
 
 from tools import bench
 from files import hub
+from tools import memory
+import moe
+import router_profile
 from tools import targets
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 OLMOE_4 = "olmoe-4x2048"
@@ -49,7 +60,9 @@ PLAN = [
     (OLMOE_4, [], ["attn", "lora", "sieve", "peft-attn", "peft-lora"], 60, None),
     ("olmoe-4x2048-compile", ["--compile"], ["attn", "lora", "sieve"], 120, OLMOE_4),
     ("olmoe-8x2048", ["--batch", "8"], ["lora", "peft-lora"], 60, None),
+    ("olmoe-profile-64x2048", ["--batch", "8"], ["profile"], 60, None),
     ("olmoe-4x2048-others", [], ["perft-e", "perft-r", "dmep", "dmep-pruned"], 45, OLMOE_4),
+    ("olmoe-4x2048-ckpt", ["--grad-checkpoint"], ["attn", "lora", "sieve", "peft-attn", "peft-lora"], 60, None),
     ("mixtral-8x7b", ["--config", targets.MIXTRAL, "--batch", "1", "--grad-checkpoint", "--steps", "5",
                       "--warmup", "2"], ["lora", "sieve", "peft-lora"], 120, None),
 ]
@@ -72,6 +85,7 @@ def parse_args(argv):
     ap.add_argument("--tests-limit", type=float, default=150, help="seconds for tests/test_gpu.py")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma list, in this order: {','.join(STEPS)}")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # plan row indices, for the worker process
+    ap.add_argument("--predict", action="store_true", help=argparse.SUPPRESS)  # the predicting process
     ap.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # time.time() of the budget's end
     args = ap.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -84,7 +98,7 @@ def parse_args(argv):
         hub.pick_device(args.device)
     except ValueError as e:
         ap.error(str(e))
-    if args.worker is None and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+    if args.worker is None and not args.predict and os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
         ap.error(f"--out {args.out}: not an empty folder (results of two runs would mix)")
     return args
 
@@ -115,8 +129,8 @@ def append_row(out, row):
         os.fsync(f.fileno())
 
 
-def read_rows(out):
-    path = os.path.join(out, "rows.jsonl")
+def read_rows(out, name="rows.jsonl"):
+    path = os.path.join(out, name)
     if not os.path.exists(path):
         return {}
     with open(path) as f:  # each row is one write of a line and its newline: what follows the last one is not a row
@@ -169,7 +183,8 @@ def timed_row(opts, g, method, limit, shared):
             args, cdict = group_args(g, opts)
             shared.update(group=g, args=args, run=bench.prepare(args, cdict))
         args, run = shared["args"], shared["run"]
-        result = bench.run_row(method, args, run.cdict, run.ids, run.labels, run.device, run.dtype)
+        result = bench.run_row(method, args, run.cdict, run.ids, run.labels, run.device, run.dtype,
+                               measure_profile if method == "profile" else None)
     except RowTimeout:
         result = dict(status=f"timeout: over its {limit:.0f} s")
     finally:
@@ -178,6 +193,44 @@ def timed_row(opts, g, method, limit, shared):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return dict(result, seconds=round(time.perf_counter() - t0, 1))
+
+
+def measure_profile(name, args, cdict, ids, labels, device, dtype):
+    """bench.run_row's measurement for the profile row: router_profile.profile over memory.PROFILE_RECORDS
+    records of --seq random tokens in batches of --batch, on bench's random weights, after one batch of
+    warm-up: tok/s and the peak of allocated memory (the weights included, as in the prediction)."""
+    cfg = moe.Config.from_json(cdict)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = hub.build_empty(cfg, dtype, device)
+    train.init_weights(model)
+    g = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, cfg.vocab_size, (memory.PROFILE_RECORDS, args.seq), generator=g).to(device)
+    batches = [(ids[i:i + args.batch], torch.ones_like(ids[i:i + args.batch])) for i in range(0, len(ids), args.batch)]
+    router_profile.profile(model, batches[:1])
+    bench.sync(device)
+    t0 = time.perf_counter()
+    router_profile.profile(model, batches)
+    bench.sync(device)
+    seconds = time.perf_counter() - t0
+    return dict(method=name, status="ok", note=f"{len(ids)} records x {args.seq} tokens, batches of {args.batch}",
+                trainable=0, step_s=seconds, tok_s=ids.numel() / seconds,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+
+
+def predict(opts):
+    """The --predict process: each row's predicted peak (tools/memory.py, fake tensors on the CPU) appended to
+    predicted.jsonl as it is made."""
+    for i, g, method in rows_of(opts.steps):
+        args, cdict = group_args(g, opts)
+        try:
+            r = memory.bench_row(method, args, cdict)
+            row = dict(predicted_gib=None if r is None else r["peak"] / 2**30,
+                       predicted_split_gib=None if r is None else {k: v / 2**30 for k, v in r["split"].items()})
+        except Exception as e:  # a prediction that fails must not cost the measurement
+            row = dict(predicted_gib=None, predicted_error=f"{type(e).__name__}: {e}")
+        with open(os.path.join(opts.out, "predicted.jsonl"), "a") as f:
+            f.write(json.dumps(dict(index=i, group=PLAN[g][0], method=method, **row)) + "\n")
 
 
 def cuda_alive():
@@ -266,7 +319,7 @@ def write_summary(opts):
     env_path = os.path.join(opts.out, "env.json")
     env = json.load(open(env_path)) if os.path.exists(env_path) else {}
     gpu = env.get("gpu") or dict(type="unknown", name="?", capability=None, gib=None)
-    done, groups = read_rows(opts.out), []
+    done, groups, predicted = read_rows(opts.out), [], read_rows(opts.out, "predicted.jsonl")
     lines = [f"gpu_check: {gpu['name']} | {json.dumps(env.get('versions'))} | cuda {env.get('cuda')} | "
              f"{time.time() - opts.start:.0f} of {opts.budget:.0f} s",
              f"tests/test_gpu.py: {opts.tests.get('status', 'not run')} {opts.tests.get('pytest', '')}"]
@@ -277,11 +330,17 @@ def write_summary(opts):
         if borrow:
             rows += [dict(r, note=f"{r['note']} (eager, from {borrow})") for r in map(dict, done.values())
                      if r["group"] == borrow and r["method"].startswith("peft") and r["status"] == "ok"]
+        for r in rows:
+            r.update({k: v for k, v in predicted.get(r.get("index"), {}).items() if k.startswith("predicted")})
         args, cdict = group_args(g, opts)
         result = bench.finish(rows, args, cdict, gpu)
+        if methods == ["profile"]:  # forward passes only: a training step's FLOPs would make its MFU wrong
+            for r in rows:
+                r["mfu"] = None
+            result["table"] = bench.format_table(rows)
         groups.append(dict(name=name, bench_args=PLAN[g][1], rows=rows, **result))
         shown = " ".join(PLAN[g][1]).replace(ROOT + os.sep, "")
-        lines += ["", f"== {name}: bench.py {shown}", result["table"]]
+        lines += ["", f"== {name}: bench.py {shown}", result["table"], memory_line(rows)]
         lines += [targets.format_targets(result["targets"], result["no_verdict"])] if result["targets"] else []
     summary = dict(env=env, tests=opts.tests, budget_s=opts.budget, elapsed_s=round(time.time() - opts.start, 1),
                    groups=groups)
@@ -291,24 +350,48 @@ def write_summary(opts):
         os.replace(os.path.join(opts.out, name + ".tmp"), os.path.join(opts.out, name))
 
 
+def memory_line(rows):
+    """Each row's peak, predicted (tools/memory.py) / measured (torch.cuda.max_memory_allocated), in GiB."""
+    show = lambda v: "-" if v is None else f"{v:.1f}"
+    return "memory GiB, predicted / measured: " + " | ".join(
+        f"{r['method']} {show(r.get('predicted_gib'))} / {show(r.get('peak_gib'))}" for r in rows)
+
+
+def start_predicting(opts):
+    """The --predict process, beside the tests and the rows (it needs the CPU only)."""
+    cmd = [sys.executable, "-m", "tools.gpu_check", "--out", opts.out, "--predict", "--steps", ",".join(opts.steps)]
+    cmd += (["--tiny"] if opts.tiny else []) + (["--device", opts.device] if opts.device else [])
+    with open(os.path.join(opts.out, "predict.log"), "w") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def main(argv=None):
     opts = parse_args(sys.argv[1:] if argv is None else list(argv))
     if opts.worker is not None:
         return worker(opts, [int(i) for i in opts.worker.split(",")])
+    if opts.predict:
+        return predict(opts)
     os.makedirs(opts.out, exist_ok=True)
     opts.start = time.time()
     opts.deadline, opts.tests = opts.start + opts.budget, {}
+    predicting = start_predicting(opts)
     write_summary(opts)
     if "tests" in opts.steps:
         opts.tests = run_tests(opts)
         print(f"[gpu_check] tests/test_gpu.py: {opts.tests['status']} {opts.tests.get('pytest', '')}", flush=True)
         write_summary(opts)
     supervise(opts)
+    try:  # the predictions are quicker than the rows; what is not done by the deadline is left out
+        predicting.wait(max(opts.deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+        os.killpg(predicting.pid, signal.SIGKILL)
+        predicting.wait()
     write_summary(opts)
     with open(os.path.join(opts.out, "summary.txt")) as f:
         print(f.read(), end="")
-    print(f"[gpu_check] wrote {opts.out}: rows.jsonl (one row per line, as measured), summary.txt / summary.json "
-          "(tables and target verdicts), env.json, gpu_tests.txt / .xml, worker.log")
+    print(f"[gpu_check] wrote {opts.out}: rows.jsonl (one row per line, as measured), predicted.jsonl (the memory "
+          "model's peaks), summary.txt / summary.json (tables, predicted and measured peaks, target verdicts), "
+          "env.json, gpu_tests.txt / .xml, worker.log, predict.log")
     return 0
 
 

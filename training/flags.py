@@ -110,7 +110,10 @@ def build_parser(recipe_names):
     add("--stop-after", type=int, default=None, help="stop after this step (checkpointed); go on with --resume")
     add("--log-every", type=int, default=1, help="print a log line every N steps")
     # no training
-    add("--dry-run", action="store_true", help="build on the meta device, print trainable params, exit")
+    add("--dry-run", action="store_true", help="build on the meta device, print trainable params and the predicted "
+        "GPU memory of a step (training/memory.py), exit")
+    add("--gpu-memory", type=float, default=None, help="--dry-run: say whether the run fits a card of this many GiB "
+        "(80 for an H100, 141 for an H200, 48, 24; default: the CUDA device, else those four)")
     add("--adapter", default=None, help="with --export-*: export this saved adapter, no training")
     add("--export-peft", action="store_true", help="also write OUT/peft in PEFT's layout")
     add("--export-merged", action="store_true", help="also write OUT/merged, a full merged checkpoint")
@@ -148,7 +151,8 @@ RANGES = {  # dest: (low, high, low included, high included); None: any value al
     "epochs": (0, math.inf, False, False), "steps": (1, math.inf, True, False), "batch_size": (1, math.inf, True, False),
     "grad_accum": (1, math.inf, True, False), "seq_len": (2, math.inf, True, False), "aux_coef": (0, math.inf, True, False),
     "z_coef": (0, math.inf, True, False), "seed": (0, math.inf, True, False), "save_every": (0, math.inf, True, False),
-    "stop_after": (1, math.inf, True, False), "log_every": (1, math.inf, True, False)}
+    "stop_after": (1, math.inf, True, False), "log_every": (1, math.inf, True, False),
+    "gpu_memory": (0, math.inf, False, False)}
 
 
 def check_ranges(ap, args):
