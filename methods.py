@@ -167,6 +167,16 @@ def router_balance_loss(model, attention_mask=None, all_sum=None):
     return dmep.balance_loss(model, attention_mask, all_sum) if loss is None else loss
 
 
+def forget_router_logits(model):
+    """Drop the adapters' router logits of the last forward (PERFT-R's, DMEP's) once the balancing loss and DMEP's
+    tracking have read them. Kept, they hold that forward's autograd graph, and under torchrun FSDP2's state with
+    the process group in it, through a cycle that runs inside autograd's nodes, which the garbage collector cannot
+    see: the group then outlives the run and its worker threads abort the process at exit (parallel.cleanup)."""
+    for m in model.modules():
+        if isinstance(m, (ParallelAdapter, LoRAMoELinear)):
+            m.router_logits = None
+
+
 def merge(model, sign=1):
     """Fold every adapter into the base weights (fp32 math, cast back); sign=-1 unmerges. In bf16 the
     round trip is exact only up to rounding of the base weights."""

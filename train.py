@@ -359,6 +359,7 @@ def train_step(args, model, opt, trainable, master, params, batches, n_targets, 
         if full and world > 1:
             loss = loss * world  # FSDP2 averages gradients over ranks; every term above is this rank's share
         loss.backward()
+        methods.forget_router_logits(model)  # read above; kept, they would hold this graph
     if master:  # bf16 full training: the gradients move to the fp32 master copies
         for n, p in trainable.items():
             master[n].grad, p.grad = (None if p.grad is None else p.grad.float()), None
