@@ -1,10 +1,9 @@
 """A Mixture-of-Experts decoder (OLMoE, Mixtral, Qwen2-MoE, Qwen3-MoE) in plain PyTorch, as a reader
 expects it: config, RMSNorm, RoPE, SwiGLU, attention, router -> top-k -> the loop over experts -> combine,
 block, model, losses. It gives the logits of transformers' eager forward, with its roundings. Files are
-files/hub.py's job, generation generate.py's. Speed: RMSNorm, RoPE, the experts (and their LoRA) and the loss
-have fast twins in moe_fast.py; each such module checks its `plain` flag, and `model.set_plain(True)` runs
-the whole step on the plain code here (default False: the fast twins). Nothing here knows of LoRA: adapters
-hook in through two attributes, Experts.adapter and MoE.adapter (None here).
+files/hub.py's job, generation generate.py's, a quantized base quant.py's. Speed: RMSNorm, RoPE, the experts
+(and their LoRA) and the loss have fast twins in moe_fast.py (`plain` flags; `model.set_plain(True)`: all the
+plain code here). Adapters hook in through Experts.adapter and MoE.adapter (None here).
 
 Shape letters: B batch, T time, D hidden, H query heads, G kv heads, S head size, E experts, K top-k,
 I expert width, N tokens (B*T), P (token, slot) pairs (N*K), V vocabulary.
@@ -164,6 +163,10 @@ def swiglu(gu):  # gu = [g, u] (rows, 2I) -> silu(g) * u (rows, I)
     return F.silu(g) * u
 
 
+def expert_linear(x, w, e):  # x @ w[e]^T; a quantized w (quant.QuantWeight) dequantizes expert e for this product
+    return w.linear(x, e) if hasattr(w, "linear") else F.linear(x, w[e])
+
+
 class MLP(nn.Module):
     """A dense SwiGLU MLP: Qwen's dense layers and shared expert."""
 
@@ -219,8 +222,7 @@ class Routing(NamedTuple):
     logits: torch.Tensor  # (N, E) router logits, model dtype
     topk_idx: torch.Tensor  # (N, K) chosen experts
     topk_w: torch.Tensor  # (N, K) their weights (fp32 for Mixtral, else the model dtype)
-    layer: int | None = None  # set by Transformer.body, outside the block: torch.compile specialises a
-    # graph on every Python int it reads, so a block that read its own index would compile once per layer
+    layer: int | None = None  # set by Transformer.body: torch.compile specialises on each int a block reads
 
 
 def route(logits, k, renorm):
@@ -235,16 +237,15 @@ def route(logits, k, renorm):
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I). The
-    reference is the loop below; moe_fast.grouped_experts, the same as grouped products over all (token, slot)
-    pairs sorted by expert, runs where grouped_mm can (`groupable`) unless `plain` is set.
+    """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I) (or quant.py's
+    QuantWeights). The reference is the loop below; moe_fast.grouped_experts, the same as grouped products over
+    all (token, slot) pairs sorted by expert, runs where grouped_mm can (`groupable`) unless `plain` is set.
 
-    `adapter` (None here) adds updates inside the experts: lora.ExpertLoRA (LoRA on some experts) or
-    perft.ExpertAdapter (PERFT-E). The loop calls its plain hooks on one expert's rows at a time,
+    `adapter` (None here) adds updates inside the experts: lora.ExpertLoRA or perft.ExpertAdapter (PERFT-E).
+    The loop calls its plain hooks on one expert's rows at a time (input unchanged for an expert not adapted),
         gu = adapter.gate_up(e, gu, x)      gate_up_proj's output (n, 2I) plus e's update from x (n, D)
         y = adapter.down(e, y, h, x)        down_proj's output (n, D) plus e's update from h = swiglu(gu) or x
-    each returning its input unchanged for an expert it does not adapt; the grouped path calls their fast
-    twins (moe_fast.grouped_experts says how)."""
+    the grouped path their fast twins (moe_fast.grouped_experts says how)."""
 
     def __init__(self, E, D, I):
         super().__init__()
@@ -252,8 +253,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.groupable = moe_fast.can_group(D, I)
-        self.plain = False
-        self.adapter = None
+        self.plain, self.adapter = False, None
 
     def forward(self, x, idx, w):  # x (N, D), idx (N, K), w (N, K) -> (N, D)
         if self.plain or not self.groupable:
@@ -267,11 +267,11 @@ class Experts(nn.Module):
             if tok.numel() == 0:
                 continue
             xe = x[tok]  # (n, D)
-            gu = F.linear(xe, self.gate_up_proj[e])  # (n, 2I)
+            gu = expert_linear(xe, self.gate_up_proj, e)  # (n, 2I)
             if self.adapter is not None:
                 gu = self.adapter.gate_up(e, gu, xe)
             h = swiglu(gu)  # (n, I)
-            y = F.linear(h, self.down_proj[e])  # (n, D)
+            y = expert_linear(h, self.down_proj, e)  # (n, D)
             if self.adapter is not None:
                 y = self.adapter.down(e, y, h, xe)
             out.index_add_(0, tok, (y * w[tok, slot, None]).to(out.dtype))  # weighted with HF's rounding
@@ -335,7 +335,7 @@ def set_plain(module, flag=True):
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.config = cfg
+        self.config, self.quantization = cfg, None  # quant.py's record of a quantized base
         self.model = nn.ModuleDict(dict(  # names mirror the checkpoint: model.layers.0.self_attn.q_proj.weight
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
             layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),

@@ -216,15 +216,23 @@ def grouped_experts(x, idx, w, gate_up_proj, down_proj, adapter=None):
     groups = ExpertGroups.sort(idx, gate_up_proj.shape[0])
     work = adapter.grouped_prepare(groups, x) if adapter is not None else None
     xs = x[groups.token]  # (P, D) token rows in expert order
-    gu = grouped_mm(xs, gate_up_proj.transpose(1, 2), offs=groups.offs)  # (P, 2I)
+    gu = stacked_mm(xs, gate_up_proj, groups.offs)  # (P, 2I)
     if adapter is not None:
         gu = adapter.grouped_gate_up(gu, xs, work)
     h = SwiGLUFn.apply(gu)  # (P, I) silu(g) * u, keeping gu only
-    ys = grouped_mm(h, down_proj.transpose(1, 2), offs=groups.offs)  # (P, D)
+    ys = stacked_mm(h, down_proj, groups.offs)  # (P, D)
     if adapter is not None:
         ys = adapter.grouped_down(ys, h, gu, xs, work)
     y = Unsort.apply(ys, groups).view(N, K, -1)  # (N, K, D) back in (token, slot) order
     return (y * w[..., None]).to(x.dtype).sum(dim=1)  # (N, D): weighted with the loop's rounding, summed over slots
+
+
+def stacked_mm(x, w, offs):
+    """The sorted rows of each expert g times w[g]^T, w stacked (E, out, in). A quantized w (quant.QuantWeight)
+    dequantizes the whole stack for this product and again for the input's gradient (it keeps no copy)."""
+    if hasattr(w, "grouped"):
+        return w.grouped(x, offs, _torch_grouped_mm)
+    return grouped_mm(x, w.transpose(1, 2), offs=offs)
 
 
 class SwiGLUFn(torch.autograd.Function):
