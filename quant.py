@@ -182,7 +182,7 @@ class QuantWeight(nn.Module):
             q, a = int8_quantize(t)
             self.codes.view(-1, flat_shape[-1])[lo // flat_shape[-1]:(lo + n) // flat_shape[-1]] = q.view(-1, flat_shape[-1])
             self.absmax.view(-1)[lo // flat_shape[-1]:(lo + n) // flat_shape[-1]] = a.reshape(-1)
-            return
+            return self
         if lo % BLOCK or n % BLOCK:
             raise QuantError(f"--quantize nf4: {self.what}: a piece of {n} values at {lo} does not align with the block of {BLOCK}")
         codes, absmax = nf4_quantize(t.to(self.device), self.what)
@@ -193,6 +193,7 @@ class QuantWeight(nn.Module):
             self._staged[lo // BLOCK:(lo + n) // BLOCK] = absmax
         else:
             self.absmax[lo // BLOCK:(lo + n) // BLOCK] = absmax
+        return self
 
     @torch.no_grad()
     def finish(self):  # double quant: compress the absmax once every piece is in

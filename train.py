@@ -22,6 +22,7 @@ import torch
 import dmep
 import methods
 import moe
+import quant
 import router_profile
 import sieve
 from files import atomic, data, hub, tokenizer
@@ -83,7 +84,7 @@ def train(args, rank, world, device):
     n_unpruned = ckpt.get("trainable_before_prune", n_train) if ckpt else n_train  # DMEP's count before its pruning
     print(f"trainable parameters: {n_train:,} ({n_train / 1e6:.1f}M), adapter file ~{4 * n_train / 2**20:.1f} MiB (fp32)")
     if args.dry_run:  # the same step on fake tensors: its peak GPU memory, before any weight is read
-        attach = lambda fake_model: attach_adapters(args, fake_model, tok, None)
+        attach = lambda fake_model: attach_adapters(args, quantized(args, fake_model), tok, None)
         print("\n".join(memory.dry_run_report(args, cfg, device, attach, make_optimizer, train_step)))
         return 0
 
@@ -187,6 +188,9 @@ def device_and_dtype(args, device, world):
     dtype = hub.pick_dtype(args.dtype, device)
     if args.compile and dtype != torch.bfloat16:
         raise ValueError(f"--compile needs --dtype bfloat16 (torch compiles grouped_mm for bf16 only), not {dtype}")
+    if args.method == "full" and hub.quantize_args(args):
+        raise ValueError(f"--quantize {args.quantize} with --method full: a quantized base is frozen (its codes have "
+                         "no gradient); pick an adapter method, or drop --quantize")
     if args.method == "full" and dtype != torch.float32 and world > 1:
         raise ValueError(f"--method full --dtype {args.dtype} under torchrun: the fp32 master weights that keep small "
                          "updates are single-process only; use --dtype float32")
@@ -209,7 +213,8 @@ def build_model(args, dtype, device, world):
             parallel.shard(model)
         model.to(device)
     else:
-        model = hub.load_model(args.model, dtype=dtype, device=device, shard=parallel.shard if world > 1 else None)
+        model = hub.load_model(args.model, dtype=dtype, device=device, shard=parallel.shard if world > 1 else None,
+                               quantize=hub.quantize_args(args))
     if args.plain:  # the whole step on the plain code of moe.py (no moe_fast.py)
         model.set_plain(True)
     return model, tokenizer.load(args.model)
@@ -231,11 +236,18 @@ def attach_adapters(args, model, tok, ckpt):
     if ckpt is not None:
         return methods.attach_from_config(model, ckpt["adapter_config"]), None, None
     plan, prof = plan_for(args, model, tok)
+    record = dict(quantization=quant.describe(model)) if model.quantization else {}  # the adapter config says so
     options = dict(act=args.adapter_act, perft_experts=args.perft_experts, perft_topk=args.perft_topk,
                    perft_shared=args.perft_shared, perft_renorm=methods.RENORM[args.perft_renorm],
                    perft_init=args.perft_init, dmep_experts=args.dmep_experts, dmep_topk=args.dmep_topk,
                    dmep_targets=args.dmep_targets)
-    return methods.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options), plan, prof
+    config = methods.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options)
+    return {**config, **record}, plan, prof
+
+
+def quantized(args, model):  # the dry run's fake model stored as --quantize stores the loaded one (empty codes)
+    q = hub.quantize_args(args) or ("none", False, ())
+    return quant.quantize(model, q[0], next(model.parameters()).dtype, *q[1:], fill=False) and model or model
 
 
 def plan_for(args, model, tok):

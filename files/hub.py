@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 import moe
+import quant
 
 
 class CheckpointError(ValueError):
@@ -30,6 +31,11 @@ def read_config(src):
             c = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise moe.ConfigError(f"{where}: not valid JSON ({e})") from None
+    qc = c.get("quantization_config") if isinstance(c, dict) else None
+    if qc is not None:  # GPTQ, AWQ, bitsandbytes, fp8, MXFP4: its tensors are not the weights this code reads
+        method = qc.get("quant_method", "unnamed") if isinstance(qc, dict) else "unnamed"
+        raise moe.ConfigError(f"{where}: the checkpoint is already quantized (quantization_config, quant_method "
+                              f"{method!r}); give the original weights (--quantize quantizes them while loading)")
     return moe.Config.from_json(c, where)
 
 
@@ -102,6 +108,29 @@ def add_model_flags(ap, model="required", dtype=True):
     if dtype:
         ap.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="frozen base dtype (auto: bfloat16 on CUDA, float32 on the CPU); adapters stay fp32")
+        add_quant_flags(ap)
+
+
+def add_quant_flags(ap):
+    """--quantize, --double-quant, --quantize-set (quantize_args reads them)."""
+    ap.add_argument("--quantize", default="none", choices=quant.KINDS,
+                    help="store the frozen base in 4-bit NF4 (QLoRA) or int8, dequantized to --dtype per product (quant.py)")
+    ap.add_argument("--double-quant", action="store_true", help="with --quantize nf4: the block scales in 8 bits too")
+    ap.add_argument("--quantize-set", default=",".join(quant.DEFAULT_SET),
+                    help=f"which weights --quantize stores quantized, of {','.join(quant.SETS)} (router, norms, "
+                         "embeddings and lm_head never)")
+
+
+def quantize_args(args):
+    """(kind, double_quant, groups) of the scripts' --quantize flags (None where the script has none)."""
+    kind = getattr(args, "quantize", "none")
+    if kind in (None, "none"):
+        if getattr(args, "double_quant", False):
+            raise ValueError("--double-quant: only with --quantize nf4")
+        return None
+    if args.double_quant and kind != "nf4":
+        raise ValueError(f"--double-quant: only with --quantize nf4, not {kind}")
+    return kind, args.double_quant, quant.parse_set(args.quantize_set)
 
 
 def pick_device(name=None):
@@ -125,7 +154,7 @@ def pick_dtype(name, device):
     return getattr(torch, name)
 
 
-def build_empty(cfg, dtype, device, shard=None, free_bytes=None, where="the model"):
+def build_empty(cfg, dtype, device, shard=None, free_bytes=None, where="the model", quantize=None):
     """A Transformer of `cfg` built on the meta device (no memory, no init), `shard(model)` applied there
     (parallel.py: FSDP2), then given uninitialised storage on `device`: fill it before use. Its RoPE
     frequencies, the one tensor not read from a checkpoint, are computed. On CUDA (or with `free_bytes`
@@ -133,11 +162,15 @@ def build_empty(cfg, dtype, device, shard=None, free_bytes=None, where="the mode
     device = torch.device(device)
     with torch.device("meta"):
         model = moe.Transformer(cfg).to(dtype)
+    if quantize is not None:  # quantize = (kind, double_quant, groups): the weights' places, stored quantized
+        if shard is not None:
+            raise CheckpointError(f"{where}: --quantize with torchrun sharding is not supported; use one GPU")
+        quant.quantize(model, quantize[0], dtype, quantize[1], quantize[2], fill=False)
     if shard is not None:
         shard(model)
     if device.type == "cuda" or free_bytes is not None:
         local = lambda p: p.to_local() if type(p).__name__ == "DTensor" else p  # FSDP2: this rank's rows
-        need = sum(local(p).numel() * p.element_size() for p in model.parameters())
+        need = sum(local(p).numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
         free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
         if need > free:
             raise CheckpointError(f"{where}: its weights need {need / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')} "
@@ -148,13 +181,15 @@ def build_empty(cfg, dtype, device, shard=None, free_bytes=None, where="the mode
     return model
 
 
-def load_model(path, dtype=None, device=None, shard=None, free_bytes=None):
+def load_model(path, dtype=None, device=None, shard=None, free_bytes=None, quantize=None):
     """Build on the meta device, then fill tensor by tensor from the safetensors straight onto `device`
     (host memory peaks at about one tensor). Strict: every tensor present, none left over, shapes checked.
     dtype None: the dtype of the embedding tensor in the file. `shard(model)` runs on the meta model
     before it is materialised (parallel.py: FSDP2); each rank then copies only the rows it holds. Refused
     early: weights that cannot fit the device (free_bytes: the free memory, for tests; CUDA: measured) and
-    tensors with non-finite values (named)."""
+    tensors with non-finite values (named). quantize (kind, double_quant, groups; hub.quantize_args): the
+    weights of those groups are quantized as each tensor is read (one tensor in full precision at a time;
+    the bf16 model is never whole, on the host or the device)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: model directory not found")
     cfg = read_config(path)
@@ -163,8 +198,9 @@ def load_model(path, dtype=None, device=None, shard=None, free_bytes=None):
     names = checkpoint_names(cfg)
     if dtype is None:
         dtype = _read_dtype(files, "model.embed_tokens.weight")
-    model = build_empty(cfg, dtype, device, shard, free_bytes, where=path)
-    params = dict(model.named_parameters())
+    model = build_empty(cfg, dtype, device, shard, free_bytes, where=path, quantize=quantize)
+    held = {n: w for n, w in model.named_modules() if isinstance(w, quant.QuantWeight)}
+    params = {**dict(model.named_parameters()), **held}
     seen = set()
     for f in files:
         try:
@@ -181,7 +217,10 @@ def load_model(path, dtype=None, device=None, shard=None, free_bytes=None):
                         raise CheckpointError(f"{f}: tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(want)}")
                     if t.is_floating_point() and not torch.isfinite(t).all():
                         raise CheckpointError(f"{f}: tensor {name!r} has non-finite values (inf or NaN)")
-                    fill_rows(params[pname], t, index)
+                    if pname in held:
+                        held[pname].fill(t, index)
+                    else:
+                        fill_rows(params[pname], t, index)
                     seen.add(name)
         except CheckpointError:
             raise
@@ -190,6 +229,8 @@ def load_model(path, dtype=None, device=None, shard=None, free_bytes=None):
     missing = sorted(set(names) - seen)
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for w in held.values():
+        w.finish()
     return model.eval()
 
 

@@ -103,6 +103,7 @@ def build_parser(recipe_names):
     # system
     add("--dtype", default="auto", choices=hub.DTYPES,
         help="frozen base dtype (auto: bfloat16 on CUDA, float32 on the CPU); adapters stay fp32")
+    hub.add_quant_flags(ap)
     add("--plain", "--reference", action="store_true", help="run moe.py's plain code, not the fast twins (slow; for checking)")
     add("--grad-checkpoint", action="store_true", help="recompute each block in backward (less memory)")
     add("--compile", action="store_true", help="torch.compile each transformer block")
