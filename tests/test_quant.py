@@ -144,8 +144,8 @@ def test_every_method_trains_on_nf4(method, tiny, train_file, tmp_path):
 
 
 def test_bad_inputs_named(tiny, train_file, tmp_path, ckpt_copy, capsys):
-    with pytest.raises(ValueError, match="--method full"):
-        run("--model", tiny, "--data", train_file, "--out", tmp_path / "f", "--method", "full", "--quantize", "nf4")
+    assert run("--model", tiny, "--data", train_file, "--out", tmp_path / "f", "--method", "full", "--quantize", "nf4") != 0
+    assert "--method full" in capsys.readouterr().err
     path = ckpt_copy("olmoe")
     c = json.loads((path / "config.json").read_text())
     c["quantization_config"] = dict(quant_method="gptq", bits=4)
@@ -154,8 +154,8 @@ def test_bad_inputs_named(tiny, train_file, tmp_path, ckpt_copy, capsys):
         hub.load_model(path)
     with pytest.raises(quant.QuantError, match="not a multiple of the block of 64"):
         quant.QuantWeight((3, 20), "nf4", torch.float32, what="model.layers.0.self_attn.q_proj.weight")
-    with pytest.raises(ValueError, match="--double-quant"):
-        run("--model", tiny, "--data", train_file, "--out", tmp_path / "d", "--quantize", "int8", "--double-quant")
+    assert run("--model", tiny, "--data", train_file, "--out", tmp_path / "d", "--quantize", "int8", "--double-quant") != 0
+    assert "--double-quant" in capsys.readouterr().err
 
 
 def test_dry_run_mixtral_nf4_fits_48gb(capsys):

@@ -35,6 +35,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from files import hub
 import lora
 import moe
+import quant
 import router_profile
 from training.memcount import BLOCK, KINDS, LiveBytes, building, running
 import methods
@@ -177,7 +178,9 @@ def dry_run_report(args, cfg, device, attach, make_optimizer, train_step):
         step = step_peak(args, cfg, attach, make_optimizer, train_step)
         prof = None
         if args.method in ("sieve", "random", "coverage", "budget") and not args.profile:
-            prof = profile_peak(cfg, run_dtype(args), args.batch_size, args.calib_tokens)
+            q = hub.quantize_args(args)  # the profile runs on the base as loaded: quantized where --quantize says
+            prepare = (lambda m: quant.quantize(m, q[0], run_dtype(args), q[1], q[2], fill=False)) if q else None
+            prof = profile_peak(cfg, run_dtype(args), args.batch_size, args.calib_tokens, prepare=prepare)
     except Exception as e:  # an op fake tensors cannot run: say so, not a traceback
         raise RuntimeError(f"--dry-run: the memory estimate failed ({type(e).__name__}: {e})") from None
     peak = max(step["peak"], prof["peak"] if prof else 0)
