@@ -188,9 +188,8 @@ def device_and_dtype(args, device, world):
     dtype = hub.pick_dtype(args.dtype, device)
     if args.compile and dtype != torch.bfloat16:
         raise ValueError(f"--compile needs --dtype bfloat16 (torch compiles grouped_mm for bf16 only), not {dtype}")
-    if args.method == "full" and hub.quantize_args(args):
-        raise ValueError(f"--quantize {args.quantize} with --method full: a quantized base is frozen (its codes have "
-                         "no gradient); pick an adapter method, or drop --quantize")
+    if args.method == "full" and hub.quantize_args(args):  # codes have no gradient
+        raise ValueError(f"--quantize {args.quantize} with --method full: a quantized base is frozen; use an adapter method")
     if args.method == "full" and dtype != torch.float32 and world > 1:
         raise ValueError(f"--method full --dtype {args.dtype} under torchrun: the fp32 master weights that keep small "
                          "updates are single-process only; use --dtype float32")
@@ -241,8 +240,7 @@ def attach_adapters(args, model, tok, ckpt):
                    perft_shared=args.perft_shared, perft_renorm=methods.RENORM[args.perft_renorm],
                    perft_init=args.perft_init, dmep_experts=args.dmep_experts, dmep_topk=args.dmep_topk,
                    dmep_targets=args.dmep_targets)
-    config = methods.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options)
-    return {**config, **record}, plan, prof
+    return {**methods.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options), **record}, plan, prof
 
 
 def quantized(args, model):  # the dry run's fake model stored as --quantize stores the loaded one (empty codes)

@@ -8,7 +8,7 @@ PACKAGES = ("files", "training", "evaluation", "tools")
 # lowest first; a module may import its own layer and the layers below it, never one above
 LAYERS = [
     ("files", {"files.atomic", "files.chat", "files.data", "files.plots", "files.tokenizer", "files.tokenizer_files"}),  # writing files, tokenizers and records, pictures
-    ("model", {"moe", "moe_fast", "generate", "files.hub"}),  # the transformer, its fast twins, reading checkpoints
+    ("model", {"moe", "moe_fast", "quant", "generate", "files.hub"}),  # the transformer, its fast twins, a quantized base, reading checkpoints
     ("lora", {"lora", "lora_fast"}),
     ("methods", {"sieve", "router_profile", "perft", "dmep", "methods", "files.export"}),
     ("training and evaluation", {"train", "eval", "training.flags", "training.checkpoint", "training.outputs",
