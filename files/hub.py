@@ -170,7 +170,7 @@ def build_empty(cfg, dtype, device, shard=None, free_bytes=None, where="the mode
         shard(model)
     if device.type == "cuda" or free_bytes is not None:
         local = lambda p: p.to_local() if type(p).__name__ == "DTensor" else p  # FSDP2: this rank's rows
-        need = sum(local(p).numel() * p.element_size() for p in [*model.parameters(), *model.buffers()])
+        need = sum(local(p).numel() * p.element_size() for p in [*model.parameters(), *stored_buffers(model)])
         free = torch.cuda.mem_get_info(device)[0] if free_bytes is None else free_bytes
         if need > free:
             raise CheckpointError(f"{where}: its weights need {need / 2**30:.2f} GiB in {str(dtype).removeprefix('torch.')} "
@@ -179,6 +179,10 @@ def build_empty(cfg, dtype, device, shard=None, free_bytes=None, where="the mode
     model.to_empty(device=device)
     model.inv_freq = moe.rope_inv_freq(cfg).to(device)
     return model
+
+
+def stored_buffers(model):  # a quantized base's codes and scales: weights, though buffers
+    return [b for m in model.modules() if isinstance(m, quant.QuantWeight) for b in m.buffers()]
 
 
 def load_model(path, dtype=None, device=None, shard=None, free_bytes=None, quantize=None):
