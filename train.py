@@ -233,7 +233,7 @@ def attach_adapters(args, model, tok, ckpt):
     plan, prof = plan_for(args, model, tok)
     options = dict(act=args.adapter_act, perft_experts=args.perft_experts, perft_topk=args.perft_topk,
                    perft_shared=args.perft_shared, perft_renorm=methods.RENORM[args.perft_renorm],
-                   perft_init=args.perft_init, dmep_experts=args.dmep_experts, dmep_topk=args.dmep_topk,
+                   perft_init=args.perft_init, perft_weights=args.perft_weights, dmep_experts=args.dmep_experts, dmep_topk=args.dmep_topk,
                    dmep_targets=args.dmep_targets)
     return methods.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options), plan, prof
 

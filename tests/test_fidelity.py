@@ -198,3 +198,74 @@ def test_plots_mark_the_plan_and_the_pruned_experts(tmp_path):
     report = {"a.q_proj": dict(before=4, after=2, util=[0.5, 0.45, 0.05, 0.0], keep=[0, 1], tau=0.5)}
     assert plots.dmep(report, tmp_path / "d.png")
     assert all((tmp_path / f).read_bytes()[:4] == b"\x89PNG" for f in ("r.png", "d.png"))
+
+
+def public_perft_r(h, ad, base_w, weights):
+    """PERFT-R as the public files loop it (modeling_olmoe.py l. 874-886, modeling_mixtral.py l. 1026-1045):
+    softmax, top-K, renormalised or not; each adapter expert on its tokens, times routing_weights[top_x, idx]
+    (the base router's, OLMoE) or shared_routing_adapter_routing_weights[top_x, idx] (its own, Mixtral)."""
+    probs = F.softmax(F.linear(h, ad.router), dim=1, dtype=torch.float)
+    own, sel = torch.topk(probs, ad.top_k, dim=-1)
+    if ad.renorm:
+        own = own / own.sum(-1, keepdim=True)
+    w = base_w if weights == "base" else own
+    out = torch.zeros_like(h)
+    mask = F.one_hot(sel, num_classes=ad.A.shape[0]).permute(2, 1, 0)
+    for j in range(ad.A.shape[0]):
+        idx, top_x = torch.where(mask[j])
+        y = (h[top_x] @ ad.A[j].T) @ ad.B[j].T * ad.scale
+        out.index_add_(0, top_x, y * w[top_x, idx, None])
+    return out
+
+
+@pytest.mark.parametrize("weights", ["own", "base"])
+def test_perft_r_weights_are_each_public_files(weights):
+    """--perft-weights own: adapter j times its own router's top-K weight; base: times the BASE router's top-K
+    weight of the slot it was chosen in. Both against the public files' loops, on the model's own MoE forward."""
+    m = tiny_model("olmoe", norm_topk_prob=False)
+    methods.attach(m, "perft-r", r=4, alpha=8, perft_experts=4, perft_topk=2, perft_weights=weights)
+    mlp = m.model.layers[0].mlp
+    ad = mlp.adapter
+    with torch.no_grad():
+        ad.B.normal_()  # B ~ 1e-6 at init would hide the adapter's share
+        ad.router.normal_()
+    h = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(3))
+    y, routing = mlp(h)
+    mlp.adapter = None
+    y0, _ = mlp(h)
+    mlp.adapter = ad
+    want = public_perft_r(h[0], ad, routing.topk_w, weights)
+    assert_within((y - y0)[0], want, 32)  # products of length <= D = 32, one sum of 2: fp32 rounding
+    other = public_perft_r(h[0], ad, routing.topk_w, "own" if weights == "base" else "base")
+    assert (want - other).abs().max() > 1e-3  # the two formulas differ here
+
+
+def test_perft_r_base_weights_leave_its_router_to_the_balancing_loss():
+    """Under `base` the language-model loss gives the adapter router no gradient (the weights that reach the
+    output are the base router's); its balancing loss does. Under `own` the LM loss reaches it."""
+    for weights, lm_grad in (("base", False), ("own", True)):
+        m = tiny_model("olmoe")
+        methods.attach(m, "perft-r", r=4, alpha=8, perft_weights=weights)
+        for a in (l.mlp.adapter for l in m.model.layers):
+            with torch.no_grad():
+                a.B.normal_()
+        ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(5))
+        m(ids).square().mean().backward()
+        g = m.model.layers[0].mlp.adapter.router.grad
+        assert (g is not None and bool(g.abs().sum() > 0)) is lm_grad, weights
+        m.zero_grad()
+        m(ids)
+        methods.router_balance_loss(m).backward()
+        assert m.model.layers[0].mlp.adapter.router.grad.abs().sum() > 0
+
+
+def test_perft_weights_file_follows_each_bases_public_file():
+    """The recipe's `file`: base on OLMoE (the OLMoE file), own on Mixtral; recorded resolved; too many slots refused."""
+    import training.flags as flags
+    assert flags.RECIPES["perft"]["perft_weights"] == "file"
+    for kind, want in (("olmoe", "base"), ("mixtral", "own")):
+        m = tiny_model(kind)
+        cfg = methods.attach(m, "perft-r", r=4, alpha=8, perft_weights="file")
+        assert m.model.layers[0].mlp.adapter.weights == want and cfg["options"]["perft_weights"] == want
+    with pytest.raises(methods.AdapterError, match="--perft-weights base"):
+        methods.attach(tiny_model("olmoe"), "perft-r", r=4, alpha=8, perft_experts=4, perft_topk=3, perft_weights="base")

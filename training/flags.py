@@ -18,6 +18,7 @@ import methods
 # devices, logging, checkpointing, --compile, --grad-checkpoint). --recipe is covered by the values it sets.
 RUN_ARGS = ("method", "rank", "alpha", "rslora", "dropout", "sieve_frac", "sieve_k", "coverage_p",
             "budget_kmin", "adapter_act", "perft_experts", "perft_topk", "perft_shared", "perft_renorm", "perft_aux_coef",
+            "perft_weights",
             "perft_init", "dmep_util", "calib_samples", "calib_seed", "calib_tokens",
             "dmep_experts", "dmep_topk", "dmep_targets", "dmep_warmup", "dmep_tau", "dmep_aux_coef", "dmep_ema",
             "lr", "weight_decay", "warmup", "schedule", "grad_clip", "epochs", "steps", "batch_size", "grad_accum",
@@ -61,6 +62,9 @@ def build_parser(recipe_names):
     add("--perft-renorm", default={v: k for k, v in methods.RENORM.items()}[methods.OPTIONS["perft_renorm"]],
         choices=list(methods.RENORM),
         help="perft-r: renormalise the top-K weights (base: as the base model's norm_topk_prob, PERFT's code)")
+    add("--perft-weights", default=methods.OPTIONS["perft_weights"], choices=list(perft.WEIGHTS) + ["file"],
+        help="perft-r: weight each chosen adapter by its own router's weight (own: paper, Mixtral file) or by the "
+        "base router's top-K weight of its slot (base: PERFT's OLMoE file); file: as the base's public file")
     add("--perft-init", default=methods.OPTIONS["perft_init"], choices=list(perft.INITS),
         help="PERFT adapters: theirs = PERFT's code (A ~ N(0,1)*sqrt(2/r), B ~ N(0,1)*1e-6); kaiming = LoRA's (B = 0)")
     add("--perft-aux-coef", type=float, default=0.01, help="perft-r: load-balancing loss on its router")
