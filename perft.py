@@ -71,6 +71,7 @@ RECIPE = dict(
     epochs=3, batch_size=16, grad_accum=1,  # the .sh scripts: --batch_size 16 --micro_batch_size 16 --num_epochs 3
     seq_len=256,  # --cutoff_len 256
     loss_on="all",  # finetune.py: train_on_inputs=True (loss on the prompt too)
+    eos="on",  # math/finetune.py l. 210-225: tokenize(prompt, add_eos_token=True) appends EOS
 )
 
 

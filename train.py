@@ -285,7 +285,8 @@ def load_examples(args, tok, cfg):
     """--data encoded (cut to --seq-len, the cuts reported once), packed with --pack."""
     records = data.read_jsonl(args.data)
     data.check_records(records, args.data)
-    examples, (n_cut, tokens_cut) = data.encode_examples(tok, records, args.seq_len, args.loss_on, args.data)
+    examples, (n_cut, tokens_cut) = data.encode_examples(tok, records, args.seq_len, args.loss_on, args.data,
+                                                            eos=args.eos == "on")
     if n_cut:
         print(f"data: --seq-len {args.seq_len} cut {n_cut} of {len(records)} records ({tokens_cut:,} tokens)")
     if args.pack:

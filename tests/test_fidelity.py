@@ -269,3 +269,11 @@ def test_perft_weights_file_follows_each_bases_public_file():
         assert m.model.layers[0].mlp.adapter.weights == want and cfg["options"]["perft_weights"] == want
     with pytest.raises(methods.AdapterError, match="--perft-weights base"):
         methods.attach(tiny_model("olmoe"), "perft-r", r=4, alpha=8, perft_experts=4, perft_topk=3, perft_weights="base")
+
+
+def test_recipes_set_eos_as_their_public_code():
+    """moe-sieve: no EOS (src/data_registry.py tokenizes the formatted text); perft: EOS (finetune.py's
+    add_eos_token=True); train.py's default, which the study runs, keeps EOS."""
+    import training.flags as flags
+    assert flags.RECIPES["moe-sieve"]["eos"] == "off" and flags.RECIPES["perft"]["eos"] == "on"
+    assert flags.build_parser(sorted(flags.RECIPES)).get_default("eos") == "on"

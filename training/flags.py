@@ -22,7 +22,7 @@ RUN_ARGS = ("method", "rank", "alpha", "rslora", "dropout", "sieve_frac", "sieve
             "perft_init", "dmep_util", "calib_samples", "calib_seed", "calib_tokens",
             "dmep_experts", "dmep_topk", "dmep_targets", "dmep_warmup", "dmep_tau", "dmep_aux_coef", "dmep_ema",
             "lr", "weight_decay", "warmup", "schedule", "grad_clip", "epochs", "steps", "batch_size", "grad_accum",
-            "seq_len", "pack", "loss_on", "aux_coef", "aux_per_layer", "z_coef", "seed", "dtype")
+            "seq_len", "pack", "loss_on", "eos", "aux_coef", "aux_per_layer", "z_coef", "seed", "dtype")
 
 RECIPES = {"moe-sieve": sieve.RECIPE, "perft": perft.RECIPE, "dmep": dmep.RECIPE}
 
@@ -100,6 +100,8 @@ def build_parser(recipe_names):
     add("--pack", action="store_true", help="pack examples into full rows (attention crosses examples)")
     add("--loss-on", default="answer", choices=["answer", "all"], help="prompt/completion and multiple-choice "
         "records: loss on the answer only, or on the whole formatted text (MoE-Sieve's trainer)")
+    add("--eos", default="on", choices=["on", "off"], help="append EOS to each text / answer and train on it "
+        "(on: PERFT's finetune.py; off: MoE-Sieve's trainer, which tokenises the formatted text alone)")
     add("--aux-coef", type=float, default=0.0, help="load-balancing loss coefficient (0: off)")
     add("--aux-per-layer", action="store_true", help="balance each layer on its own instead of pooled")
     add("--z-coef", type=float, default=0.0, help="router z-loss coefficient (0: off)")
