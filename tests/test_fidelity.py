@@ -277,3 +277,36 @@ def test_recipes_set_eos_as_their_public_code():
     import training.flags as flags
     assert flags.RECIPES["moe-sieve"]["eos"] == "off" and flags.RECIPES["perft"]["eos"] == "on"
     assert flags.build_parser(sorted(flags.RECIPES)).get_default("eos") == "on"
+
+
+def test_dropout_masks_are_per_module():
+    """As the public code (peft's lora_dropout per target module; PERFT's nn.Dropout per adapter expert): an
+    expert's gate and up LoRA draw a mask each, on the plain and the fast path, and PERFT-R's n adapters one each.
+    Made visible by equal factors: with one shared mask the two updates would be equal."""
+    import lora_fast
+    import moe_fast
+    from lora import ExpertLoRA
+    torch.manual_seed(0)
+    experts = moe.Experts(4, 16, 8)
+    ad = ExpertLoRA(experts, [0, 1, 2, 3], r=8, alpha=8, dropout=0.5).train()
+    with torch.no_grad():
+        ad.gate_B.normal_()
+        ad.up_A.copy_(ad.gate_A), ad.up_B.copy_(ad.gate_B)
+    x = torch.randn(6, 16)
+    gu = ad.gate_up(0, torch.zeros(6, 16), x)  # plain
+    assert (gu[:, :8] - gu[:, 8:]).abs().max() > 1e-3
+    idx = torch.tensor([[0, 1]] * 6)
+    g = moe_fast.ExpertGroups.sort(idx, 4)
+    work = ad.grouped_prepare(g, x)
+    gu = lora_fast.expert_lora_gate_up(ad, torch.zeros(12, 16), x[g.token], work)  # fast
+    assert (gu[:, :8] - gu[:, 8:]).abs().max() > 1e-3
+    ad.eval()  # no dropout: the two halves agree
+    gu = lora_fast.expert_lora_gate_up(ad, torch.zeros(12, 16), x[g.token], work)
+    assert_within(gu[:, :8], gu[:, 8:], 0)
+    # PERFT-R: each of its n adapters its own mask (equal factors, all gated equally)
+    pr = perft.ParallelAdapter(16, 2, 4, 1.0, top_k=None, dropout=0.5).train()
+    with torch.no_grad():
+        pr.A[1].copy_(pr.A[0])
+    z = perft.dropped(pr.dropout, x, 2)
+    assert z.shape == (2, 6, 16) and not torch.equal(z[0] != 0, z[1] != 0)
+    assert perft.dropped(pr.dropout.eval(), x, 2) is x
