@@ -90,8 +90,9 @@ class ExpertLoRA(nn.Module):
         j = self.slot.get(e)
         if j is None or self.merged:
             return gu
-        x = self.dropout(x)  # one dropout mask for gate and up: they read the same x
-        return gu + torch.cat([self._delta(x, j, self.gate_A, self.gate_B), self._delta(x, j, self.up_A, self.up_B)], -1)
+        # gate and up are two modules with a dropout each (peft's lora_dropout per target): two masks on one x
+        gate, up = self._delta(self.dropout(x), j, self.gate_A, self.gate_B), self._delta(self.dropout(x), j, self.up_A, self.up_B)
+        return gu + torch.cat([gate, up], -1)
 
     def down(self, e, y, h, x):  # y (n, D) + scale B_d A_d h if expert e is adapted, h (n, I) = swiglu(gu)
         j = self.slot.get(e)

@@ -80,7 +80,8 @@ def _add(base, y, rows):  # base[rows] += y in place (base is a grouped_mm outpu
 
 
 def expert_lora_gate_up(lora, gu, x, work):
-    """gu (P, 2I) += scale [B_g A_g x, B_u A_u x] on the rows of adapted experts; gate's and up's products in one."""
+    """gu (P, 2I) += scale [B_g A_g x, B_u A_u x] on the rows of adapted experts; gate's and up's products in one
+    (two A products under dropout: gate and up draw a mask each, as the plain hook and peft do)."""
     if lora.merged or work is None:
         return gu
     rows, offs, src, token = work
@@ -89,7 +90,11 @@ def expert_lora_gate_up(lora, gu, x, work):
     rp = gA.shape[1]
     A = torch.cat([gA, uA], 1)  # (m, 2rp, D): gate's and up's A in one product
     B = torch.cat([F.pad(gB, (0, rp)), F.pad(uB, (rp, 0))], 1)  # (m, 2I, 2rp) block diagonal: one product writes [gate, up]
-    z = a_product(lora.dropout, x if rows is None else x[rows], A, offs, src, token)  # (n, 2rp)
+    xr = x if rows is None else x[rows]
+    if isinstance(lora.dropout, torch.nn.Dropout) and lora.dropout.training:  # a mask for gate, another for up
+        z = torch.cat([a_product(lora.dropout, xr, gA, offs, src, token), a_product(lora.dropout, xr, uA, offs, src, token)], -1)
+    else:
+        z = a_product(lora.dropout, xr, A, offs, src, token)  # (n, 2rp)
     return _add(gu, moe_fast.grouped_mm(z, B.transpose(1, 2), offs=offs), rows)
 
 

@@ -37,8 +37,10 @@ LORA_METHODS = ("attn",) + EXPERT_METHODS  # plain LoRA: mergeable, exportable t
 METHODS = LORA_METHODS + ("perft-s", "perft-d", "perft-r", "perft-e", "dmep")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 # The adapter options and their defaults. act: PERFT's adapter activation; perft_renorm None: as the base
-# model's norm_topk_prob (RENORM: the flag's spellings); dmep_counts: a pruned DMEP adapter's sizes (loading).
+# model's norm_topk_prob (RENORM: the flag's spellings); perft_weights: own, base or file (as the base's
+# public file: perft.file_weights, recorded resolved); dmep_counts: a pruned DMEP adapter's sizes (loading).
 OPTIONS = dict(act="identity", perft_experts=4, perft_topk=2, perft_shared=2, perft_renorm=None, perft_init="theirs",
+               perft_weights="own",
                dmep_experts=8, dmep_topk=2, dmep_targets="q_proj,k_proj,v_proj,o_proj,dense", dmep_counts=None)
 RENORM = {"base": None, "on": True, "off": False}
 ADAPTERS = (LoRALinear, ExpertLoRA, ParallelAdapter, ExpertAdapter, LoRAMoELinear)
@@ -89,7 +91,13 @@ def attach(model, method, r, alpha, dropout=0.0, rslora=False, plan=None, **opti
     if opts["perft_init"] not in perft.INITS:
         raise AdapterError(f"--perft-init {opts['perft_init']!r} is not one of {', '.join(perft.INITS)}")
     cfg = model.config
-    if method in PLANNED and plan is None:
+    if opts["perft_weights"] == "file":
+        opts["perft_weights"] = perft.file_weights(cfg.model_type)
+    if opts["perft_weights"] not in perft.WEIGHTS:
+        raise AdapterError(f"--perft-weights {opts['perft_weights']!r} is not one of own, base, file")
+    if method == "perft-r" and opts["perft_weights"] == "base" and opts["perft_topk"] > cfg.num_experts_per_tok:
+        raise AdapterError(f"--perft-weights base: --perft-topk {opts['perft_topk']} is more than the base router's "
+                           f"top-K ({cfg.num_experts_per_tok}), whose weights it takes slot by slot")
         raise AdapterError(f"method {method!r} needs an expert plan (methods.plan)")
     if method == "lora":
         plan = {i: list(range(cfg.num_experts)) for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)}

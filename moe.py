@@ -280,7 +280,7 @@ class Experts(nn.Module):
 
 class MoE(nn.Module):
     """Router + routed experts (+ Qwen2-MoE's sigmoid-gated shared expert), reading h (N, D).
-    `adapter` (PERFT's adapters, None here) runs beside the whole block: y += adapter(h)."""
+    `adapter` (PERFT's adapters, None here) runs beside the whole block: y += adapter(h, w), w the top-K weights."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -302,7 +302,7 @@ class MoE(nn.Module):
         if self.cfg.shared_expert_intermediate_size:
             y = y + torch.sigmoid(self.shared_expert_gate(h)) * self.shared_expert(h)
         if self.adapter is not None:
-            y = y + self.adapter(h)
+            y = y + self.adapter(h, w)
         return y.view_as(x), Routing(logits, idx, w)
 
 

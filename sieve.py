@@ -32,6 +32,7 @@ RECIPE = dict(
     batch_size=8, grad_accum=8,  # paper §5.1 "effective batch size 64"; src/config.py per_device_bs 8, grad_acc 8
     seq_len=2048,  # src/config.py max_len 2048
     loss_on="all",  # src/trainer.py: DataCollatorForLanguageModeling(mlm=False), loss on the whole formatted text
+    eos="off",  # src/data_registry.py l. 405-406: tokenizer(fn(ex), truncation=True): the formatted text, no EOS
     calib_samples=None, calib_seed=123, calib_tokens=2048,  # scripts/profiling.py: --n_samples None (the whole
     # split), --seed 123 (the records shuffled with it); src/utils_profiling.py make_profile seq_len 2048
 )

@@ -238,7 +238,7 @@ def attach_adapters(args, model, tok, ckpt):
     record = dict(quantization=quant.describe(model)) if model.quantization else {}  # the adapter config says so
     options = dict(act=args.adapter_act, perft_experts=args.perft_experts, perft_topk=args.perft_topk,
                    perft_shared=args.perft_shared, perft_renorm=methods.RENORM[args.perft_renorm],
-                   perft_init=args.perft_init, dmep_experts=args.dmep_experts, dmep_topk=args.dmep_topk,
+                   perft_init=args.perft_init, perft_weights=args.perft_weights, dmep_experts=args.dmep_experts, dmep_topk=args.dmep_topk,
                    dmep_targets=args.dmep_targets)
     return {**methods.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options), **record}, plan, prof
 
@@ -295,7 +295,8 @@ def load_examples(args, tok, cfg):
     """--data encoded (cut to --seq-len, the cuts reported once), packed with --pack."""
     records = data.read_jsonl(args.data)
     data.check_records(records, args.data)
-    examples, (n_cut, tokens_cut) = data.encode_examples(tok, records, args.seq_len, args.loss_on, args.data)
+    examples, (n_cut, tokens_cut) = data.encode_examples(tok, records, args.seq_len, args.loss_on, args.data,
+                                                            eos=args.eos == "on")
     if n_cut:
         print(f"data: --seq-len {args.seq_len} cut {n_cut} of {len(records)} records ({tokens_cut:,} tokens)")
     if args.pack:

@@ -152,26 +152,27 @@ def encode_pair(tok, prompt, completion):
     return full[:n], full[n:]
 
 
-def encode_example(tok, rec, max_len, loss_on="answer"):
-    """(ids, loss_mask) of one record, EOS appended, at most max_len tokens.
+def encode_example(tok, rec, max_len, loss_on="answer", eos=True):
+    """(ids, loss_mask) of one record, EOS appended (unless `eos` is False), at most max_len tokens.
 
     text: loss on every token but the first; truncated from the right (the EOS may be cut).
     prompt / mc / qa with loss_on="answer": loss on the answer tokens and the EOS only. Too long: the prompt is
     cut from the left (keeping BOS) so the answer survives; an answer longer than max_len is itself cut from the
     right. loss_on="all": the formatted text (prompt + answer + EOS) trains like a text record (MoE-Sieve's
-    trainer computes the loss on every token of its formatted examples).
+    trainer computes the loss on every token of its formatted examples). eos=False: no EOS after a text or an
+    answer (MoE-Sieve's trainer tokenises the formatted text alone); a chat record ends as its template ends it.
     """
-    ids, mask, _ = _encode(tok, rec, max_len, loss_on)
+    ids, mask, _ = _encode(tok, rec, max_len, loss_on, eos)
     return ids, mask
 
 
-def encode_examples(tok, records, max_len, loss_on="answer", path=None):
+def encode_examples(tok, records, max_len, loss_on="answer", path=None, eos=True):
     """[(ids, loss_mask)] of every record, and (records cut, tokens cut) by max_len, for one report. A chat record
     the template refuses is a DataError naming `path` and its line."""
     out, n_cut, tokens_cut = [], 0, 0
     for i, rec in enumerate(records):
         try:
-            ids, mask, cut = _encode(tok, rec, max_len, loss_on)
+            ids, mask, cut = _encode(tok, rec, max_len, loss_on, eos)
         except chat.ChatError as e:
             raise DataError(f"{path}:{_line_number(path, i)}: {e}" if path else f"record {i + 1}: {e}") from None
         out.append((ids, mask))
@@ -179,17 +180,17 @@ def encode_examples(tok, records, max_len, loss_on="answer", path=None):
     return out, (n_cut, tokens_cut)
 
 
-def _encode(tok, rec, max_len, loss_on):  # (ids, loss_mask, number of tokens cut)
+def _encode(tok, rec, max_len, loss_on, eos=True):  # (ids, loss_mask, number of tokens cut)
     if loss_on not in ("answer", "all"):
         raise ValueError(f"loss_on must be 'answer' or 'all', not {loss_on!r}")
     kind = record_kind(rec)
     if kind == "chat":
         return chat.encode(tok, rec, max_len, loss_on)
     if kind == "text":
-        ids = tok.encode(rec["text"]) + [tok.eos_id]
+        ids = tok.encode(rec["text"]) + [tok.eos_id] * eos
         return ids[:max_len], [0] + [1] * (min(len(ids), max_len) - 1), max(0, len(ids) - max_len)
     head, tail = encode_pair(tok, *prompt_and_answer(rec))
-    tail = tail + [tok.eos_id]
+    tail = tail + [tok.eos_id] * eos
     n = len(head) + len(tail)
     if loss_on == "all":
         ids = (head + tail)[:max_len]

@@ -379,3 +379,19 @@ def test_batches_deterministic():
     assert [len(b) for b in a] == [3, 3, 3, 1]
     assert sorted(sum(a, [])) == examples
     assert list(data.batches(examples, 4, seed=0, shuffle=False)) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_eos_off_trains_the_formatted_text_alone(both):
+    """eos=False (--eos off, the moe-sieve recipe): the ids are the formatted text's own tokens (MoE-Sieve's
+    tokenizer(fn(ex))), no EOS, for text records and prompt records, loss_on all or answer."""
+    for tok in both:
+        s = "It is a truth universally acknowledged"
+        ids, mask = data.encode_example(tok, {"text": s}, max_len=1000, eos=False)
+        assert ids == tok.encode(s) and mask == [0] + [1] * (len(ids) - 1)
+        rec = {"prompt": "Question: 2+2?\nAnswer:", "completion": " 4"}
+        for loss_on in ("all", "answer"):
+            ids, mask = data.encode_example(tok, rec, max_len=1000, loss_on=loss_on, eos=False)
+            assert ids == tok.encode(rec["prompt"] + rec["completion"]), loss_on
+            with_eos, _ = data.encode_example(tok, rec, max_len=1000, loss_on=loss_on)
+            assert with_eos == ids + [tok.eos_id]
+            assert masked(ids, mask) and tok.eos_id not in masked(ids, mask)

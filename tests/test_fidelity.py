@@ -198,3 +198,115 @@ def test_plots_mark_the_plan_and_the_pruned_experts(tmp_path):
     report = {"a.q_proj": dict(before=4, after=2, util=[0.5, 0.45, 0.05, 0.0], keep=[0, 1], tau=0.5)}
     assert plots.dmep(report, tmp_path / "d.png")
     assert all((tmp_path / f).read_bytes()[:4] == b"\x89PNG" for f in ("r.png", "d.png"))
+
+
+def public_perft_r(h, ad, base_w, weights):
+    """PERFT-R as the public files loop it (modeling_olmoe.py l. 874-886, modeling_mixtral.py l. 1026-1045):
+    softmax, top-K, renormalised or not; each adapter expert on its tokens, times routing_weights[top_x, idx]
+    (the base router's, OLMoE) or shared_routing_adapter_routing_weights[top_x, idx] (its own, Mixtral)."""
+    probs = F.softmax(F.linear(h, ad.router), dim=1, dtype=torch.float)
+    own, sel = torch.topk(probs, ad.top_k, dim=-1)
+    if ad.renorm:
+        own = own / own.sum(-1, keepdim=True)
+    w = base_w if weights == "base" else own
+    out = torch.zeros_like(h)
+    mask = F.one_hot(sel, num_classes=ad.A.shape[0]).permute(2, 1, 0)
+    for j in range(ad.A.shape[0]):
+        idx, top_x = torch.where(mask[j])
+        y = (h[top_x] @ ad.A[j].T) @ ad.B[j].T * ad.scale
+        out.index_add_(0, top_x, y * w[top_x, idx, None])
+    return out
+
+
+@pytest.mark.parametrize("weights", ["own", "base"])
+def test_perft_r_weights_are_each_public_files(weights):
+    """--perft-weights own: adapter j times its own router's top-K weight; base: times the BASE router's top-K
+    weight of the slot it was chosen in. Both against the public files' loops, on the model's own MoE forward."""
+    m = tiny_model("olmoe", norm_topk_prob=False)
+    methods.attach(m, "perft-r", r=4, alpha=8, perft_experts=4, perft_topk=2, perft_weights=weights)
+    mlp = m.model.layers[0].mlp
+    ad = mlp.adapter
+    with torch.no_grad():
+        ad.B.normal_()  # B ~ 1e-6 at init would hide the adapter's share
+        ad.router.normal_()
+    h = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(3))
+    y, routing = mlp(h)
+    mlp.adapter = None
+    y0, _ = mlp(h)
+    mlp.adapter = ad
+    want = public_perft_r(h[0], ad, routing.topk_w, weights)
+    assert_within((y - y0)[0], want, 32)  # products of length <= D = 32, one sum of 2: fp32 rounding
+    other = public_perft_r(h[0], ad, routing.topk_w, "own" if weights == "base" else "base")
+    assert (want - other).abs().max() > 1e-3  # the two formulas differ here
+
+
+def test_perft_r_base_weights_leave_its_router_to_the_balancing_loss():
+    """Under `base` the language-model loss gives the adapter router no gradient (the weights that reach the
+    output are the base router's); its balancing loss does. Under `own` the LM loss reaches it."""
+    for weights, lm_grad in (("base", False), ("own", True)):
+        m = tiny_model("olmoe")
+        methods.attach(m, "perft-r", r=4, alpha=8, perft_weights=weights)
+        for a in (l.mlp.adapter for l in m.model.layers):
+            with torch.no_grad():
+                a.B.normal_()
+        ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(5))
+        m(ids).square().mean().backward()
+        g = m.model.layers[0].mlp.adapter.router.grad
+        assert (g is not None and bool(g.abs().sum() > 0)) is lm_grad, weights
+        m.zero_grad()
+        m(ids)
+        methods.router_balance_loss(m).backward()
+        assert m.model.layers[0].mlp.adapter.router.grad.abs().sum() > 0
+
+
+def test_perft_weights_file_follows_each_bases_public_file():
+    """The recipe's `file`: base on OLMoE (the OLMoE file), own on Mixtral; recorded resolved; too many slots refused."""
+    import training.flags as flags
+    assert flags.RECIPES["perft"]["perft_weights"] == "file"
+    for kind, want in (("olmoe", "base"), ("mixtral", "own")):
+        m = tiny_model(kind)
+        cfg = methods.attach(m, "perft-r", r=4, alpha=8, perft_weights="file")
+        assert m.model.layers[0].mlp.adapter.weights == want and cfg["options"]["perft_weights"] == want
+    with pytest.raises(methods.AdapterError, match="--perft-weights base"):
+        methods.attach(tiny_model("olmoe"), "perft-r", r=4, alpha=8, perft_experts=4, perft_topk=3, perft_weights="base")
+
+
+def test_recipes_set_eos_as_their_public_code():
+    """moe-sieve: no EOS (src/data_registry.py tokenizes the formatted text); perft: EOS (finetune.py's
+    add_eos_token=True); train.py's default, which the study runs, keeps EOS."""
+    import training.flags as flags
+    assert flags.RECIPES["moe-sieve"]["eos"] == "off" and flags.RECIPES["perft"]["eos"] == "on"
+    assert flags.build_parser(sorted(flags.RECIPES)).get_default("eos") == "on"
+
+
+def test_dropout_masks_are_per_module():
+    """As the public code (peft's lora_dropout per target module; PERFT's nn.Dropout per adapter expert): an
+    expert's gate and up LoRA draw a mask each, on the plain and the fast path, and PERFT-R's n adapters one each.
+    Made visible by equal factors: with one shared mask the two updates would be equal."""
+    import lora_fast
+    import moe_fast
+    from lora import ExpertLoRA
+    torch.manual_seed(0)
+    experts = moe.Experts(4, 16, 8)
+    ad = ExpertLoRA(experts, [0, 1, 2, 3], r=8, alpha=8, dropout=0.5).train()
+    with torch.no_grad():
+        ad.gate_B.normal_()
+        ad.up_A.copy_(ad.gate_A), ad.up_B.copy_(ad.gate_B)
+    x = torch.randn(6, 16)
+    gu = ad.gate_up(0, torch.zeros(6, 16), x)  # plain
+    assert (gu[:, :8] - gu[:, 8:]).abs().max() > 1e-3
+    idx = torch.tensor([[0, 1]] * 6)
+    g = moe_fast.ExpertGroups.sort(idx, 4)
+    work = ad.grouped_prepare(g, x)
+    gu = lora_fast.expert_lora_gate_up(ad, torch.zeros(12, 16), x[g.token], work)  # fast
+    assert (gu[:, :8] - gu[:, 8:]).abs().max() > 1e-3
+    ad.eval()  # no dropout: the two halves agree
+    gu = lora_fast.expert_lora_gate_up(ad, torch.zeros(12, 16), x[g.token], work)
+    assert_within(gu[:, :8], gu[:, 8:], 0)
+    # PERFT-R: each of its n adapters its own mask (equal factors, all gated equally)
+    pr = perft.ParallelAdapter(16, 2, 4, 1.0, top_k=None, dropout=0.5).train()
+    with torch.no_grad():
+        pr.A[1].copy_(pr.A[0])
+    z = perft.dropped(pr.dropout, x, 2)
+    assert z.shape == (2, 6, 16) and not torch.equal(z[0] != 0, z[1] != 0)
+    assert perft.dropped(pr.dropout.eval(), x, 2) is x

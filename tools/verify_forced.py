@@ -212,5 +212,5 @@ def moe_block(judge, p, L, h, cfg, N):
         s = judge.tensor(p + "mlp.shared_expert", apply(lambda m, h: m.mlp.shared_expert(h), L, h))
         y = apply(lambda m, y, g, s: y + torch.sigmoid(g) * s, L, y, g, s)
     if L[0].mlp.adapter is not None:  # PERFT beside the block
-        y = apply(lambda m, y, h: y + m.mlp.adapter(flat(h)).view_as(y), L, y, h)
+        y = apply(lambda m, y, h, w: y + m.mlp.adapter(flat(h), w).view_as(y), L, y, h, w)  # w: --perft-weights base
     return y

@@ -18,10 +18,11 @@ import methods
 # devices, logging, checkpointing, --compile, --grad-checkpoint). --recipe is covered by the values it sets.
 RUN_ARGS = ("method", "rank", "alpha", "rslora", "dropout", "sieve_frac", "sieve_k", "coverage_p",
             "budget_kmin", "adapter_act", "perft_experts", "perft_topk", "perft_shared", "perft_renorm", "perft_aux_coef",
+            "perft_weights",
             "perft_init", "dmep_util", "calib_samples", "calib_seed", "calib_tokens",
             "dmep_experts", "dmep_topk", "dmep_targets", "dmep_warmup", "dmep_tau", "dmep_aux_coef", "dmep_ema",
             "lr", "weight_decay", "warmup", "schedule", "grad_clip", "epochs", "steps", "batch_size", "grad_accum",
-            "seq_len", "pack", "loss_on", "aux_coef", "aux_per_layer", "z_coef", "seed", "dtype")
+            "seq_len", "pack", "loss_on", "eos", "aux_coef", "aux_per_layer", "z_coef", "seed", "dtype")
 
 RECIPES = {"moe-sieve": sieve.RECIPE, "perft": perft.RECIPE, "dmep": dmep.RECIPE}
 
@@ -61,6 +62,9 @@ def build_parser(recipe_names):
     add("--perft-renorm", default={v: k for k, v in methods.RENORM.items()}[methods.OPTIONS["perft_renorm"]],
         choices=list(methods.RENORM),
         help="perft-r: renormalise the top-K weights (base: as the base model's norm_topk_prob, PERFT's code)")
+    add("--perft-weights", default=methods.OPTIONS["perft_weights"], choices=list(perft.WEIGHTS) + ["file"],
+        help="perft-r: weight each chosen adapter by its own router's weight (own: paper, Mixtral file) or by the "
+        "base router's top-K weight of its slot (base: PERFT's OLMoE file); file: as the base's public file")
     add("--perft-init", default=methods.OPTIONS["perft_init"], choices=list(perft.INITS),
         help="PERFT adapters: theirs = PERFT's code (A ~ N(0,1)*sqrt(2/r), B ~ N(0,1)*1e-6); kaiming = LoRA's (B = 0)")
     add("--perft-aux-coef", type=float, default=0.01, help="perft-r: load-balancing loss on its router")
@@ -96,6 +100,8 @@ def build_parser(recipe_names):
     add("--pack", action="store_true", help="pack examples into full rows (attention crosses examples)")
     add("--loss-on", default="answer", choices=["answer", "all"], help="prompt/completion and multiple-choice "
         "records: loss on the answer only, or on the whole formatted text (MoE-Sieve's trainer)")
+    add("--eos", default="on", choices=["on", "off"], help="append EOS to each text / answer and train on it "
+        "(on: PERFT's finetune.py; off: MoE-Sieve's trainer, which tokenises the formatted text alone)")
     add("--aux-coef", type=float, default=0.0, help="load-balancing loss coefficient (0: off)")
     add("--aux-per-layer", action="store_true", help="balance each layer on its own instead of pooled")
     add("--z-coef", type=float, default=0.0, help="router z-loss coefficient (0: off)")
