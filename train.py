@@ -1,14 +1,13 @@
 """train.py: the single training script. LoRA, MoE-Sieve and its ablations, PERFT and DMEP on an OLMoE / Mixtral /
 Qwen-MoE checkpoint, on one device or several (torchrun). It reads top-down: arguments -> model -> adapters ->
-data -> optimizer -> loop -> save; the flags are in flags.py, checkpoints and the guards against bad state in
-checkpoint.py.
+data -> optimizer -> loop -> save; flags in training/flags.py, checkpoints and guards in training/checkpoint.py.
 
     python train.py --model DIR --data train.jsonl --method sieve --out runs/sieve
     python train.py --model DIR --method lora --rank 32 --dry-run        # parameter count, no weights read
 
 Methods (--method; methods.py says what each adapts): attn, lora, sieve and its ablations random / coverage /
-budget, perft-s/d/r/e, dmep, and full (every weight). The embedded default job (profile, plan, fine-tune and
-evaluate four methods on the shipped model) is a tool on top of this script: python -m tools.study --default.
+budget, perft-s/d/r/e, dmep, and full (every weight). The embedded default job is a tool on top of this script
+(python -m tools.study --default: profile, plan, fine-tune and evaluate four methods on the shipped model).
 """
 import contextlib
 import json
@@ -84,7 +83,7 @@ def train(args, rank, world, device):
     n_unpruned = ckpt.get("trainable_before_prune", n_train) if ckpt else n_train  # DMEP's count before its pruning
     print(f"trainable parameters: {n_train:,} ({n_train / 1e6:.1f}M), adapter file ~{4 * n_train / 2**20:.1f} MiB (fp32)")
     if args.dry_run:  # the same step on fake tensors: its peak GPU memory, before any weight is read
-        attach = lambda fake_model: attach_adapters(args, quantized(args, fake_model), tok, None)
+        attach = lambda fake_model: attach_adapters(args, fake_model, tok, None)
         print("\n".join(memory.dry_run_report(args, cfg, device, attach, make_optimizer, train_step)))
         return 0
 
@@ -238,14 +237,9 @@ def attach_adapters(args, model, tok, ckpt):
     record = dict(quantization=quant.describe(model)) if model.quantization else {}  # the adapter config says so
     options = dict(act=args.adapter_act, perft_experts=args.perft_experts, perft_topk=args.perft_topk,
                    perft_shared=args.perft_shared, perft_renorm=methods.RENORM[args.perft_renorm],
-                   perft_init=args.perft_init, perft_weights=args.perft_weights, dmep_experts=args.dmep_experts, dmep_topk=args.dmep_topk,
-                   dmep_targets=args.dmep_targets)
+                   perft_init=args.perft_init, perft_weights=args.perft_weights, dmep_experts=args.dmep_experts,
+                   dmep_topk=args.dmep_topk, dmep_targets=args.dmep_targets)
     return {**methods.attach(model, args.method, args.rank, args.alpha, args.dropout, args.rslora, plan, **options), **record}, plan, prof
-
-
-def quantized(args, model):  # the dry run's fake model stored as --quantize stores the loaded one (empty codes)
-    q = hub.quantize_args(args) or ("none", False, ())
-    return quant.quantize(model, q[0], next(model.parameters()).dtype, *q[1:], fill=False) and model or model
 
 
 def plan_for(args, model, tok):

@@ -52,15 +52,13 @@ import types
 import torch
 
 import dmep
-from files import hub
+import methods
 import moe
 import router_profile
 import sieve
-from tools import targets
-from tools import traffic
 import train
-import methods
-from files import atomic
+from files import atomic, hub
+from tools import targets, traffic
 
 ROWS = ("attn", "lora", "sieve", "perft-e", "perft-r", "dmep", "dmep-pruned", "peft-attn", "peft-lora")
 ATTN_ONLY = ("attn", "dmep", "dmep-pruned", "peft-attn")  # compared with peft-attn; the rest with peft-lora

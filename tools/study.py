@@ -13,9 +13,8 @@ parameters, adapter size, time, accuracy as mean ± std over seeds, the paired d
 (claims.py). The runs go to --jobs worker processes of --threads threads each: a run's numbers depend only on
 its flags and the thread count, not on the worker or the order, so any --jobs gives the same tables. The time
 claims come from a controlled timing: lora, sieve and dmep trained again one at a time, alone, after the runs.
-Runs already done (OUT/runs/<task>/<method>/seedN/result.json with the same settings) are reused: after
-Ctrl-C, the same command goes on. Everything goes under --out (runs/study by default): <task>.json (every run's
-numbers, the table, the claims, the timing), study.txt (what was printed), accuracy_params.png, runs/.
+Finished runs (OUT/runs/<task>/<method>/seedN/result.json, same settings) are reused: after Ctrl-C the same
+command goes on. Under --out (runs/study): <task>.json (runs, table, claims, timing), study.txt, the plot, runs/.
 """
 import argparse
 import contextlib
@@ -31,14 +30,11 @@ from concurrent import futures
 
 import torch
 
-from files import atomic
-from tools import claims
-from files import data
 import eval as evaluation
-from files import hub
-import train
 import methods
-from files import tokenizer
+import train
+from files import atomic, data, hub, tokenizer
+from tools import claims
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 TASKS = ("max", "count", "words")  # pretrain/tasks.py; see tasks/README.md
@@ -372,8 +368,7 @@ def reprint(args):
                 merged[res["task"]] = dict(res, sources=[path])
                 continue
             have = merged[res["task"]]
-            twice = set(have["runs"]) & set(res["runs"])
-            if twice:
+            if twice := set(have["runs"]) & set(res["runs"]):
                 raise ValueError(f"{path}: method(s) {', '.join(sorted(twice))} of task {res['task']} also in "
                                  f"{', '.join(have['sources'])}: which to keep?")
             have["runs"].update(res["runs"])

@@ -11,9 +11,10 @@ another path than the CPU (attention, RMSNorm's backward, AdamW's foreach step) 
 first_step stand in; everything else is the code a GPU runs: bf16 base weights, fp32 adapters and AdamW
 state, moe_fast.py's grouped expert products and custom autograd Functions, the chunked loss.
 
-A base stored otherwise than in `dtype` (issue 27's NF4: packed 4-bit codes, 0.5 byte a weight, and their
-scales) is counted as its own code stores it: the function that converts a built model (step_peak's attach,
-profile_peak's prepare) runs on the fake model too, and every storage it leaves is a weight.
+A base stored otherwise than in `dtype` (--quantize nf4: packed 4-bit codes, 0.5 byte a weight, and their
+scales) is counted as its own code stores it: the function that converts a built model (stored_as_loaded,
+then step_peak's attach; profile_peak's prepare) runs on the fake model too, and every storage it leaves is a
+weight.
 
 Assumed, since fake tensors have no values: every micro-batch is full (batch x seq real, labelled tokens); an
 expert LoRA on some experts gets its layer's share of the routing (routed_shares: the plan's share of the
@@ -87,6 +88,13 @@ def routed_shares(model, profile=None):
 
 # ----------------------------------------------------------------------------- the phases train.py runs
 
+def stored_as_loaded(args, dtype):
+    """prepare(model) that stores the fake base as hub.load_model stores the loaded one under --quantize (codes
+    left empty), or None without --quantize: every phase is measured on the base as the run will hold it."""
+    q = hub.quantize_args(args)
+    return (lambda m: quant.quantize(m, q[0], dtype, q[1], q[2], fill=False)) if q else None
+
+
 def step_peak(args, cfg, attach, make_optimizer, train_step, cuda=True, fake=True):
     """The peak of one optimizer step of train.py with flags `args` (its parsed Namespace) on a model of cfg:
     attach(model) -> (adapter_config, plan, profile) places the adapters (train.attach_adapters), then
@@ -97,6 +105,8 @@ def step_peak(args, cfg, attach, make_optimizer, train_step, cuda=True, fake=Tru
     with running(cuda, fake) as mode:
         model = new_model(cfg, dtype, mode)
         with building(mode):
+            if prepare := stored_as_loaded(args, dtype):
+                prepare(model)
             _, _, prof = attach(model)
         full = args.method == "full"
         state = dict(model.named_parameters()) if full else methods.adapter_state(model)  # as train.py
@@ -178,9 +188,8 @@ def dry_run_report(args, cfg, device, attach, make_optimizer, train_step):
         step = step_peak(args, cfg, attach, make_optimizer, train_step)
         prof = None
         if args.method in ("sieve", "random", "coverage", "budget") and not args.profile:
-            q = hub.quantize_args(args)  # the profile runs on the base as loaded: quantized where --quantize says
-            prepare = (lambda m: quant.quantize(m, q[0], run_dtype(args), q[1], q[2], fill=False)) if q else None
-            prof = profile_peak(cfg, run_dtype(args), args.batch_size, args.calib_tokens, prepare=prepare)
+            prof = profile_peak(cfg, run_dtype(args), args.batch_size, args.calib_tokens,
+                                prepare=stored_as_loaded(args, run_dtype(args)))
     except Exception as e:  # an op fake tensors cannot run: say so, not a traceback
         raise RuntimeError(f"--dry-run: the memory estimate failed ({type(e).__name__}: {e})") from None
     peak = max(step["peak"], prof["peak"] if prof else 0)
